@@ -1,0 +1,41 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both build .venv on first use and
+# reuse it while requirements.lock is unchanged (the stamp file is keyed on the lock's hash).
+PYTHON ?= python3.11
+VENV := .venv
+LOCK_HASH := $(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(LOCK_HASH)
+RUN := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
+
+.PHONY: install test demo lock benchmarks clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	rm -f $(VENV)/.installed-*
+	test -x $(RUN) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -r requirements.lock
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+test: $(STAMP)
+	$(RUN) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(RUN) -m mmdiff.demo --out outputs/demo
+
+benchmarks: $(STAMP)
+	$(RUN) -m benchmarks.run_all --out benchmarks/results
+
+# Re-resolve the pinned direct dependencies into the full lock (needs the package index).
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q -r requirements.in
+	.venv-lock/bin/pip freeze --all --exclude-editable | grep -vE "^(-e |pip==)" > requirements.lock
+	rm -rf .venv-lock
+
+clean:
+	rm -rf $(VENV) outputs .cache
