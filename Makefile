@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(RUN) -m mmdiff.demo --out outputs/demo
 
 benchmarks: $(STAMP)
-	$(RUN) -m benchmarks.run_all --out benchmarks/results
+	$(RUN) -m benchmarks.run_all
 
 # Re-resolve the pinned direct dependencies into the full lock (needs the package index).
 lock:
