@@ -1,0 +1,90 @@
+"""BLIP-2, the captioner of the annotation pipeline (transformers port).
+
+``build(spec)`` returns a :class:`Blip2Bundle` ``(model, processor)``:
+
+- ``model``: ``transformers.Blip2ForConditionalGeneration`` in eval mode on ``spec.device`` / ``spec.dtype``;
+- ``processor``: ``transformers.Blip2Processor`` (image processor + tokenizer, ``num_query_tokens`` set).
+
+Sources: a local folder or hub id holding a ``save_pretrained`` checkpoint of both (e.g.
+``Salesforce/blip2-opt-2.7b``), or ``tiny``: the same classes with a two-layer vision tower, Q-Former
+and OPT language model (hidden sizes 32) and a byte-level BPE tokenizer built from ``assets/blip2_tiny``;
+weights are deterministic from ``spec.seed``. ``save_tiny`` writes that twin with ``save_pretrained``.
+No options.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    BlipImageProcessor,
+    GPT2Tokenizer,
+    OPTConfig,
+)
+
+from mmdiff.zoo.spec import ModelSpec
+
+__all__ = ["Blip2Bundle", "build", "save_tiny", "TINY_IMAGE_SIZE"]
+
+ASSETS = Path(__file__).parent / "assets" / "blip2_tiny"
+TINY_IMAGE_SIZE = 32
+TINY_QUERY_TOKENS = 4
+
+
+class Blip2Bundle(NamedTuple):
+    model: Blip2ForConditionalGeneration
+    processor: Blip2Processor
+
+
+def _tiny_processor() -> Blip2Processor:
+    tokenizer = GPT2Tokenizer.from_pretrained(ASSETS)
+    image_processor = BlipImageProcessor(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
+    return Blip2Processor(image_processor, tokenizer, num_query_tokens=TINY_QUERY_TOKENS)
+
+
+def _tiny(seed: int) -> Blip2Bundle:
+    processor = _tiny_processor()
+    tokenizer = processor.tokenizer
+    text = OPTConfig(
+        vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
+        word_embed_proj_dim=32, max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    config = Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=TINY_IMAGE_SIZE, patch_size=8),
+        qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            encoder_hidden_size=32, cross_attention_frequency=1, vocab_size=64),
+        text_config=text.to_dict(),
+        num_query_tokens=TINY_QUERY_TOKENS,
+        image_token_index=tokenizer.convert_tokens_to_ids(processor.image_token.content),
+    )
+    torch.manual_seed(seed)
+    return Blip2Bundle(Blip2ForConditionalGeneration(config).eval(), processor)
+
+
+def build(spec: ModelSpec) -> Blip2Bundle:
+    if spec.is_tiny:
+        bundle = _tiny(spec.seed)
+    else:
+        try:
+            processor = Blip2Processor.from_pretrained(spec.source)
+            model = Blip2ForConditionalGeneration.from_pretrained(spec.source)
+        except OSError as exc:
+            raise OSError(f"blip2: cannot load model {spec.source!r} (a local folder or a cached hub id): {exc}") from exc
+        bundle = Blip2Bundle(model.eval(), processor)
+    bundle.model.to(device=spec.device, dtype=getattr(torch, spec.dtype))
+    return bundle
+
+
+def save_tiny(path: Path, seed: int = 0) -> Path:
+    """Write the tiny twin as a transformers checkpoint folder (model + processor)."""
+    bundle = _tiny(seed)
+    bundle.model.save_pretrained(path)
+    bundle.processor.save_pretrained(path)
+    return Path(path)
