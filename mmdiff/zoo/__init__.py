@@ -39,4 +39,6 @@ def build(spec: ModelSpec | dict[str, Any]) -> Any:
 
 def save_tiny(family: str, path: str | Path, seed: int = 0, **options: Any) -> Path:
     """Write the tiny twin of ``family`` to ``path`` in the family's real checkpoint format."""
+    if list(FAMILY_MODULES.values()).count(FAMILY_MODULES[family]) > 1:
+        options["family"] = family  # one module serves several families (diffusion: sd15, sdxl)
     return _module(family).save_tiny(Path(path), seed=seed, **options)
