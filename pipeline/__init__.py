@@ -1,0 +1,1 @@
+"""Ray Data jobs that run the preprocess operators at scale and write WebDataset shards."""

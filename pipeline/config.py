@@ -1,0 +1,69 @@
+"""The preprocessing job's config (configs/preprocess/*.yaml)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+
+from mmdiff.configuration import ConfigModel
+from preprocess.annotate import AnnotateConfig
+from preprocess.image_io import ImageConfig
+
+__all__ = ["InputConfig", "OutputConfig", "StageConfig", "StagesConfig", "RayConfig", "PreprocessConfig"]
+
+
+class InputConfig(ConfigModel):
+    """Where inputs come from.
+
+    ``folder``: every image file under ``path`` (recursive). ``list``: a text file, one image path per
+    line (relative paths resolve against the list's folder). ``shards``: WebDataset / img2dataset tars
+    (a folder of ``*.tar`` or one tar); a ``txt`` member is used as the caption. ``annotated``: the
+    images are FastComposer / MM-Diff annotations (``name.json`` segments + ``name.npy``/``.png`` integer
+    map beside each image); they are imported and no model runs (folder or list only).
+    """
+
+    kind: Literal["folder", "list", "shards"]
+    path: str
+    annotated: bool = False
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+    @model_validator(mode="after")
+    def _annotated_files_only(self) -> "InputConfig":
+        if self.annotated and self.kind == "shards":
+            raise ValueError("input.annotated needs kind folder or list (annotations are files beside images)")
+        return self
+
+
+class OutputConfig(ConfigModel):
+    path: str
+    shard_size: int = 256  # inputs per partition; shard k holds the accepted samples of partition k
+
+
+class StageConfig(ConfigModel):
+    """Resources of one Ray Data stage; fractional CPUs/GPUs let the same job fit a laptop or a cluster."""
+
+    batch_size: int = 8
+    concurrency: int = 1  # actors (model stages) or parallel tasks (load stage)
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+
+
+class StagesConfig(ConfigModel):
+    load: StageConfig = StageConfig(batch_size=16, num_cpus=0.25)
+    annotate: StageConfig = StageConfig()
+
+
+class RayConfig(ConfigModel):
+    address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else an embedded local Ray
+    num_cpus: int | None = None  # embedded Ray only
+
+
+class PreprocessConfig(ConfigModel):
+    input: InputConfig
+    output: OutputConfig
+    image: ImageConfig = ImageConfig()
+    annotate: AnnotateConfig = AnnotateConfig()
+    stages: StagesConfig = StagesConfig()
+    ray: RayConfig = RayConfig()
+    progress: bool = True
