@@ -1,0 +1,156 @@
+"""Training data: shards -> batches in the model's contract, deterministic, resumable, fault-tolerant.
+
+``write_shards`` (real photos from scikit-image, written with Sample.to_wds) is shared by the other
+tests/test_train_*.py files.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from preprocess.sample import Entity, Sample
+from train.config import DataSection
+from train.data import BatchBuilder, ReaderPosition, ShardStream, TokenizerPromptEncoder, make_loader, manifest_hash
+
+PHOTOS = [  # (skimage photo, caption, subject word)
+    ("chelsea", "a photo of a cat on a rug", "cat"),
+    ("astronaut", "a woman in a space suit", "woman"),
+    ("coffee", "a cup of coffee on a table", "cup"),
+    ("rocket", "a rocket on a launch pad", "rocket"),
+]
+
+
+def make_sample(index: int, size: int = 64, crop: int = 32) -> Sample:
+    name, caption, word = PHOTOS[index % len(PHOTOS)]
+    image = Image.fromarray(getattr(skdata, name)()).convert("RGB").resize((size, size))
+    start = caption.index(word)
+    box = (size * 0.2, size * 0.15, size * 0.8, size * 0.9)
+    mask = np.zeros((1, size, size), bool)
+    mask[0, int(box[1]):int(box[3]), int(box[0]):int(box[2])] = True
+    crops = np.asarray(image.crop(tuple(int(v) for v in box)).resize((crop, crop)))[None]
+    entity = Entity(word, word, start, start + len(word), start, start + len(word), box, 0.9)
+    return Sample(f"{index:06d}", image, caption, [entity], mask, crops, meta={"source": name})
+
+
+def write_shards(folder: Path, num_samples: int = 8, per_shard: int = 4) -> Path:
+    """The preprocessing output layout (shards/*.tar + manifest.json) from real photos."""
+    (folder / "shards").mkdir(parents=True, exist_ok=True)
+    for shard in range(0, num_samples, per_shard):
+        with tarfile.open(folder / "shards" / f"shard-{shard // per_shard:06d}.tar", "w") as tar:
+            for index in range(shard, min(shard + per_shard, num_samples)):
+                members = make_sample(index).to_wds()
+                key = members.pop("__key__")
+                for ext, payload in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    (folder / "manifest.json").write_text(json.dumps({"written": num_samples, "manifest_hash": "test-manifest"}))
+    return folder
+
+
+def tiny_tokenizer(max_length: int = 16):
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in "abcdefghijklmnopqrstuvwxyz":
+        vocab[char], vocab[char + "</w>"] = len(vocab), len(vocab) + 1
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def stream(folder: Path, **overrides) -> tuple[ShardStream, DataSection]:
+    settings = dict(resolution=32, subject_size=16, max_subjects=2, micro_batch_size=2, shuffle_buffer=3,
+                    text_dropout=0.0, subject_dropout=0.0)
+    data = DataSection(shards=str(folder), **{**settings, **overrides})
+    builder = BatchBuilder(data, TokenizerPromptEncoder(tiny_tokenizer()))
+    return ShardStream(folder, data, builder, seed=7), data
+
+
+def keys(batches) -> list[str]:
+    return [k for b in batches for k in b["key"]]
+
+
+def test_batches_follow_the_model_contract(tmp_path):
+    source, data = stream(write_shards(tmp_path))
+    batch = next(iter(source))
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["pixel_values"].min() >= -1.0
+    assert batch["input_ids"].shape == (2, 16) and batch["input_ids"].dtype == torch.long
+    assert batch["subject_pixel_values"].shape == (2, 2, 3, 16, 16)
+    assert batch["subject_masks"].shape == (2, 2, 32, 32)
+    assert batch["subject_valid"].tolist() == [[True, False], [True, False]]
+    for row, caption in enumerate(batch["caption"]):
+        word = next(w for _, c, w in PHOTOS if c == caption)
+        index = int(batch["subject_token_index"][row, 0])
+        # the subject token is the first letter of its word (the tiny vocab is one token per letter)
+        offset = caption.index(word)
+        assert index == 1 + len(caption[:offset].replace(" ", "")) and batch["subject_token_index"][row, 1] == -1
+        assert batch["subject_masks"][row, 0].sum() > 0 and batch["subject_masks"][row, 1].sum() == 0
+    assert manifest_hash(tmp_path) == "test-manifest"
+
+
+def test_dropout_removes_caption_and_subjects(tmp_path):
+    source, _ = stream(write_shards(tmp_path), text_dropout=0.99)
+    batch = next(iter(source))
+    assert batch["caption"] == ["", ""] and not batch["subject_valid"].any()
+    assert (batch["subject_token_index"] == -1).all()
+
+
+def test_epochs_reshuffle_and_cover_every_sample(tmp_path):
+    source, _ = stream(write_shards(tmp_path))
+    first, second = keys(itertools.islice(iter(source), 4)), keys(itertools.islice(iter(source), 4, 8))
+    assert sorted(first) == sorted(second) == [f"{i:06d}" for i in range(8)]
+    assert first != second
+
+
+def test_ranks_read_disjoint_shards(tmp_path):
+    folder = write_shards(tmp_path)
+    seen = []
+    for rank in (0, 1):
+        source, data = stream(folder)
+        ranked = ShardStream(folder, data, source.builder, seed=7, rank=rank, world_size=2)
+        seen.append(set(keys(itertools.islice(iter(ranked), 2))))
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 8
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_from_a_position_repeats_the_same_batches(tmp_path, num_workers):
+    folder = write_shards(tmp_path)
+    source, data = stream(folder)
+    batches = list(itertools.islice(make_loader(source, num_workers), 7))
+    positions = {}
+    for b in batches[:3]:
+        positions[b["reader"]["worker"]] = ReaderPosition(b["reader"]["epoch"], b["reader"]["offset"])
+    resumed = ShardStream(folder, data, source.builder, seed=7, positions=positions,
+                          first_worker=3 % max(1, num_workers))
+    again = list(itertools.islice(make_loader(resumed, num_workers), 4))
+    assert keys(again) == keys(batches[3:])
+    assert torch.equal(again[0]["pixel_values"], batches[3]["pixel_values"])
+
+
+def test_corrupt_samples_and_shards_are_skipped_and_reported(tmp_path):
+    folder = write_shards(tmp_path, num_samples=8, per_shard=4)
+    shard = folder / "shards" / "shard-000000.tar"
+    with tarfile.open(shard) as tar:  # rewrite with one JPEG garbled
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for info, payload in members:
+            payload = b"not a jpeg" if info.name == "000001.jpg" else payload
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    (folder / "shards" / "shard-000002.tar").write_bytes(b"garbage!" * 100)  # not a tar at all
+    source, _ = stream(folder)
+    batches = list(itertools.islice(iter(source), 7))
+    rejected = [r for b in batches for r in b["rejected"]]
+    assert {r["key"] for r in rejected if r["key"]} == {"000001"}
+    assert any("000001" in r["reason"] and "cannot decode" in r["reason"] for r in rejected)
+    assert {r["source"] for r in rejected if "unreadable shard" in r["reason"]} == {str(folder / "shards" / "shard-000002.tar")}
+    assert "000001" not in keys(batches) and len(set(keys(batches))) == 7

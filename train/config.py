@@ -1,0 +1,104 @@
+"""The training config (configs/train/*.yaml), validated before any process starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+
+from mmdiff.configuration import ConfigModel, load_config
+from mmdiff.zoo.spec import ModelSpec
+
+__all__ = [
+    "ModelSection", "DataSection", "OptimSection", "DeepSpeedSection", "ScheduleSection", "MLflowSection",
+    "TrainConfig", "load_train_config",
+]
+
+
+class ModelSection(ConfigModel):
+    base: ModelSpec  # sd15 / sdxl family
+    image_encoder: ModelSpec  # clip_vision family
+    mmdiff: str  # path of the MMDiffConfig YAML (configs/mmdiff/*.yaml)
+
+
+class DataSection(ConfigModel):
+    shards: str  # the preprocessing output folder: shards/*.tar and manifest.json
+    resolution: int = 512
+    subject_size: int = 224  # image-encoder input side
+    max_subjects: int = 2
+    micro_batch_size: int = 1  # per rank
+    num_workers: int = 0  # DataLoader workers per rank
+    shuffle_buffer: int = 64
+    text_dropout: float = 0.05  # caption and subjects dropped: unconditional for guidance
+    subject_dropout: float = 0.05  # subjects dropped, caption kept
+
+
+class OptimSection(ConfigModel):
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+
+
+class DeepSpeedSection(ConfigModel):
+    zero_stage: Literal[0, 1, 2, 3] = 2  # 0 = plain data parallel (DDP-like)
+    # auto: bf16 on GPUs that support it, else fp16 on GPUs; fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    offload_optimizer: bool = False
+
+
+class ScheduleSection(ConfigModel):
+    max_steps: int  # optimizer steps
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: only at the end
+    max_nonfinite_in_row: int = 5  # the run stops after this many non-finite losses in a row
+
+
+class MLflowSection(ConfigModel):
+    tracking_uri: str | None = None  # None: a local sqlite store under the run's output dir
+    experiment: str = "mmdiff"
+    registered_model: str | None = None  # register the exported adapter under this name
+    sample_prompt: str | None = None  # prompt of the logged samples; None: the first batch's caption
+
+
+class TrainConfig(ConfigModel):
+    run_name: str
+    output_dir: str
+    seed: int = 0
+    model: ModelSection
+    data: DataSection
+    optim: OptimSection = OptimSection()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    schedule: ScheduleSection
+    mlflow: MLflowSection = MLflowSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.model.base.family not in ("sd15", "sdxl"):
+            raise ValueError(f"model.base.family must be sd15 or sdxl, got {self.model.base.family}")
+        if self.model.image_encoder.family != "clip_vision":
+            raise ValueError(f"model.image_encoder.family must be clip_vision, got {self.model.image_encoder.family}")
+        for name in ("text_dropout", "subject_dropout"):
+            if not 0.0 <= getattr(self.data, name) < 1.0:
+                raise ValueError(f"data.{name} must be in [0, 1)")
+        return self
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{Path(self.output_dir).resolve() / 'mlflow.db'}"
+
+
+def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Load and check a training config, including the files it points at, so errors come first."""
+    from mmdiff.configuration import ConfigError
+
+    config = load_config(path, TrainConfig, overrides)
+    shards = Path(config.data.shards)
+    if not (shards / "shards").is_dir() or not any((shards / "shards").glob("*.tar")):
+        raise ConfigError(f"{path}: data.shards: no shards/*.tar under {shards}")
+    if not Path(config.model.mmdiff).is_file():
+        raise ConfigError(f"{path}: model.mmdiff: config file not found: {config.model.mmdiff}")
+    return config
