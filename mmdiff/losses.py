@@ -1,0 +1,55 @@
+"""Training losses: the denoising loss (optionally inside subject regions) and the attention constraint."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def denoise_loss(prediction: torch.Tensor, target: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error; with ``region`` [B, 1, h, w] (0/1) only inside it (FastComposer's mask loss)."""
+    error = (prediction.float() - target.float()) ** 2
+    if region is None:
+        return error.mean()
+    weight = region.expand_as(error)
+    return (error * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def masks_at(masks: torch.Tensor, num_positions: int, aspect: float) -> torch.Tensor:
+    """Subject masks [B, S, H, W] resized to a layer with ``num_positions`` = h*w tokens -> [B, S, h*w] in {0,1}."""
+    h = round(math.sqrt(num_positions / aspect))
+    w = num_positions // h
+    resized = F.interpolate(masks.float(), size=(h, w), mode="area")
+    return (resized >= 0.5).float().flatten(2)
+
+
+def attention_constraint(probs: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, kind: str) -> torch.Tensor:
+    """probs [B, heads, N, S] attention of each subject's tokens; masks [B, S, N] (0/1); valid [B, S].
+
+    ``balanced_l1`` (FastComposer): mean attention outside the mask minus mean attention inside, per
+    head and subject. ``mask_nll``: -log of the share of the subject's attention mass (summed over
+    positions) that lies inside its mask; it is invariant to how much the token is attended overall,
+    so it cannot be lowered by shrinking or inflating the map, only by moving it into the mask.
+    """
+    probs = probs.float().permute(0, 1, 3, 2)  # [B, h, S, N]
+    inside = masks[:, None]
+    if kind == "balanced_l1":
+        mean_in = (probs * inside).sum(-1) / inside.sum(-1).clamp(min=1.0)
+        mean_out = (probs * (1 - inside)).sum(-1) / (1 - inside).sum(-1).clamp(min=1.0)
+        per_subject = mean_out - mean_in
+    elif kind == "mask_nll":
+        share = (probs * inside).sum(-1) / probs.sum(-1).clamp(min=1e-12)
+        per_subject = -torch.log(share.clamp(min=1e-6))
+    else:
+        raise ValueError(f"unknown attention loss kind {kind!r}")
+    weight = valid[:, None, :].float().expand_as(per_subject)
+    return (per_subject * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def inside_share(probs: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Share of each valid subject's attention mass that falls inside its own mask, averaged (a metric)."""
+    probs = probs.float().mean(1).transpose(1, 2)  # [B, S, N]
+    share = (probs * masks).sum(-1) / probs.sum(-1).clamp(min=1e-12)
+    return share[valid].mean()

@@ -1,0 +1,41 @@
+"""The MM-Diff model's settings (configs/mmdiff/*.yaml)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from mmdiff.configuration import ConfigModel
+
+# FastComposer's supervised layers: the 16x16 and 32x32 cross-attention of SD1.5 at 512 px.
+FASTCOMPOSER_LAYERS = ["down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.1", "up_blocks.2"]
+
+
+class MMDiffConfig(ConfigModel):
+    """Sizes of the trainable parts, inference defaults and the training losses.
+
+    ``supervised_layers`` are prefixes of UNet attention-module names ("up_blocks.1"); every
+    cross-attention layer under them is captured for the attention constraint.
+    ``attention_loss_tokens`` picks which maps are supervised: the class word's column of the text
+    attention, the subject's K tokens (averaged) of the subject attention, or both averaged.
+    """
+
+    base_family: Literal["sd15", "sdxl"]
+    num_tokens: int = Field(4, ge=1)
+    refiner_depth: int = Field(4, ge=1)
+    refiner_heads: int = Field(8, ge=1)
+    refiner_dim_head: int = Field(64, ge=1)
+    lora_rank: int = Field(64, ge=0)  # cross-attention: text path (q, k, v, out) and image path (k, v)
+    self_attn_lora_rank: int = Field(64, ge=0)
+    max_subjects: int = Field(3, ge=1)
+    subject_scale: float = 1.0
+    start_step: int = Field(10, ge=0)  # denoising step at which subject conditioning starts (inference)
+    supervised_layers: list[str] = Field(default_factory=lambda: list(FASTCOMPOSER_LAYERS))
+    attention_loss_kind: Literal["balanced_l1", "mask_nll"] = "balanced_l1"
+    attention_loss_tokens: Literal["text", "subject", "both"] = "both"
+    attention_loss_weight: float = Field(1e-3, ge=0)
+    denoise_in_mask_prob: float = Field(0.0, ge=0, le=1)
+    portrait: bool = False  # queries from a 512-d ArcFace embedding instead of the CLIP CLS embedding
+    face_embed_dim: int = 512
+    image_encoder_trainable: bool = False

@@ -1,0 +1,273 @@
+"""MMDiffModel: a frozen diffusers base model plus MM-Diff's trainable parts, its losses and save/load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmdiff import zoo
+from mmdiff.attention import MMDiffAttnProcessor, SubjectContext
+from mmdiff.configuration import parse_config
+from mmdiff.image_encoder import SubjectImageEncoder
+from mmdiff.losses import attention_constraint, denoise_loss, masks_at
+from mmdiff.model_config import MMDiffConfig
+from mmdiff.refiner import QueryMLP, SERefiner
+from mmdiff.text_fusion import TextFusion, fused_word_embeddings
+from mmdiff.zoo.spec import ModelSpec
+
+WEIGHTS_NAME = "mmdiff_adapter.safetensors"
+CONFIG_NAME = "mmdiff_config.json"
+FORMAT_VERSION = 1
+
+
+class MMDiffModel(nn.Module):
+    """MM-Diff on a SD1.5- or SDXL-family pipeline.
+
+    Trainable: text fusion (one per text encoder), query MLP, SE-Refiner, LoRA on every UNet attention
+    layer (self: q/k/v/out; cross: q/k/v/out for text, k/v for subjects) and, if configured, the image
+    encoder. Everything else is frozen. See :meth:`training_loss` for the batch layout.
+    """
+
+    def __init__(self, base_pipe: Any, image_encoder: Any, config: MMDiffConfig,
+                 base_spec: ModelSpec | None = None, image_encoder_spec: ModelSpec | None = None):
+        super().__init__()
+        is_xl = isinstance(base_pipe, StableDiffusionXLPipeline)
+        if is_xl != (config.base_family == "sdxl"):
+            raise ValueError(f"config base_family {config.base_family!r} does not match the base pipeline "
+                             f"{type(base_pipe).__name__}")
+        self.config = config
+        self.base_pipe = base_pipe
+        self.base_spec, self.image_encoder_spec = base_spec, image_encoder_spec
+        self.unet, self.vae = base_pipe.unet, base_pipe.vae
+        encoders = [base_pipe.text_encoder] + ([base_pipe.text_encoder_2] if is_xl else [])
+        self.text_encoders = nn.ModuleList(encoders)
+        self.tokenizers = [base_pipe.tokenizer] + ([base_pipe.tokenizer_2] if is_xl else [])
+        self.noise_scheduler = DDPMScheduler.from_config(base_pipe.scheduler.config)
+        for module in (self.unet, self.vae, self.text_encoders):
+            module.requires_grad_(False)
+        self.image_processor = image_encoder.processor
+        self.image_encoder = SubjectImageEncoder(image_encoder.model, config.image_encoder_trainable)
+
+        image_dim, patch_dim = self.image_encoder.embed_dim, self.image_encoder.patch_dim
+        unet_dim = self.unet.config.cross_attention_dim
+        self.text_fusions = nn.ModuleList(TextFusion(image_dim, enc.config.hidden_size) for enc in encoders)
+        self.query_mlp = QueryMLP(config.face_embed_dim if config.portrait else image_dim, unet_dim, config.num_tokens)
+        self.refiner = SERefiner(unet_dim, patch_dim, config.refiner_depth, config.refiner_heads,
+                                 config.refiner_dim_head)
+        self.context = SubjectContext(num_tokens=config.num_tokens)
+        self._add_lora()
+        self.to(device=self.unet.device)
+
+    # -- construction -------------------------------------------------------------------------
+    def _add_lora(self) -> None:
+        cfg = self.config
+        ranks = {"attn1": cfg.self_attn_lora_rank, "attn2": cfg.lora_rank}
+        targets = [f"{attn}.{proj}" for attn, rank in ranks.items() if rank for proj in ("to_q", "to_k", "to_v", "to_out.0")]
+        if targets:
+            rank = max(ranks.values())
+            patterns = {rf"{attn}\..*": r for attn, r in ranks.items() if r}
+            self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=True,
+                                             rank_pattern=patterns, alpha_pattern=patterns))
+        processors = {}
+        for name, processor in self.unet.attn_processors.items():
+            if "attn2" not in name:
+                processors[name] = processor
+                continue
+            layer = self.unet.get_submodule(name.removesuffix(".processor"))
+            supervised = any(name.startswith(prefix + ".") for prefix in cfg.supervised_layers)
+            to_k = getattr(layer.to_k, "base_layer", layer.to_k)
+            processors[name] = MMDiffAttnProcessor(name.removesuffix(".processor"), to_k.out_features,
+                                                   to_k.in_features, cfg.lora_rank, self.context, supervised)
+        self.unet.set_attn_processor(processors)
+
+    @classmethod
+    def from_components(cls, base_pipe: Any, image_encoder: Any, config: MMDiffConfig) -> "MMDiffModel":
+        return cls(base_pipe, image_encoder, config)
+
+    @classmethod
+    def from_specs(cls, base: ModelSpec, image_encoder: ModelSpec, config: MMDiffConfig) -> "MMDiffModel":
+        return cls(zoo.build(base), zoo.build(image_encoder), config, base, image_encoder)
+
+    # -- parameters and persistence -------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the trainable weights (safetensors) and the config (JSON) to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}, directory / WEIGHTS_NAME)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "mmdiff": self.config.model_dump(mode="json"),
+            "base": self.base_spec.model_dump(mode="json") if self.base_spec else None,
+            "image_encoder": self.image_encoder_spec.model_dump(mode="json") if self.image_encoder_spec else None,
+        }
+        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, base: ModelSpec | str | Path, adapter_dir: str | Path,
+                        image_encoder: ModelSpec | None = None) -> "MMDiffModel":
+        """Base model (spec, diffusers folder or hub id) + an adapter written by :meth:`save_pretrained`."""
+        adapter_dir = Path(adapter_dir)
+        config_path = adapter_dir / CONFIG_NAME
+        if not config_path.is_file() or not (adapter_dir / WEIGHTS_NAME).is_file():
+            raise ValueError(f"{adapter_dir}: not an MM-Diff adapter (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{config_path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+        config = parse_config(meta["mmdiff"], MMDiffConfig, str(config_path))
+        if not isinstance(base, ModelSpec):
+            base = ModelSpec(family=config.base_family, source=str(base))
+        if image_encoder is None:
+            if meta.get("image_encoder") is None:
+                raise ValueError(f"{config_path}: no image encoder recorded; pass image_encoder=")
+            image_encoder = ModelSpec.model_validate(meta["image_encoder"])
+        model = cls.from_specs(base, image_encoder, config)
+        weights = load_file(adapter_dir / WEIGHTS_NAME, device=str(model.unet.device))
+        expected = set(model.trainable_state_dict())
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        if missing or unexpected:
+            raise ValueError(f"{adapter_dir / WEIGHTS_NAME}: does not match the model "
+                             f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
+        model.load_state_dict(weights, strict=False)
+        return model
+
+    # -- encoders -------------------------------------------------------------------------------
+    def encode_subjects(self, subject_pixel_values: torch.Tensor, subject_valid: torch.Tensor,
+                        face_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, S, 3, h, w] crops -> (CLS embeddings [B, S, E], subject tokens [B, S*K, D]).
+
+        Only valid slots are encoded; padded slots get zeros (and are masked in attention).
+        """
+        b, s = subject_valid.shape
+        if s > self.config.max_subjects:
+            raise ValueError(f"{s} subject slots, more than max_subjects={self.config.max_subjects}")
+        rows = subject_valid.flatten().nonzero(as_tuple=True)[0]
+        pixels = subject_pixel_values.flatten(0, 1)[rows].to(self.device, self.image_encoder.vision_model.dtype)
+        cls_embeds, patches = self.image_encoder(pixels)
+        if self.config.portrait:
+            if face_embeds is None:
+                raise ValueError("portrait model: batch needs face_embeds [B, S, 512]")
+            query_source = face_embeds.flatten(0, 1)[rows].to(self.device, self.query_mlp.norm.weight.dtype)
+        else:
+            query_source = cls_embeds.to(self.query_mlp.norm.weight.dtype)
+        tokens = self.refiner(self.query_mlp(query_source), patches)
+        k, d = self.config.num_tokens, tokens.shape[-1]
+        all_cls = cls_embeds.new_zeros(b * s, cls_embeds.shape[-1]).index_copy(0, rows, cls_embeds)
+        all_tokens = tokens.new_zeros(b * s, k, d).index_copy(0, rows, tokens)
+        return all_cls.view(b, s, -1), all_tokens.view(b, s * k, d)
+
+    def encode_text(self, input_ids: list[torch.Tensor], subject_token_index: torch.Tensor | None = None,
+                    subject_valid: torch.Tensor | None = None, cls_embeds: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt embeddings as the base pipeline computes them, with subject words fused with their CLS.
+
+        ``input_ids``: one [B, L] tensor per text encoder. Returns (prompt_embeds, pooled) where pooled is
+        the SDXL pooled embedding (None for SD1.5).
+        """
+        hidden, pooled = [], None
+        is_xl = len(self.text_encoders) == 2
+        for encoder, fusion, ids in zip(self.text_encoders, self.text_fusions, input_ids):
+            ids = ids.to(self.device)
+            if cls_embeds is None:
+                out = encoder(ids, output_hidden_states=is_xl)
+            else:
+                with fused_word_embeddings(encoder, fusion, subject_token_index.to(self.device),
+                                           subject_valid.to(self.device), cls_embeds):
+                    out = encoder(ids, output_hidden_states=is_xl)
+            hidden.append(out.hidden_states[-2] if is_xl else out[0])
+            if is_xl:
+                pooled = out[0]
+        return torch.cat(hidden, dim=-1), pooled
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    # -- training -------------------------------------------------------------------------------
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Denoising loss + weighted attention constraint on one batch (keys: see docs/DESIGN.md / README).
+
+        Noise, timesteps and the in-mask choice come from torch's global RNG. Returns "loss",
+        "denoise_loss", "attention_loss" and "attention_maps" [B, S, h, w] (detached, for logging).
+        """
+        cfg = self.config
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        valid = batch["subject_valid"].bool()
+        pixels = batch["pixel_values"].to(self.vae.dtype)
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  device=self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"unsupported prediction_type {prediction_type!r} in the base scheduler config")
+
+        cls_embeds, tokens = self.encode_subjects(batch["subject_pixel_values"], valid, batch.get("face_embeds"))
+        token_index = batch["subject_token_index"]
+        ids = [batch["input_ids"]] + ([batch["input_ids_2"]] if len(self.text_encoders) == 2 else [])
+        prompt_embeds, pooled = self.encode_text(ids, token_index, valid & (token_index >= 0), cls_embeds)
+        added = None
+        if pooled is not None:
+            target_size = torch.tensor(pixels.shape[-2:], device=self.device).expand(pixels.shape[0], 2)
+            time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], target_size], dim=1)
+            added = {"text_embeds": pooled, "time_ids": time_ids.to(prompt_embeds.dtype)}
+
+        ctx = self.context
+        ctx.tokens, ctx.valid, ctx.scale = tokens, valid, cfg.subject_scale
+        ctx.text_index = token_index.clamp(min=0)
+        ctx.capture = bool(cfg.supervised_layers)
+        try:
+            prediction = self.unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added).sample
+            captured = list(ctx.captured)
+        finally:
+            ctx.clear()
+
+        masks = batch["subject_masks"].float()
+        region = None
+        if cfg.denoise_in_mask_prob > 0 and torch.rand(()) < cfg.denoise_in_mask_prob:
+            union = (masks * valid[:, :, None, None]).amax(dim=1, keepdim=True)
+            region = (F.interpolate(union, size=latents.shape[-2:], mode="area") > 0).to(latents.dtype)
+            region = torch.where(region.flatten(1).any(1)[:, None, None, None], region, torch.ones_like(region))
+        losses = {"denoise_loss": denoise_loss(prediction, target, region)}
+        aspect = latents.shape[-1] / latents.shape[-2]
+        terms, maps = [], []
+        for layer in captured:
+            chosen = {"text": [layer.text], "subject": [layer.subject],
+                      "both": [layer.text, layer.subject]}[cfg.attention_loss_tokens]
+            for probs in chosen:
+                layer_masks = masks_at(masks, probs.shape[2], aspect)
+                terms.append(attention_constraint(probs, layer_masks, valid, cfg.attention_loss_kind))
+            maps.append(self._as_image(layer.subject.mean(1), latents.shape[-2:]))
+        losses["attention_loss"] = torch.stack(terms).mean() if terms else prediction.new_zeros(())
+        losses["loss"] = losses["denoise_loss"] + cfg.attention_loss_weight * losses["attention_loss"]
+        losses["attention_maps"] = (torch.stack(maps).mean(0) if maps
+                                    else latents.new_zeros(valid.shape[0], valid.shape[1], *latents.shape[-2:])).detach()
+        return losses
+
+    @staticmethod
+    def _as_image(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """[B, N, S] attention over positions -> [B, S, h, w] at ``size`` (the latent grid)."""
+        n = probs.shape[1]
+        h = round((n * size[0] / size[1]) ** 0.5)
+        grid = probs.transpose(1, 2).reshape(probs.shape[0], probs.shape[2], h, n // h)
+        return F.interpolate(grid.float(), size=tuple(size), mode="bilinear", align_corners=False)

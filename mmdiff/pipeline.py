@@ -1,0 +1,144 @@
+"""MMDiffPipeline: ``pipe(prompt, subjects=[...])`` on top of the base diffusers pipeline.
+
+The denoising loop is the base pipeline's own. MM-Diff supplies the vision-augmented prompt
+embeddings and the subject tokens; a step-end callback switches subject conditioning on at
+``start_step`` (before it: the plain prompt and no subject attention, as in the official code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmdiff.modeling import MMDiffModel
+from mmdiff.prompting import find_words, parse_markers, subject_pixel_values, tokenize_with_subjects
+from mmdiff.zoo.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A reference image (PIL, uint8 array or path) tied to a word of the prompt ("dog")."""
+
+    word: str
+    image: Any
+    face_embed: Any = None  # portrait variant: the ArcFace embedding (512 floats) of the face
+
+
+class MMDiffPipeline:
+    def __init__(self, model: MMDiffModel):
+        self.model = model
+        self.base = model.base_pipe
+
+    @classmethod
+    def from_pretrained(cls, base: ModelSpec | str | Path, adapter_dir: str | Path,
+                        image_encoder: ModelSpec | None = None) -> "MMDiffPipeline":
+        return cls(MMDiffModel.from_pretrained(base, adapter_dir, image_encoder).eval())
+
+    def _resolve(self, prompts: list[str], subjects: Sequence[Any]) -> tuple[list[str], list[list[tuple[int, int]]], list[Any]]:
+        """Prompts without markers, per-prompt subject spans, and the subjects' images."""
+        marked = [parse_markers(p) for p in prompts]
+        if any(spans for _, spans in marked):
+            images = [s.image if isinstance(s, Subject) else s for s in subjects]
+            for prompt, (_, spans) in zip(prompts, marked):
+                if len(spans) != len(images):
+                    raise ValueError(f"prompt {prompt!r} marks {len(spans)} subjects but {len(images)} "
+                                     "subject images were given")
+            return [text for text, _ in marked], [spans for _, spans in marked], images
+        for i, s in enumerate(subjects):
+            if not isinstance(s, Subject):
+                raise ValueError(f"subject {i}: give Subject(word, image), or mark the words in the prompt "
+                                 "as [word] and pass plain images")
+        words = [s.word for s in subjects]
+        return prompts, [find_words(p, words) for p in prompts], [s.image for s in subjects]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], subjects: Sequence[Any] = (), *, subject_scale: float | None = None,
+                 start_step: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 negative_prompt: str | list[str] | None = None, num_images_per_prompt: int = 1,
+                 height: int | None = None, width: int | None = None, seed: int | None = None,
+                 generator: torch.Generator | None = None, output_type: str = "pil", **base_kwargs: Any):
+        """Generate images of ``subjects`` as ``prompt`` describes; returns the base pipeline's output (.images).
+
+        ``subjects``: ``Subject(word, image)`` items, or plain images when the prompt marks the words
+        as ``[word]`` (in the order of the images). ``seed`` makes a fresh generator.
+        """
+        model, cfg = self.model, self.model.config
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is empty")
+        if len(subjects) > cfg.max_subjects:
+            raise ValueError(f"{len(subjects)} subjects given, this model supports at most {cfg.max_subjects}")
+        prompts, spans, images = self._resolve(prompts, list(subjects))
+        scale = cfg.subject_scale if subject_scale is None else subject_scale
+        start = cfg.start_step if start_step is None else start_step
+        if generator is None and seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        n_prompts, n_subjects = len(prompts), len(images)
+
+        ids, token_index = [], None
+        for tokenizer in model.tokenizers:
+            per_prompt = [tokenize_with_subjects(tokenizer, p, s) for p, s in zip(prompts, spans)]
+            ids.append(torch.stack([i for i, _ in per_prompt]))
+            token_index = torch.stack([t for _, t in per_prompt]) if n_subjects else None
+        plain_embeds, plain_pooled = model.encode_text(ids)
+        embeds, pooled, tokens, valid = plain_embeds, plain_pooled, None, None
+        if n_subjects:
+            pixels = subject_pixel_values(model.image_processor, images)
+            valid = torch.ones(n_prompts, n_subjects, dtype=torch.bool, device=model.device)
+            faces = None
+            if cfg.portrait:
+                if any(not isinstance(s, Subject) or s.face_embed is None for s in subjects):
+                    raise ValueError("portrait model: every subject needs Subject(word, image, face_embed)")
+                faces = torch.stack([torch.as_tensor(s.face_embed, dtype=torch.float32) for s in subjects])
+                faces = faces.expand(n_prompts, -1, -1)
+            cls_embeds, tokens = model.encode_subjects(pixels.expand(n_prompts, *pixels.shape), valid, faces)
+            embeds, pooled = model.encode_text(ids, token_index, valid, cls_embeds)
+
+        cfg_on = guidance_scale > 1.0
+        repeat = num_images_per_prompt
+        ctx = model.context
+
+        def switch_on() -> None:
+            subject_tokens = tokens.repeat_interleave(repeat, dim=0)
+            subject_valid = valid.repeat_interleave(repeat, dim=0)
+            if cfg_on:  # unconditional rows: no subjects
+                subject_tokens = torch.cat([torch.zeros_like(subject_tokens), subject_tokens])
+                subject_valid = torch.cat([torch.zeros_like(subject_valid), subject_valid])
+            ctx.tokens, ctx.valid, ctx.scale = subject_tokens, subject_valid, scale
+
+        def on_step_end(pipe: Any, step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if tokens is None or step != start - 1:
+                return {}
+            switch_on()
+            updates = {"prompt_embeds": self._swap(kwargs["prompt_embeds"], embeds, repeat, cfg_on)}
+            if pooled is not None:
+                updates["add_text_embeds"] = self._swap(kwargs["add_text_embeds"], pooled, repeat, cfg_on)
+            return updates
+
+        conditioned_now = tokens is not None and start <= 0
+        if conditioned_now:
+            switch_on()
+        extra = {"pooled_prompt_embeds": pooled if conditioned_now else plain_pooled} if pooled is not None else {}
+        inputs = ["prompt_embeds"] + (["add_text_embeds"] if pooled is not None else [])
+        try:
+            return self.base(
+                prompt_embeds=embeds if conditioned_now else plain_embeds, negative_prompt=negative_prompt,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                num_images_per_prompt=num_images_per_prompt, height=height, width=width, generator=generator,
+                output_type=output_type, callback_on_step_end=on_step_end,
+                callback_on_step_end_tensor_inputs=inputs, **extra, **base_kwargs,
+            )
+        finally:
+            ctx.clear()
+
+    @staticmethod
+    def _swap(current: torch.Tensor, conditioned: torch.Tensor, repeat: int, cfg_on: bool) -> torch.Tensor:
+        """Replace the conditional half of the loop's (CFG-concatenated) embeddings."""
+        conditioned = conditioned.repeat_interleave(repeat, dim=0).to(current.dtype)
+        if not cfg_on:
+            return conditioned
+        return torch.cat([current[: current.shape[0] - conditioned.shape[0]], conditioned])
