@@ -67,3 +67,4 @@ class PreprocessConfig(ConfigModel):
     stages: StagesConfig = StagesConfig()
     ray: RayConfig = RayConfig()
     progress: bool = True
+    qa_samples: int = 16  # samples drawn into <out>/contact_sheet.png at the end (0: none)

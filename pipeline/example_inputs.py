@@ -13,9 +13,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["PHOTOS", "ANNOTATIONS", "photo", "write_photos", "write_annotation_folder"]
+__all__ = ["PHOTOS", "CAPTIONS", "ANNOTATIONS", "photo", "write_photos", "write_annotation_folder", "write_caption_shard"]
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "horse", "camera", "cat")
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "stereo_motorcycle", "horse", "camera")
+
+# BLIP-2 style captions, for inputs that bring their own (img2dataset shards).
+CAPTIONS = {
+    "astronaut": "a woman in a space suit holding a flag",
+    "chelsea": "a cat lying on a rug",
+    "coffee": "a cup of coffee on a saucer",
+    "rocket": "a rocket on a launch pad next to a tower",
+    "stereo_motorcycle": "a red motorcycle parked in a garage",
+    "horse": "a silhouette of a horse running",
+    "camera": "a man holding a camera on a tripod",
+}
 
 # caption and (word, box xyxy) per photo, boxes in pixels of the original photo.
 ANNOTATIONS = {
@@ -34,8 +45,10 @@ def photo(name: str) -> Image.Image:
     array = getattr(skimage.data, name)()
     if isinstance(array, tuple):  # stereo pairs
         array = array[0]
-    image = Image.fromarray(np.asarray(array))
-    return image.convert("RGB")
+    array = np.asarray(array)
+    if array.dtype == bool:  # the horse silhouette
+        array = array.astype(np.uint8) * 255
+    return Image.fromarray(array).convert("RGB")
 
 
 def write_photos(folder: str | Path, names: tuple[str, ...] = PHOTOS, prefix: str = "") -> list[Path]:
@@ -69,3 +82,22 @@ def write_annotation_folder(folder: str | Path, names: tuple[str, ...] = tuple(A
         np.save(path.with_suffix(".npy"), segmap, allow_pickle=False)
         path.with_suffix(".json").write_text(json.dumps({"caption": caption, "segments": records}), encoding="utf-8")
     return paths
+
+
+def write_caption_shard(path: str | Path, names: tuple[str, ...] = PHOTOS, size: int = 256) -> Path:
+    """An img2dataset-style WebDataset tar: ``%09d.jpg`` + ``.txt`` caption + ``.json`` per photo."""
+    import io
+
+    import webdataset as wds
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path), encoder=False, mtime=0) as writer:
+        for index, name in enumerate(names):
+            image = photo(name)
+            image.thumbnail((size, size))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=92)
+            writer.write({"__key__": f"{index:09d}", "jpg": buffer.getvalue(), "txt": CAPTIONS[name].encode(),
+                          "json": json.dumps({"name": name}).encode()})
+    return path

@@ -22,6 +22,7 @@ from typing import Any
 
 from mmdiff.configuration import ConfigModel, config_hash, load_config, parse_overrides
 from pipeline.config import PreprocessConfig
+from pipeline.contact_sheet import contact_sheet
 from pipeline.inputs import InputRecord, assign_partitions, list_inputs
 from pipeline.shards import ShardLayout, finalize_partition, reject_counts, write_json_atomic
 from pipeline.stages import SampleStage, load_batch
@@ -160,7 +161,10 @@ def run_job(config: PreprocessConfig) -> JobSummary:
         lost = {k: sorted(expected[k] - set(v))[:5] for k, v in outcomes.items()}
         raise RuntimeError(f"inputs never came back from the pipeline (partition: first keys): {lost}")
     shutil.rmtree(layout.staging, ignore_errors=True)
-    return _write_manifest(config, layout, chash, records, len(todo), time.perf_counter() - started)
+    summary = _write_manifest(config, layout, chash, records, len(todo), time.perf_counter() - started)
+    if config.qa_samples and summary.written:
+        contact_sheet(layout.root, layout.root / "contact_sheet.png", config.qa_samples)
+    return summary
 
 
 def _write_manifest(config: PreprocessConfig, layout: ShardLayout, chash: str, records: list[InputRecord],

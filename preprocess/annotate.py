@@ -69,6 +69,15 @@ def round_box(box: Any) -> tuple[float, float, float, float]:
     return tuple(round(float(v), 2) for v in box)  # type: ignore[return-value]
 
 
+def _box_masks(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """bool [k, H, W]: True inside each (pixel-rounded outward) box."""
+    width, height = size
+    out = np.zeros((len(boxes), height, width), bool)
+    for j, (x0, y0, x1, y1) in enumerate(boxes):
+        out[j, int(np.floor(y0)) : int(np.ceil(y1)), int(np.floor(x0)) : int(np.ceil(x1))] = True
+    return out
+
+
 class Annotator:
     """``annotator(keys, images, captions) -> [Sample | Rejection]``; ``captions[i]`` may be ``""``."""
 
@@ -125,11 +134,13 @@ class Annotator:
         masks = self.segmenter([images[i] for i in todo], [boxes_of[i] for i in todo])
         masks_of = {}
         for i, mask in zip(todo, masks):
+            # SAM can spill past its box prompt; the entity is what lies inside its box.
+            mask = np.asarray(mask, bool) & _box_masks(boxes_of[i], images[i].size)
             empty = [kept_of[i][j].phrase.text for j in range(len(mask)) if not mask[j].any()]
             if empty:
                 results[i] = Rejection("empty_mask", f"segmentation is empty for {empty}")
             else:
-                masks_of[i] = np.asarray(mask, bool)
+                masks_of[i] = mask
         todo = [i for i in todo if results[i] is None]
         faces_of: dict[int, np.ndarray] = {}
         if self.face_embedder is not None and todo:

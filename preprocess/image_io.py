@@ -81,6 +81,8 @@ def load_image(data: bytes, source: str, config: ImageConfig) -> LoadedImage:
         raise ImageRejected(source, "not_an_image", "no image format recognised") from None
     except Image.DecompressionBombError as exc:
         raise ImageRejected(source, "too_many_pixels", str(exc)) from None
+    except OSError as exc:  # the file ends inside its header
+        raise ImageRejected(source, "truncated", f"{type(exc).__name__}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a property of this input
         raise ImageRejected(source, "unreadable", f"{type(exc).__name__}: {exc}") from None
     width, height = opened.size  # from the header only; nothing is decoded yet
