@@ -20,7 +20,9 @@ from skimage import data as skdata
 
 from preprocess.sample import Entity, Sample
 from train.config import DataSection
-from train.data import BatchBuilder, ReaderPosition, ShardStream, TokenizerPromptEncoder, make_loader, manifest_hash
+from mmdiff import zoo
+from mmdiff.zoo.diffusion import tiny_tokenizer
+from train.data import BatchBuilder, ReaderPosition, ShardStream, make_loader, manifest_hash
 
 PHOTOS = [  # (skimage photo, caption, subject word)
     ("chelsea", "a photo of a cat on a rug", "cat"),
@@ -58,21 +60,16 @@ def write_shards(folder: Path, num_samples: int = 8, per_shard: int = 4) -> Path
     return folder
 
 
-def tiny_tokenizer(max_length: int = 16):
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in "abcdefghijklmnopqrstuvwxyz":
-        vocab[char], vocab[char + "</w>"] = len(vocab), len(vocab) + 1
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+def builder(data: DataSection) -> BatchBuilder:
+    processor = zoo.build({"family": "clip_vision", "source": "tiny"}).processor
+    return BatchBuilder(data, [tiny_tokenizer()], processor)
 
 
 def stream(folder: Path, **overrides) -> tuple[ShardStream, DataSection]:
-    settings = dict(resolution=32, subject_size=16, max_subjects=2, micro_batch_size=2, shuffle_buffer=3,
+    settings = dict(resolution=32, max_subjects=2, micro_batch_size=2, shuffle_buffer=3,
                     text_dropout=0.0, subject_dropout=0.0)
     data = DataSection(shards=str(folder), **{**settings, **overrides})
-    builder = BatchBuilder(data, TokenizerPromptEncoder(tiny_tokenizer()))
-    return ShardStream(folder, data, builder, seed=7), data
+    return ShardStream(folder, data, builder(data), seed=7), data
 
 
 def keys(batches) -> list[str]:
@@ -83,16 +80,15 @@ def test_batches_follow_the_model_contract(tmp_path):
     source, data = stream(write_shards(tmp_path))
     batch = next(iter(source))
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["pixel_values"].min() >= -1.0
-    assert batch["input_ids"].shape == (2, 16) and batch["input_ids"].dtype == torch.long
-    assert batch["subject_pixel_values"].shape == (2, 2, 3, 16, 16)
+    assert batch["input_ids"].shape == (2, 77) and batch["input_ids"].dtype == torch.long
+    assert batch["subject_pixel_values"].shape == (2, 2, 3, 32, 32)  # the tiny image encoder's input
     assert batch["subject_masks"].shape == (2, 2, 32, 32)
     assert batch["subject_valid"].tolist() == [[True, False], [True, False]]
     for row, caption in enumerate(batch["caption"]):
         word = next(w for _, c, w in PHOTOS if c == caption)
         index = int(batch["subject_token_index"][row, 0])
-        # the subject token is the first letter of its word (the tiny vocab is one token per letter)
-        offset = caption.index(word)
-        assert index == 1 + len(caption[:offset].replace(" ", "")) and batch["subject_token_index"][row, 1] == -1
+        token = tiny_tokenizer().decode([int(batch["input_ids"][row, index])]).strip()
+        assert token and word.startswith(token) and batch["subject_token_index"][row, 1] == -1
         assert batch["subject_masks"][row, 0].sum() > 0 and batch["subject_masks"][row, 1].sum() == 0
     assert manifest_hash(tmp_path) == "test-manifest"
 

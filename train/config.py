@@ -25,7 +25,6 @@ class ModelSection(ConfigModel):
 class DataSection(ConfigModel):
     shards: str  # the preprocessing output folder: shards/*.tar and manifest.json
     resolution: int = 512
-    subject_size: int = 224  # image-encoder input side
     max_subjects: int = 2
     micro_batch_size: int = 1  # per rank
     num_workers: int = 0  # DataLoader workers per rank
@@ -61,7 +60,11 @@ class MLflowSection(ConfigModel):
     tracking_uri: str | None = None  # None: a local sqlite store under the run's output dir
     experiment: str = "mmdiff"
     registered_model: str | None = None  # register the exported adapter under this name
-    sample_prompt: str | None = None  # prompt of the logged samples; None: the first batch's caption
+    # an image generated from the exported adapter is logged at the end: the prompt marks subject words
+    # as [word], one subject image (path or skimage:<name>) per marked word; None: no generated sample
+    sample_prompt: str | None = None
+    sample_subjects: list[str] = []
+    sample_steps: int = 20
 
 
 class TrainConfig(ConfigModel):

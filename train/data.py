@@ -16,7 +16,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -24,17 +24,14 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmdiff.prompting import subject_pixel_values, tokenize_with_subjects
 from preprocess.sample import Sample
 from train.config import DataSection
 
 __all__ = [
-    "CLIP_MEAN", "CLIP_STD", "Rejected", "ReaderPosition", "TokenizerPromptEncoder", "BatchBuilder",
+    "Rejected", "ReaderPosition", "BatchBuilder",
     "ShardStream", "shard_paths", "manifest_hash", "make_loader",
 ]
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 @dataclass(frozen=True)
 class Rejected:
@@ -72,41 +69,23 @@ def manifest_hash(folder: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-class TokenizerPromptEncoder:
-    """Caption -> padded input ids, and for each character span the index of its first token."""
-
-    def __init__(self, tokenizer: Any, max_length: int | None = None):
-        if not getattr(tokenizer, "is_fast", False):
-            raise TypeError(f"{type(tokenizer).__name__}: a fast tokenizer (with offsets) is needed")
-        self.tokenizer = tokenizer
-        self.max_length = max_length or tokenizer.model_max_length
-
-    def __call__(self, caption: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-        encoded = self.tokenizer(
-            caption, padding="max_length", max_length=self.max_length, truncation=True,
-            return_offsets_mapping=True,
-        )
-        offsets = encoded["offset_mapping"]
-        indices = []
-        for start, end in spans:
-            hit = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
-            indices.append(hit[0] if hit else -1)  # -1: the word fell off the truncated prompt
-        return list(encoded["input_ids"]), indices
-
-
-def _center_square(image: Image.Image, size: int, resample: int) -> Image.Image:
+def _center_square(image: Image.Image, size: int, resample: int) -> tuple[Image.Image, tuple[int, int]]:
+    """The centred square crop resized to ``size``, and its top-left corner in original pixels."""
     w, h = image.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
-    return image.crop((left, top, left + side, top + side)).resize((size, size), resample)
+    return image.crop((left, top, left + side, top + side)).resize((size, size), resample), (top, left)
 
 
 class BatchBuilder:
-    """Decoded samples -> one batch in the model's contract (see docs/DESIGN.md and MMDiffModel)."""
+    """Decoded samples -> one batch in the model's contract (MMDiffModel.training_loss).
 
-    def __init__(self, data: DataSection, encode_prompt: Callable[[str, list[tuple[int, int]]], tuple[list[int], list[int]]]):
-        self.data = data
-        self.encode_prompt = encode_prompt
+    ``tokenizers`` are the base model's (two for SDXL) and ``processor`` the image encoder's, so prompts
+    and subject crops are prepared exactly as at inference (mmdiff.prompting).
+    """
+
+    def __init__(self, data: DataSection, tokenizers: list[Any], processor: Any):
+        self.data, self.tokenizers, self.processor = data, list(tokenizers), processor
 
     def example(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
         d = self.data
@@ -115,32 +94,41 @@ class BatchBuilder:
         entities = sample.entities[: d.max_subjects]
         caption = "" if drop_text else sample.caption
         spans = [] if drop_text else [(e.start, e.end) for e in entities]
-        input_ids, token_index = self.encode_prompt(caption, spans)
+        try:
+            encoded = [tokenize_with_subjects(tokenizer, caption, spans) for tokenizer in self.tokenizers]
+        except ValueError as exc:
+            raise ValueError(f"sample {sample.key}: {exc}") from None
+        token_index = encoded[0][1]
         s = d.max_subjects
         index = torch.full((s,), -1, dtype=torch.long)
-        index[: len(token_index)] = torch.tensor(token_index, dtype=torch.long)
+        index[: len(token_index)] = token_index
         valid = (index >= 0) & (not drop_subjects)
         index[~valid] = -1
-        image = _center_square(sample.image, d.resolution, Image.BICUBIC)
+        image, crop_top_left = _center_square(sample.image, d.resolution, Image.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1) / 127.5 - 1.0
         masks = torch.zeros((s, d.resolution, d.resolution))
-        crops = torch.zeros((s, 3, d.subject_size, d.subject_size))
-        mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
         for i in range(len(entities)):
             mask = Image.fromarray(sample.masks[i].astype(np.uint8) * 255)
-            masks[i] = torch.from_numpy(np.asarray(_center_square(mask, d.resolution, Image.NEAREST)) > 127)
-            crop = Image.fromarray(sample.crops[i]).resize((d.subject_size, d.subject_size), Image.BICUBIC)
-            crops[i] = (torch.from_numpy(np.asarray(crop, np.float32)).permute(2, 0, 1) / 255.0 - mean) / std
+            masks[i] = torch.from_numpy(np.asarray(_center_square(mask, d.resolution, Image.NEAREST)[0]) > 127)
+        crops = subject_pixel_values(self.processor, list(sample.crops[: len(entities)])) if entities else None
+        size = self.processor.crop_size["height"], self.processor.crop_size["width"]
+        subject_pixels = torch.zeros((s, 3, *size))
+        if crops is not None:
+            subject_pixels[: len(crops)] = crops
         out = {
             "pixel_values": pixels,
-            "input_ids": torch.tensor(input_ids, dtype=torch.long),
-            "subject_pixel_values": crops,
+            "input_ids": encoded[0][0],
+            "subject_pixel_values": subject_pixels,
             "subject_token_index": index,
             "subject_valid": valid,
             "subject_masks": masks,
             "caption": caption,
             "key": sample.key,
         }
+        if len(encoded) == 2:  # SDXL: second text encoder and the size conditioning
+            out["input_ids_2"] = encoded[1][0]
+            out["original_size"] = torch.tensor([sample.image.height, sample.image.width])
+            out["crop_top_left"] = torch.tensor(crop_top_left)
         if sample.faces is not None:
             faces = torch.zeros((s, sample.faces.shape[1]))
             rows = torch.from_numpy(np.nan_to_num(sample.faces[: len(entities)], nan=0.0))
@@ -218,14 +206,14 @@ class ShardStream(IterableDataset):
             for consumed, raw in enumerate(self.raw_epoch(epoch, slot, slots, rejected), start=1):
                 if consumed <= offset:
                     continue  # replayed to rebuild the shuffle state; decoded by the run that saved it
+                example_rng = random.Random(f"{self.seed}/{epoch}/{slot}/{consumed}")
                 try:
-                    sample = Sample.from_wds(raw)
+                    example = self.builder.example(Sample.from_wds(raw), example_rng)
                 except ValueError as exc:
                     rejected.append(Rejected(str(raw.get("__url__", "?")), str(raw.get("__key__", "?")), str(exc)))
                     continue
-                example_rng = random.Random(f"{self.seed}/{epoch}/{slot}/{consumed}")
                 decoded += 1
-                examples.append(self.builder.example(sample, example_rng))
+                examples.append(example)
                 if len(examples) == self.data.micro_batch_size:
                     batch = BatchBuilder.collate(examples)
                     batch["reader"] = {"worker": logical, "epoch": epoch, "offset": consumed}

@@ -106,7 +106,7 @@ class Trainer:
     """Runs the loop on one rank. ``tracker`` is rank 0's MLflow run (None elsewhere)."""
 
     def __init__(self, config: TrainConfig, engine: Any, state: TrainerState, tracker: Any = None,
-                 on_checkpoint: Callable[[int], None] | None = None, on_sample: Callable[[int, dict], None] | None = None):
+                 on_checkpoint: Callable[[int], None] | None = None, on_sample: Callable[[int, dict, torch.Tensor | None], None] | None = None):
         self.config, self.engine, self.state, self.tracker = config, engine, state, tracker
         self.on_checkpoint, self.on_sample = on_checkpoint, on_sample
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -114,17 +114,16 @@ class Trainer:
         self.history_path = Path(config.output_dir) / "losses.jsonl"
         self._window: list[dict[str, float]] = []
         self.boundary = False
+        self.last_attention_maps: torch.Tensor | None = None
 
     # -- one micro-batch -----------------------------------------------------------------------
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         dtype = next(p.dtype for p in self.engine.module.parameters() if p.is_floating_point())
         out = {}
         for name, value in batch.items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor):  # captions, keys and reader bookkeeping stay here
                 value = value.to(self.engine.device)
-                if value.is_floating_point():
-                    value = value.to(dtype)
-            out[name] = value
+                out[name] = value.to(dtype) if value.is_floating_point() else value
         return out
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
@@ -150,6 +149,7 @@ class Trainer:
                     f"(schedule.max_nonfinite_in_row={self.config.schedule.max_nonfinite_in_row})")
             return None
         self.state.nonfinite_in_row = 0
+        self.last_attention_maps = losses.get("attention_maps")
         self.engine.backward(losses["loss"])
         self.boundary = self.engine.is_gradient_accumulation_boundary()  # asked before step() advances it
         self.engine.step()
@@ -178,8 +178,8 @@ class Trainer:
             step = self.state.step
             self._record(step, started)
             started = time.perf_counter()
-            if schedule.sample_every and step % schedule.sample_every == 0 and self.on_sample:
-                self.on_sample(step, batch)
+            if self.on_sample and (step == schedule.max_steps or (schedule.sample_every and step % schedule.sample_every == 0)):
+                self.on_sample(step, batch, self.last_attention_maps)
             if step == schedule.max_steps or (schedule.checkpoint_every and step % schedule.checkpoint_every == 0):
                 self.save_checkpoint()
         return self.state

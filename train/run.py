@@ -1,0 +1,99 @@
+"""One training run on one rank: model, DeepSpeed engine, data stream, MLflow, checkpoints, export."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mmdiff.configuration import load_config
+from train.config import TrainConfig
+from train.data import BatchBuilder, ShardStream, make_loader, manifest_hash
+from train.engine import Trainer, TrainerState, TrainingObjective, deepspeed_config
+from train.export import register_model, save_adapter
+from train.samples import attention_overlay
+
+__all__ = ["build_model", "generate_sample", "train"]
+
+log = logging.getLogger("train")
+
+
+def build_model(config: TrainConfig):
+    from mmdiff import MMDiffConfig, MMDiffModel
+
+    torch.manual_seed(config.seed)  # identical trainable initialisation on every rank
+    return MMDiffModel.from_specs(config.model.base, config.model.image_encoder,
+                                  load_config(config.model.mmdiff, MMDiffConfig))
+
+
+def generate_sample(config: TrainConfig, adapter_dir: Path):
+    """An image from the exported adapter, loaded the way users load it (MMDiffPipeline.from_pretrained)."""
+    from mmdiff import MMDiffPipeline
+    from train.generate import load_subject
+
+    pipe = MMDiffPipeline.from_pretrained(config.model.base, adapter_dir)
+    subjects = [load_subject(ref) for ref in config.mlflow.sample_subjects]
+    return pipe(config.mlflow.sample_prompt, subjects, num_inference_steps=config.mlflow.sample_steps,
+                height=config.data.resolution, width=config.data.resolution, seed=config.seed).images[0]
+
+
+def train(config: TrainConfig) -> TrainerState:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    accelerator = get_accelerator()
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+
+    model = build_model(config)
+    optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=config.optim.lr,
+                                  betas=config.optim.betas, weight_decay=config.optim.weight_decay)
+    engine, *_ = deepspeed.initialize(model=TrainingObjective(model), optimizer=optimizer,
+                                      config=deepspeed_config(config, accelerator.device_name()))
+    data_hash = manifest_hash(config.data.shards)
+    tracker = None
+    if rank == 0:
+        from train.tracking import RunTracker
+
+        tracker = RunTracker(config, data_hash, {"world_size": str(world), "zero_stage": str(config.deepspeed.zero_stage)})
+
+    def on_checkpoint(step: int) -> None:
+        adapter = save_adapter(engine, Path(config.output_dir) / "adapters" / f"step-{step}")
+        if tracker is not None:
+            tracker.directory(adapter, f"checkpoints/step-{step}")
+
+    def on_sample(step: int, batch: dict, attention_maps: torch.Tensor | None) -> None:
+        if tracker is not None and attention_maps is not None:
+            tracker.image(attention_overlay(batch, attention_maps), f"samples/attention-step-{step:06d}.png")
+
+    trainer = Trainer(config, engine, TrainerState(), tracker, on_checkpoint, on_sample)
+    if trainer.load_checkpoint():
+        log.info("rank %d: resumed at step %d", rank, trainer.state.step)
+    workers = config.data.num_workers
+    stream = ShardStream(config.data.shards, config.data, BatchBuilder(config.data, model.tokenizers, model.image_processor),
+                         config.seed, rank, world, trainer.state.positions,
+                         first_worker=trainer.state.micro_batches % max(1, workers))
+    try:
+        trainer.run(iter(make_loader(stream, workers)))
+        adapter = save_adapter(engine, Path(config.output_dir) / "adapter")
+        if tracker is not None:
+            tracker.directory(adapter, "adapter")
+            if config.mlflow.sample_prompt:
+                tracker.image(generate_sample(config, adapter), f"samples/generated-step-{trainer.state.step:06d}.png")
+            if config.mlflow.registered_model:
+                version = register_model(config, adapter, tracker.run_id, data_hash)
+                log.info("registered %s version %s", version.name, version.version)
+            tracker.finish()
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return trainer.state
