@@ -1,0 +1,135 @@
+"""The model-backed preprocess operators on real photos (skimage), with the tiny twins from configs/models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from mmdiff.configuration import ConfigError, load_config
+from preprocess.caption import CaptionConfig, Captioner
+from preprocess.detect import DetectConfig, Detector, build_prompt
+from preprocess.faces import FaceConfig, FaceEmbedder
+from preprocess.segment import SegmentConfig, Segmenter
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+# The tiny detector's scores are random: accept every query so the selection logic has work to do.
+OPEN_THRESHOLDS = {"box_threshold": 0.0, "text_threshold": 0.0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, and two OpenMP threads on a shared, busy 2-core
+    machine run them tens of times slower; restore the setting for the rest of the suite."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    return [Image.fromarray(data.astronaut()), Image.fromarray(data.chelsea())]
+
+
+@pytest.mark.parametrize("name, schema", [
+    ("blip2_tiny", CaptionConfig), ("blip2_opt_2.7b", CaptionConfig),
+    ("grounding_dino_tiny", DetectConfig), ("grounding_dino_official_tiny", DetectConfig),
+    ("grounding_dino_swint", DetectConfig), ("grounding_dino_official_swint", DetectConfig),
+    ("sam_tiny", SegmentConfig), ("sam_official_tiny", SegmentConfig), ("sam_vit_base", SegmentConfig),
+    ("sam_official_vit_h", SegmentConfig), ("insightface_tiny", FaceConfig), ("insightface_buffalo_l", FaceConfig),
+])
+def test_model_configs_load(name, schema):
+    config = load_config(CONFIGS / f"{name}.yaml", schema)
+    assert config.model.family in name
+
+
+def test_detect_config_defaults_follow_the_method_and_typos_fail():
+    config = load_config(CONFIGS / "grounding_dino_tiny.yaml", DetectConfig)
+    assert (config.box_threshold, config.text_threshold, config.nms_iou) == (0.3, 0.25, 0.5)
+    with pytest.raises(ConfigError, match="box_treshold"):
+        load_config(CONFIGS / "grounding_dino_tiny.yaml", DetectConfig, {"box_treshold": 0.5})
+
+
+def test_captioner_is_deterministic_and_batch_independent(photos):
+    captioner = Captioner(load_config(CONFIGS / "blip2_tiny.yaml", CaptionConfig))
+    captions = captioner(photos)
+    assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions)
+    assert captioner(photos) == captions
+    assert captioner(photos[1:]) == captions[1:]
+    assert captioner([]) == []
+
+
+def test_build_prompt_spans_locate_each_phrase():
+    prompt, spans = build_prompt(["A man", "a flag "])
+    assert prompt == "a man . a flag ."
+    assert [prompt[a:b] for a, b in spans] == ["a man", "a flag"]
+
+
+@pytest.mark.parametrize("name", ["grounding_dino_tiny", "grounding_dino_official_tiny"])
+def test_detector_returns_well_formed_detections(name, photos):
+    detector = Detector(load_config(CONFIGS / f"{name}.yaml", DetectConfig, OPEN_THRESHOLDS))
+    phrases = [["a man", "a flag"], ["a cat"]]
+    results = detector(photos, phrases)
+    assert len(results) == 2
+    for image, image_phrases, detections in zip(photos, phrases, results):
+        assert detections, "with open thresholds every image gets detections"
+        scores = [d.score for d in detections]
+        assert scores == sorted(scores, reverse=True)
+        for d in detections:
+            x0, y0, x1, y1 = d.box
+            assert 0 <= x0 <= x1 <= image.width and 0 <= y0 <= y1 <= image.height
+            assert 0 <= d.phrase_index < len(image_phrases) and d.label == image_phrases[d.phrase_index]
+    # batching does not change an image's result
+    alone = detector(photos[1:], phrases[1:])[0]
+    assert [d.phrase_index for d in alone] == [d.phrase_index for d in results[1]]
+    np.testing.assert_allclose([d.box for d in alone], [d.box for d in results[1]], atol=0.5)
+    # no phrases: nothing to look for; impossible thresholds: nothing found
+    assert detector(photos, [[], ["a cat"]])[0] == []
+
+
+def test_detector_thresholds_filter(photos):
+    phrases = [["a man", "a flag"], ["a cat"]]
+    config = load_config(CONFIGS / "grounding_dino_tiny.yaml", DetectConfig, OPEN_THRESHOLDS)
+    everything = Detector(config)(photos, phrases)
+    confident = Detector(config.model_copy(update={"box_threshold": 0.6}))(photos, phrases)
+    for loose, strict in zip(everything, confident):
+        assert all(d.score > 0.6 for d in strict) and len(strict) <= len(loose)
+    assert Detector(config.model_copy(update={"box_threshold": 1.0}))(photos, phrases) == [[], []]
+
+
+def test_detector_rejects_mismatched_inputs(photos):
+    detector = Detector(load_config(CONFIGS / "grounding_dino_tiny.yaml", DetectConfig))
+    with pytest.raises(ValueError, match="2 images but 1 phrase lists"):
+        detector(photos, [["a cat"]])
+
+
+@pytest.mark.parametrize("name", ["sam_tiny", "sam_official_tiny"])
+def test_segmenter_returns_one_mask_per_box(name, photos):
+    segmenter = Segmenter(load_config(CONFIGS / f"{name}.yaml", SegmentConfig))
+    boxes = [np.array([[100, 20, 300, 250], [0, 0, 60, 80]], np.float32), np.array([[50, 50, 400, 300]], np.float32)]
+    masks = segmenter(photos, boxes)
+    assert [m.shape for m in masks] == [(2, 512, 512), (1, 300, 451)]
+    assert all(m.dtype == bool for m in masks)
+    # the same image and boxes alone give the same masks; an image without boxes gets none
+    np.testing.assert_array_equal(segmenter(photos[1:], boxes[1:])[0], masks[1])
+    assert segmenter(photos[:1], [np.zeros((0, 4))])[0].shape == (0, 512, 512)
+
+
+def test_segmenter_names_a_bad_box(photos):
+    segmenter = Segmenter(load_config(CONFIGS / "sam_tiny.yaml", SegmentConfig))
+    with pytest.raises(ValueError, match="image 1 has a box with x1 <= x0"):
+        segmenter(photos, [np.array([[0, 0, 10, 10]]), np.array([[30, 0, 10, 10]])])
+
+
+def test_face_embedder_fills_faces_inside_boxes_and_nan_elsewhere(photos):
+    embedder = FaceEmbedder(load_config(CONFIGS / "insightface_tiny.yaml", FaceConfig))
+    whole, corner = [0, 0, 512, 512], [0, 0, 40, 40]  # no face box fits in a 40 px corner
+    out = embedder(photos, [np.array([whole, corner], np.float32), np.zeros((0, 4), np.float32)])
+    assert [e.shape for e in out] == [(2, 512), (0, 512)] and out[0].dtype == np.float32
+    assert np.isfinite(out[0][0]).all() and np.isclose(np.linalg.norm(out[0][0]), 1.0, atol=1e-4)
+    assert np.isnan(out[0][1]).all()
