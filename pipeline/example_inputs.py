@@ -101,3 +101,24 @@ def write_caption_shard(path: str | Path, names: tuple[str, ...] = PHOTOS, size:
             writer.write({"__key__": f"{index:09d}", "jpg": buffer.getvalue(), "txt": CAPTIONS[name].encode(),
                           "json": json.dumps({"name": name}).encode()})
     return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="write scikit-image sample photos as demo inputs")
+    parser.add_argument("folder")
+    parser.add_argument("--kind", choices=["photos", "annotated", "shard"], default="photos")
+    args = parser.parse_args(argv)
+    if args.kind == "photos":
+        written = write_photos(args.folder)
+    elif args.kind == "annotated":
+        written = write_annotation_folder(args.folder)
+    else:
+        written = [write_caption_shard(Path(args.folder) / "shard-000000.tar")]
+    print(f"wrote {len(written)} file(s) under {args.folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -78,12 +79,13 @@ def _plan(config: PreprocessConfig, records: list[InputRecord], chash: str) -> d
 def _init_ray(config: PreprocessConfig) -> None:
     import ray
 
-    if not ray.is_initialized():
-        if config.ray.address:
-            ray.init(address=config.ray.address)
-        else:
-            # RAY_ADDRESS (set by `ray job submit`) wins; otherwise an embedded local Ray starts.
-            ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
+    if ray.is_initialized():
+        return
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")  # set for jobs by `ray job submit`
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
 
 
 def _dataset(config: PreprocessConfig, records: list[InputRecord], chash: str):
