@@ -77,9 +77,9 @@ def test_ray_job_submit_runs_the_job_on_the_cluster(local_cluster, tmp_path):
 
 def test_cluster_launcher_config_is_valid_for_ray_up():
     import yaml
-    from ray.autoscaler._private.util import validate_config
+    from ray.autoscaler._private.util import prepare_config, validate_config
 
     config = yaml.safe_load((ROOT / "infra/ray/cluster.yaml").read_text())
-    validate_config(config)  # Ray's own schema check, as `ray up` runs it
+    validate_config(prepare_config(config))  # Ray's own defaults + schema check, as `ray up` runs them
     assert "pipeline/preprocess.py" in (ROOT / "infra/ray/cluster.yaml").read_text()
     assert any("pip install" in c and "requirements.lock" in c for c in config["setup_commands"])
