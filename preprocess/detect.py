@@ -4,7 +4,8 @@ Each image gets its own phrases. They are joined into one prompt the way Groundi
 ("a man . a flag ."), so each phrase is a token span of that prompt. A query becomes a
 :class:`Detection` when its best token probability exceeds ``box_threshold`` and the phrase whose span
 holds the highest token probability exceeds ``text_threshold`` (official defaults 0.3 / 0.25); boxes
-then go through class-agnostic NMS at ``nms_iou`` (0.5 in the official annotation).
+then go through class-agnostic NMS at ``nms_iou`` (0.5 in the official annotation). Phrases whose tokens
+fall beyond the model's text length (256 tokens) cannot be matched.
 """
 
 from __future__ import annotations
@@ -100,7 +101,9 @@ class Detector:
 
     def _forward_transformers(self, images, prompts):
         processor = self.model.processor
-        inputs = processor(images=images, text=prompts, padding="longest", return_tensors="pt").to(self.device)
+        # prompts longer than the model's text length are cut, as the official code does
+        inputs = processor(images=images, text=prompts, padding="longest", truncation=True,
+                           max_length=self.model.model.config.max_text_len, return_tensors="pt").to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         outputs = self.model.model(**inputs)
         return outputs.logits, outputs.pred_boxes

@@ -22,7 +22,7 @@ class SegmentConfig(ConfigModel):
     model: ModelSpec
 
 
-def _check_boxes(boxes: np.ndarray, size: tuple[int, int], index: int) -> np.ndarray:
+def _check_boxes(boxes: np.ndarray, index: int) -> np.ndarray:
     boxes = np.asarray(boxes, dtype=np.float32)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"Segmenter: boxes of image {index} must have shape [k, 4], got {boxes.shape}")
@@ -48,7 +48,7 @@ class Segmenter:
         if len(images) != len(boxes):
             raise ValueError(f"Segmenter: {len(images)} images but {len(boxes)} box arrays")
         images = [image.convert("RGB") for image in images]
-        boxes = [_check_boxes(b, image.size, i) for i, (image, b) in enumerate(zip(images, boxes))]
+        boxes = [_check_boxes(b, i) for i, b in enumerate(boxes)]
         results = [np.zeros((0, image.height, image.width), bool) for image in images]
         todo = [i for i, b in enumerate(boxes) if len(b)]
         if todo:

@@ -23,7 +23,7 @@ real format: an HF folder, or ``groundingdino.pth`` (``{"model": state_dict}``) 
 
 from __future__ import annotations
 
-import copy
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -83,21 +83,22 @@ def _tiny_transformers(seed: int) -> GroundingDinoBundle:
     return GroundingDinoBundle(model, GroundingDinoProcessor(image_processor, tokenizer))
 
 
-def _official_args(config_file: str | Path | None, text_encoder: str | Path, overrides: dict | None = None):
+def _package_config() -> Path:
+    import groundingdino.config
+
+    return Path(groundingdino.config.__file__).parent / "GroundingDINO_SwinT_OGC.py"
+
+
+def _official_args(config_file: str | Path | None, text_encoder: str | Path):
     from groundingdino.util.slconfig import SLConfig
 
-    if config_file is None:
-        import groundingdino.config
-
-        config_file = Path(groundingdino.config.__file__).parent / "GroundingDINO_SwinT_OGC.py"
-    if not Path(config_file).is_file():
+    config_file = _package_config() if config_file is None else Path(config_file)
+    if not config_file.is_file():
         raise FileNotFoundError(f"grounding_dino: official config file {config_file} not found")
     if not Path(text_encoder).is_dir():
         raise FileNotFoundError(f"grounding_dino: text_encoder {text_encoder} is not a local BERT folder "
                                 "(the official backend never fetches bert-base-uncased from the hub)")
     args = SLConfig.fromfile(str(config_file))
-    for key, value in (overrides or {}).items():
-        setattr(args, key, value)
     args.text_encoder_type = str(text_encoder)
     args.device = "cpu"
     return args
@@ -112,15 +113,17 @@ def _build_official(args) -> torch.nn.Module:
     return build_model(args)
 
 
-def _tiny_official(seed: int, bert_folder: Path) -> tuple[torch.nn.Module, object]:
-    """The tiny official model plus its args; the tiny BERT is first written to ``bert_folder``."""
+def _tiny_official(seed: int, folder: Path) -> torch.nn.Module:
+    """Write the tiny BERT and config into ``folder`` (the official layout), then build the model from them."""
     tokenizer = BertTokenizer.from_pretrained(BERT_ASSETS)
     torch.manual_seed(seed)
-    BertModel(_tiny_bert_config(len(tokenizer))).save_pretrained(bert_folder)
-    tokenizer.save_pretrained(bert_folder)
-    args = _official_args(None, bert_folder, _TINY_OFFICIAL)
+    BertModel(_tiny_bert_config(len(tokenizer))).save_pretrained(folder / OFFICIAL_BERT)
+    tokenizer.save_pretrained(folder / OFFICIAL_BERT)
+    # the package's SwinT_OGC config with the tiny settings assigned after it
+    overrides = "".join(f"{key} = {value!r}\n" for key, value in _TINY_OFFICIAL.items())
+    (folder / OFFICIAL_CONFIG).write_text(_package_config().read_text() + "\n" + overrides)
     torch.manual_seed(seed)
-    return _build_official(args).eval(), args
+    return _build_official(_official_args(folder / OFFICIAL_CONFIG, folder / OFFICIAL_BERT)).eval()
 
 
 def _load_official(spec: ModelSpec) -> torch.nn.Module:
@@ -146,10 +149,8 @@ def _load_official(spec: ModelSpec) -> torch.nn.Module:
 def build(spec: ModelSpec):
     if spec.backend == "official":
         if spec.is_tiny:
-            import tempfile
-
             with tempfile.TemporaryDirectory() as folder:
-                model, _ = _tiny_official(spec.seed, Path(folder))
+                model = _tiny_official(spec.seed, Path(folder))
         else:
             model = _load_official(spec)
         return model.to(device=spec.device, dtype=getattr(torch, spec.dtype))
@@ -171,12 +172,8 @@ def save_tiny(path: Path, seed: int = 0, backend: str = "transformers") -> Path:
     path = Path(path)
     if backend == "official":
         path.mkdir(parents=True, exist_ok=True)
-        model, args = _tiny_official(seed, path / OFFICIAL_BERT)
+        model = _tiny_official(seed, path)
         torch.save({"model": model.state_dict()}, path / OFFICIAL_CHECKPOINT)
-        config = copy.deepcopy(args._cfg_dict.to_dict())
-        config.pop("text_encoder_type")
-        config.pop("device")
-        (path / OFFICIAL_CONFIG).write_text("".join(f"{k} = {v!r}\n" for k, v in config.items()))
         return path
     bundle = _tiny_transformers(seed)
     bundle.model.save_pretrained(path)
