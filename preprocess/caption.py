@@ -7,6 +7,8 @@ returned caption.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from PIL import Image
 
@@ -36,6 +38,13 @@ class Captioner:
         self.model, self.processor = zoo.build(config.model)
         self.device = torch.device(config.model.device)
         self.dtype = getattr(torch, config.model.dtype)
+        # the checkpoint's generation config (BLIP-2's generate would drop it when handing over to its
+        # language model) with this operator's deterministic decoding settings on top
+        self.generation_config = copy.deepcopy(self.model.generation_config)
+        self.generation_config.update(
+            do_sample=False, num_beams=config.num_beams, max_new_tokens=config.max_new_tokens,
+            min_new_tokens=config.min_new_tokens, repetition_penalty=config.repetition_penalty,
+        )
 
     @torch.inference_mode()
     def __call__(self, images: list[Image.Image]) -> list[str]:
@@ -45,10 +54,7 @@ class Captioner:
                                 text=[self.config.prompt] * len(images), padding="longest", return_tensors="pt")
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        generated = self.model.generate(
-            **inputs, do_sample=False, num_beams=self.config.num_beams, max_new_tokens=self.config.max_new_tokens,
-            min_new_tokens=self.config.min_new_tokens, repetition_penalty=self.config.repetition_penalty,
-        )
+        generated = self.model.generate(**inputs, generation_config=self.generation_config)
         # generate returns the prompt (image tokens + text prefix) followed by the new tokens
         new_tokens = generated[:, inputs["input_ids"].shape[1]:]
         return [text.strip() for text in self.processor.batch_decode(new_tokens, skip_special_tokens=True)]

@@ -7,9 +7,11 @@
 
 Sources: a local folder or hub id holding a ``save_pretrained`` checkpoint of both (e.g.
 ``Salesforce/blip2-opt-2.7b``), or ``tiny``: the same classes with a two-layer vision tower, Q-Former
-and OPT language model (hidden sizes 32) and a byte-level BPE tokenizer built from ``assets/blip2_tiny``;
-weights are deterministic from ``spec.seed``. ``save_tiny`` writes that twin with ``save_pretrained``.
-No options.
+and OPT language model (hidden sizes 32) and a byte-level BPE tokenizer built from ``assets/blip2_tiny``,
+whose merges make the ~50 words of ``caption_words.txt`` single tokens; weights are deterministic from
+``spec.seed``. Its generation config suppresses every other token and repeats, so the random twin writes random
+but real words ("a cat sitting on ...") that downstream phrase extraction can work with.
+``save_tiny`` writes that twin (generation config included) with ``save_pretrained``. No options.
 """
 
 from __future__ import annotations
@@ -65,7 +67,12 @@ def _tiny(seed: int) -> Blip2Bundle:
         image_token_index=tokenizer.convert_tokens_to_ids(processor.image_token.content),
     )
     torch.manual_seed(seed)
-    return Blip2Bundle(Blip2ForConditionalGeneration(config).eval(), processor)
+    model = Blip2ForConditionalGeneration(config).eval()
+    vocab = tokenizer.get_vocab()
+    words = {vocab["Ġ" + word] for word in (ASSETS / "caption_words.txt").read_text().split()}
+    model.generation_config.suppress_tokens = sorted(set(range(len(tokenizer))) - words - {tokenizer.eos_token_id})
+    model.generation_config.no_repeat_ngram_size = 1
+    return Blip2Bundle(model, processor)
 
 
 def build(spec: ModelSpec) -> Blip2Bundle:
