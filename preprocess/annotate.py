@@ -121,6 +121,8 @@ class Annotator:
             if not any(p.is_single_entity for p in phrases_of[i]):
                 results[i] = Rejection("no_phrases", f"no single-entity noun phrase in {captions[i]!r}")
         todo = [i for i in todo if results[i] is None]
+        if not todo:
+            return results  # type: ignore[return-value]
         detections = self.detector([images[i] for i in todo], [[p.text for p in phrases_of[i]] for i in todo])
         kept_of = {}
         for i, found in zip(todo, detections):
@@ -130,6 +132,8 @@ class Annotator:
             else:
                 results[i] = Rejection(result.reason, result.detail)
         todo = [i for i in todo if results[i] is None]
+        if not todo:
+            return results  # type: ignore[return-value]
         boxes_of = {i: np.array([round_box(k.box) for k in kept_of[i]], np.float32) for i in todo}
         masks = self.segmenter([images[i] for i in todo], [boxes_of[i] for i in todo])
         masks_of = {}
