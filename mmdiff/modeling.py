@@ -155,19 +155,21 @@ class MMDiffModel(nn.Module):
         b, s = subject_valid.shape
         if s > self.config.max_subjects:
             raise ValueError(f"{s} subject slots, more than max_subjects={self.config.max_subjects}")
-        rows = subject_valid.flatten().nonzero(as_tuple=True)[0]
-        pixels = subject_pixel_values.flatten(0, 1)[rows].to(self.device, self.image_encoder.vision_model.dtype)
+        # every slot is encoded, padded ones zeroed after: a batch may have no valid subject (subject dropout),
+        # and data-parallel ranks must all use every trainable parameter for the gradient reduction
+        pixels = subject_pixel_values.flatten(0, 1).to(self.device, self.image_encoder.vision_model.dtype)
         cls_embeds, patches = self.image_encoder(pixels)
         if self.config.portrait:
             if face_embeds is None:
                 raise ValueError("portrait model: batch needs face_embeds [B, S, 512]")
-            query_source = face_embeds.flatten(0, 1)[rows].to(self.device, self.query_mlp.norm.weight.dtype)
+            query_source = face_embeds.flatten(0, 1).to(self.device, self.query_mlp.norm.weight.dtype)
         else:
             query_source = cls_embeds.to(self.query_mlp.norm.weight.dtype)
         tokens = self.refiner(self.query_mlp(query_source), patches)
         k, d = self.config.num_tokens, tokens.shape[-1]
-        all_cls = cls_embeds.new_zeros(b * s, cls_embeds.shape[-1]).index_copy(0, rows, cls_embeds)
-        all_tokens = tokens.new_zeros(b * s, k, d).index_copy(0, rows, tokens)
+        keep = subject_valid.flatten().to(self.device)[:, None]
+        all_cls = cls_embeds * keep.to(cls_embeds.dtype)
+        all_tokens = tokens * keep[:, :, None].to(tokens.dtype)
         return all_cls.view(b, s, -1), all_tokens.view(b, s * k, d)
 
     def encode_text(self, input_ids: list[torch.Tensor], subject_token_index: torch.Tensor | None = None,

@@ -49,8 +49,7 @@ def fused_word_embeddings(
     tokens = token_index[rows, slots]
 
     def replace(_module, _inputs, embeds: torch.Tensor) -> torch.Tensor:
-        if rows.numel() == 0:
-            return embeds
+        # runs even with no valid slot (empty rows): data-parallel ranks must all use the fusion weights
         embeds = embeds.clone()
         embeds[rows, tokens] = fusion(embeds[rows, tokens], image_embeds[rows, slots])
         return embeds

@@ -185,14 +185,18 @@ class Trainer:
         return self.state
 
     def _record(self, step: int, started: float) -> None:
-        mean = {k: sum(m[k] for m in self._window) / len(self._window) for k in self._window[0]}
+        names = sorted(self._window[0])
+        # per-rank means over the step's micro-batches, then averaged over ranks; counters summed
+        values = torch.tensor([sum(m[k] for m in self._window) / len(self._window) for k in names]
+                              + [float(self.state.rejected_total), float(self.state.nonfinite_total)], dtype=torch.float64)
         self._window = []
-        counters = torch.tensor([float(self.state.rejected_total), float(self.state.nonfinite_total)])
         if dist.is_initialized():
-            dist.all_reduce(counters)
+            dist.all_reduce(values)
+            values[: len(names)] /= dist.get_world_size()
         if self.rank != 0:
             return
-        row = {"step": step, **mean, "rejected_samples": counters[0].item(), "nonfinite_steps": counters[1].item(),
+        mean = dict(zip(names, values[: len(names)].tolist()))
+        row = {"step": step, **mean, "rejected_samples": values[-2].item(), "nonfinite_steps": values[-1].item(),
                "lr": self.engine.get_lr()[0], "step_time_s": time.perf_counter() - started}
         with self.history_path.open("a") as history:
             history.write(json.dumps(row) + "\n")
@@ -204,7 +208,8 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         tag = f"step-{self.state.step}"
-        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag)
+        # the frozen base (UNet, VAE, text encoders) is rebuilt from its spec, not stored per checkpoint
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, exclude_frozen_parameters=True)
         (self.checkpoint_dir / tag / f"trainer_state_rank{self.rank}.json").write_text(self.state.to_json())
         if dist.is_initialized():
             dist.barrier()
@@ -219,7 +224,7 @@ class Trainer:
         state_file = self.checkpoint_dir / tag / f"trainer_state_rank{self.rank}.json"
         if not state_file.is_file():
             raise FileNotFoundError(f"{state_file}: missing; was the checkpoint written with another number of ranks?")
-        path, _ = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+        path, _ = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag, load_module_strict=False)
         if path is None:
             raise RuntimeError(f"{self.checkpoint_dir / tag}: DeepSpeed could not load the checkpoint")
         self.state = TrainerState.from_json(state_file.read_text())
