@@ -54,7 +54,7 @@ def local_cluster():
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # our head and everything it started, nothing else
         try:
-            head.wait(timeout=30)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()

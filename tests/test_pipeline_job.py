@@ -20,6 +20,7 @@ from PIL import Image
 from mmdiff.configuration import load_config
 from pipeline.config import PreprocessConfig
 from pipeline.example_inputs import photo, write_annotation_folder, write_caption_shard
+from pipeline.inputs import assign_partitions, list_inputs
 from pipeline.preprocess import content_hash, run_job
 from pipeline.shards import ShardLayout, read_samples
 from preprocess.sample import Sample
@@ -99,80 +100,89 @@ def annotate(path: Path, size: tuple[int, int], word: str = "cat") -> None:
     ]}))
 
 
-def test_bad_inputs_are_each_written_or_rejected_once(ray_session, tmp_path):
-    folder = tmp_path / "in"
-    folder.mkdir()
+GOOD_ODD = ("cmyk.jpg", "sixteen.png", "rgba.png", "grey.jpg", "rotated.jpg", "chat noir été 猫.jpg")
+BAD = {"empty.jpg": "empty_file", "truncated.jpg": "truncated", "cut_header.jpg": "truncated",
+       "text.jpg": "not_an_image", "bomb.png": "too_many_pixels", "tiny.png": "too_small",
+       "strip.png": "bad_aspect_ratio"}
+
+
+def write_odd_inputs(folder: Path) -> list[str]:
+    """Every kind of awkward input, annotated where it is a usable image; returns the listing order."""
+    from tests.test_image_io import png_header_only
+
     base = photo("chelsea").resize((120, 80))
     exif = Image.Exif()
-    exif[0x0112] = 6
-    good = {  # name -> (bytes, size after EXIF rotation)
+    exif[0x0112] = 6  # EXIF: rotate 90 degrees to display
+    good = {
         "cmyk.jpg": (encode(base.convert("CMYK"), "JPEG"), (120, 80)),
-        "sixteen.png": (encode(Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257)), "PNG"), (120, 80)),
+        "sixteen.png": (encode(Image.fromarray(np.asarray(base.convert("L"), np.uint16) * 257), "PNG"), (120, 80)),
         "rgba.png": (encode(base.convert("RGBA"), "PNG"), (120, 80)),
         "grey.jpg": (encode(base.convert("L"), "JPEG"), (120, 80)),
         "rotated.jpg": (encode(base, "JPEG", exif=exif.tobytes()), (80, 120)),
         "chat noir été 猫.jpg": (encode(base, "JPEG"), (120, 80)),
     }
     bad = {
-        "empty.jpg": (b"", "empty_file"),
-        "truncated.jpg": (encode(base, "JPEG")[:1200], "truncated"),
-        "cut_header.jpg": (encode(base, "JPEG")[:300], "truncated"),
-        "text.jpg": (b"not an image\n" * 20, "not_an_image"),
-        "bomb.png": (None, "too_many_pixels"),
-        "tiny.png": (encode(Image.new("RGB", (1, 1)), "PNG"), "too_small"),
-        "strip.png": (encode(Image.new("RGB", (400, 40)), "PNG"), "bad_aspect_ratio"),
+        "empty.jpg": b"", "truncated.jpg": encode(base, "JPEG")[:1200], "cut_header.jpg": encode(base, "JPEG")[:300],
+        "text.jpg": b"not an image\n" * 20, "bomb.png": png_header_only(20000, 20000),
+        "tiny.png": encode(Image.new("RGB", (1, 1)), "PNG"), "strip.png": encode(Image.new("RGB", (400, 40)), "PNG"),
     }
-    from tests.test_image_io import png_header_only
-
     for name, (data, size) in good.items():
         (folder / name).write_bytes(data)
         annotate(folder / name, size)
-    for name, (data, _) in bad.items():
-        (folder / name).write_bytes(png_header_only(20000, 20000) if data is None else data)
-    listing = [*good, *bad, "cmyk.jpg"]  # cmyk listed twice: a duplicate key
-    (folder / "inputs.txt").write_text("\n".join(listing), encoding="utf-8")
-    cfg = config("import_fastcomposer", **{"input.kind": "list", "input.path": str(folder / "inputs.txt"),
-                                           "output.path": str(tmp_path / "out"), "output.shard_size": 4})
-    summary = run_job(cfg)
-    assert summary.inputs == len(listing) == summary.written + sum(summary.rejected.values())
-    layout = ShardLayout(tmp_path / "out")
+    for name, data in bad.items():
+        (folder / name).write_bytes(data)
+    return [*good, *bad, "cmyk.jpg"]  # cmyk listed twice: a duplicate key
+
+
+def test_bad_inputs_are_each_written_or_rejected_once(uninterrupted):
+    summary = json.loads((uninterrupted / "manifest.json").read_text())
+    assert summary["inputs"] == INPUTS == summary["written"] + sum(summary["rejected"].values())
+    layout = ShardLayout(uninterrupted)
     reasons = {r["source"]: r["reason"] for r in layout.all_rejects() if r["reason"] != "duplicate_key"}
-    assert reasons == {name: reason for name, (_, reason) in bad.items()}
-    duplicates = [r for r in layout.all_rejects() if r["reason"] == "duplicate_key"]
-    assert [d["source"] for d in duplicates] == ["cmyk.jpg"]
-    samples = {s.meta["source"]: s for s in read_samples(tmp_path / "out")}
-    assert set(samples) == set(good)
+    assert reasons == BAD
+    assert [d["source"] for d in layout.all_rejects() if d["reason"] == "duplicate_key"] == ["cmyk.jpg"]
+    samples = {s.meta["source"]: s for s in read_samples(uninterrupted)}
+    assert set(GOOD_ODD) <= set(samples) and len(samples) == summary["written"] == 12 + len(GOOD_ODD)
     assert samples["rotated.jpg"].image.size == (80, 120)  # portrait after EXIF rotation
-    for sample in samples.values():
+    for name in GOOD_ODD:
+        sample = samples[name]
         assert sample.masks.shape[0] == 1 and sample.caption[sample.entities[0].start : sample.entities[0].end] == "cat"
         assert "." not in sample.key and sample.key.isascii()
 
 
 # -- resume, determinism, fault -------------------------------------------------------------------
+INPUTS = 12 + len(GOOD_ODD) + len(BAD) + 1
+
+
 @pytest.fixture(scope="module")
 def annotated_inputs(tmp_path_factory):
-    """12 annotated real photos (the 4 annotated photos under 3 names each)."""
+    """A file list: 12 annotated real photos (4 photos under 3 folders), odd and bad inputs, a duplicate."""
     folder = tmp_path_factory.mktemp("annotated")
+    listing = []
     for copy in range(3):
-        for path in write_annotation_folder(folder / f"set{copy}"):
-            assert path.is_file()
-    return folder
+        listing += [p.relative_to(folder).as_posix() for p in write_annotation_folder(folder / f"set{copy}")]
+    listing += write_odd_inputs(folder)
+    (folder / "inputs.txt").write_text("\n".join(listing), encoding="utf-8")
+    return folder / "inputs.txt"
+
+
+def import_config(inputs: Path, out: Path, **overrides) -> PreprocessConfig:
+    return config("import_fastcomposer", **{"input.kind": "list", "input.path": str(inputs), "output.path": str(out),
+                                            "output.shard_size": 4, "qa_samples": 0, **overrides})
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(ray_session, annotated_inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    summary = run_job(config("import_fastcomposer", **{"input.path": str(annotated_inputs), "output.path": str(out),
-                                                       "qa_samples": 0}))
-    assert summary.inputs == 12 and summary.written == 12 and summary.shards == 6
+    summary = run_job(import_config(annotated_inputs, out))
+    assert summary.inputs == INPUTS and summary.shards == 7
     return out
 
 
 def test_rerun_of_a_finished_job_is_a_no_op(ray_session, annotated_inputs, uninterrupted):
     before = output_files(uninterrupted)
-    again = run_job(config("import_fastcomposer", **{"input.path": str(annotated_inputs), "output.path": str(uninterrupted),
-                                                     "qa_samples": 0}))
-    assert again.processed_now == 0 and again.written == 12
+    again = run_job(import_config(annotated_inputs, uninterrupted))
+    assert again.processed_now == 0 and again.written == 12 + len(GOOD_ODD)
     assert output_files(uninterrupted) == before
 
 
@@ -189,26 +199,24 @@ def test_resume_after_interruption_matches_uninterrupted_run(ray_session, annota
     layout.shard(2).write_bytes(layout.shard(2).read_bytes()[:1000])
     for path in (layout.shard(5), layout.index(5), layout.rejects_file(5)):
         path.unlink()
-    summary = run_job(config("import_fastcomposer", **{"input.path": str(annotated_inputs), "output.path": str(out),
-                                                       "qa_samples": 0}))
-    assert summary.processed_now == 6 and summary.written == 12
+    cfg = import_config(annotated_inputs, out)
+    summary = run_job(cfg)
+    redo = [r for r in assign_partitions(list_inputs(cfg.input), 4) if r.partition in (1, 2, 5) and not r.duplicate]
+    assert summary.processed_now == len(redo) and summary.inputs == INPUTS
     assert output_files(out) == output_files(uninterrupted)
     assert not layout.staging.exists()
 
 
 def test_a_different_job_cannot_reuse_an_output_folder(ray_session, annotated_inputs, uninterrupted):
     with pytest.raises(RuntimeError, match="different job"):
-        run_job(config("import_fastcomposer", **{"input.path": str(annotated_inputs), "output.path": str(uninterrupted),
-                                                 "output.shard_size": 5}))
+        run_job(import_config(annotated_inputs, uninterrupted, **{"output.shard_size": 5}))
 
 
 def test_killed_model_actor_still_accounts_every_input_once(ray_session, annotated_inputs, uninterrupted, tmp_path):
     """Also checks determinism: other batch sizes than the uninterrupted run, same bytes."""
     import psutil
 
-    cfg = config("import_fastcomposer", **{"input.path": str(annotated_inputs), "output.path": str(tmp_path),
-                                           "qa_samples": 0, "stages.annotate.batch_size": 1,
-                                           "stages.load.batch_size": 1})
+    cfg = import_config(annotated_inputs, tmp_path, **{"stages.annotate.batch_size": 1, "stages.load.batch_size": 1})
     killed: list[int] = []
 
     def kill_once_work_has_started() -> None:
@@ -231,5 +239,5 @@ def test_killed_model_actor_still_accounts_every_input_once(ray_session, annotat
     summary = run_job(cfg)
     killer.join()
     assert killed, "the job finished before an actor could be killed"
-    assert summary.written == 12 and sum(summary.rejected.values()) == 0
+    assert summary.inputs == INPUTS and summary.written == 12 + len(GOOD_ODD)
     assert output_files(tmp_path) == output_files(uninterrupted)
