@@ -83,3 +83,10 @@ def test_cluster_launcher_config_is_valid_for_ray_up():
     validate_config(prepare_config(config))  # Ray's own defaults + schema check, as `ray up` runs them
     assert "pipeline/preprocess.py" in (ROOT / "infra/ray/cluster.yaml").read_text()
     assert any("pip install" in c and "requirements.lock" in c for c in config["setup_commands"])
+
+
+def test_entry_point_runs_as_a_file_for_ray_submit(tmp_path):
+    # `ray submit cluster.yaml pipeline/preprocess.py -- ...` runs the file, not the module.
+    result = subprocess.run([sys.executable, str(ROOT / "pipeline/preprocess.py"), "--config", str(tmp_path / "nope.yaml")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode != 0 and f"{tmp_path / 'nope.yaml'}: config file not found" in result.stderr
