@@ -36,6 +36,8 @@ def load_batch(batch: pd.DataFrame, image: ImageConfig) -> pd.DataFrame:
             loaded = load_image(read_bytes(record), record.source, image)
         except ImageRejected as rejected:
             result.update(status="rejected", reason=rejected.reason, detail=rejected.detail)
+        except FileNotFoundError as exc:
+            result.update(status="rejected", reason="missing_file", detail=str(exc))
         except OSError as exc:
             result.update(status="rejected", reason="unreadable", detail=f"{type(exc).__name__}: {exc}")
         else:

@@ -103,7 +103,7 @@ def annotate(path: Path, size: tuple[int, int], word: str = "cat") -> None:
 GOOD_ODD = ("cmyk.jpg", "sixteen.png", "rgba.png", "grey.jpg", "rotated.jpg", "chat noir été 猫.jpg")
 BAD = {"empty.jpg": "empty_file", "truncated.jpg": "truncated", "cut_header.jpg": "truncated",
        "text.jpg": "not_an_image", "bomb.png": "too_many_pixels", "tiny.png": "too_small",
-       "strip.png": "bad_aspect_ratio"}
+       "strip.png": "bad_aspect_ratio", "gone.jpg": "missing_file"}
 
 
 def write_odd_inputs(folder: Path) -> list[str]:
@@ -131,7 +131,7 @@ def write_odd_inputs(folder: Path) -> list[str]:
         annotate(folder / name, size)
     for name, data in bad.items():
         (folder / name).write_bytes(data)
-    return [*good, *bad, "cmyk.jpg"]  # cmyk listed twice: a duplicate key
+    return [*good, *bad, "cmyk.jpg", "gone.jpg"]  # cmyk listed twice: a duplicate key; gone.jpg never existed
 
 
 def test_bad_inputs_are_each_written_or_rejected_once(uninterrupted):
