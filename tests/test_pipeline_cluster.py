@@ -6,6 +6,7 @@ own temp dir and ports) and stops only that group at the end, never other Ray in
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -58,6 +59,7 @@ def local_cluster():
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_job_on_the_cluster(local_cluster, tmp_path):
