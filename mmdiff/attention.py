@@ -82,7 +82,10 @@ def column_probabilities(
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     picked_k = torch.gather(k, 2, columns[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))
     picked = torch.einsum("bhnd,bhcd->bhnc", q, picked_k) * scale
-    return torch.exp(picked - lse)
+    probs = torch.exp(picked - lse)
+    if key_mask is not None:
+        probs = probs * torch.gather(key_mask, 1, columns)[:, None, None, :].to(probs.dtype)
+    return probs
 
 
 class MMDiffAttnProcessor(nn.Module):
