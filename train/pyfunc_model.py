@@ -13,8 +13,6 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
-from typing import Any
-
 import mlflow
 import pandas as pd
 import torch
@@ -32,14 +30,14 @@ def encode_image(image: Image.Image) -> str:
 
 
 class MMDiffPyfunc(mlflow.pyfunc.PythonModel):
-    def load_context(self, context: Any) -> None:
+    def load_context(self, context):
         from mmdiff import MMDiffPipeline
         from mmdiff.zoo.spec import ModelSpec
 
         base = ModelSpec.model_validate_json(Path(context.artifacts["base_model"]).read_text())
         self.pipe = MMDiffPipeline.from_pretrained(base, context.artifacts["adapter"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would validate inputs by them
         rows = model_input.to_dict("records") if isinstance(model_input, pd.DataFrame) else list(model_input)
         images = []
         for index, row in enumerate(rows):

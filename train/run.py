@@ -16,7 +16,7 @@ from train.engine import Trainer, TrainerState, TrainingObjective, deepspeed_con
 from train.export import register_model, save_adapter
 from train.samples import attention_overlay
 
-__all__ = ["build_model", "generate_sample", "train"]
+__all__ = ["build_model", "make_engine", "generate_sample", "train"]
 
 log = logging.getLogger("train")
 
@@ -27,6 +27,18 @@ def build_model(config: TrainConfig):
     torch.manual_seed(config.seed)  # identical trainable initialisation on every rank
     return MMDiffModel.from_specs(config.model.base, config.model.image_encoder,
                                   load_config(config.model.mmdiff, MMDiffConfig))
+
+
+def make_engine(config: TrainConfig, model):
+    """The DeepSpeed engine around the model's training loss, with a torch AdamW on the trainable weights."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=config.optim.lr,
+                                  betas=config.optim.betas, weight_decay=config.optim.weight_decay)
+    engine, *_ = deepspeed.initialize(model=TrainingObjective(model), optimizer=optimizer,
+                                      config=deepspeed_config(config, get_accelerator().device_name()))
+    return engine
 
 
 def generate_sample(config: TrainConfig, adapter_dir: Path):
@@ -51,10 +63,7 @@ def train(config: TrainConfig) -> TrainerState:
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
 
     model = build_model(config)
-    optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=config.optim.lr,
-                                  betas=config.optim.betas, weight_decay=config.optim.weight_decay)
-    engine, *_ = deepspeed.initialize(model=TrainingObjective(model), optimizer=optimizer,
-                                      config=deepspeed_config(config, accelerator.device_name()))
+    engine = make_engine(config, model)
     data_hash = manifest_hash(config.data.shards)
     tracker = None
     if rank == 0:

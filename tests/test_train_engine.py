@@ -1,0 +1,63 @@
+"""The training step in-process (1 CPU rank, real DeepSpeed engine, tiny model): non-finite losses."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+
+from mmdiff.configuration import load_config  # noqa: E402
+from test_train_data import write_shards  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+from train.data import BatchBuilder, ShardStream  # noqa: E402
+from train.engine import NonFiniteLossError, Trainer, TrainerState  # noqa: E402
+from train.run import build_model, make_engine  # noqa: E402
+
+
+@pytest.fixture
+def single_rank(monkeypatch):
+    import deepspeed
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    dist.destroy_process_group()
+
+
+def test_nonfinite_losses_skip_the_step_and_stop_the_run_after_too_many(tmp_path, single_rank):
+    shards = write_shards(tmp_path / "data", num_samples=4, per_shard=4)
+    config = load_config("configs/train/tiny_test.yaml", TrainConfig, {
+        "output_dir": str(tmp_path / "run"), "data.shards": str(shards), "schedule.max_nonfinite_in_row": 2,
+        "schedule.max_steps": 10})
+    (tmp_path / "run").mkdir()
+    model = build_model(config)
+    engine = make_engine(config, model)
+    stream = ShardStream(shards, config.data, BatchBuilder(config.data, model.tokenizers, model.image_processor), 0)
+    good = list(itertools.islice(iter(stream), 3))
+    poisoned = {**good[1], "pixel_values": torch.full_like(good[1]["pixel_values"], float("nan"))}
+    trainer = Trainer(config, engine, TrainerState())
+    weights = lambda: [p.detach().clone() for p in model.trainable_parameters()]  # noqa: E731
+
+    assert trainer.micro_step(good[0]) is not None
+    before = weights()
+    assert trainer.micro_step(poisoned) is None  # skipped: no update, counted
+    assert all(torch.equal(a, b) for a, b in zip(before, weights()))
+    assert (trainer.state.nonfinite_total, trainer.state.nonfinite_in_row) == (1, 1)
+    metrics = trainer.micro_step(good[2])  # a finite loss resets the run of non-finite ones
+    assert metrics is not None and torch.isfinite(torch.tensor(metrics["loss"]))
+    assert trainer.state.nonfinite_in_row == 0 and not all(torch.equal(a, b) for a, b in zip(before, weights()))
+    assert trainer.micro_step(poisoned) is None
+    with pytest.raises(NonFiniteLossError, match="2 non-finite losses in a row"):
+        trainer.micro_step(poisoned)
+    assert trainer.state.nonfinite_total == 3 and trainer.state.micro_batches == 5
