@@ -1,0 +1,132 @@
+"""MM-Diff cost over the base model at real SD1.5 size (random weights), CPU, 256 px.
+
+1. One denoising step (UNet call, CFG batch of 2): MM-Diff with 2 subjects vs the base UNet (LoRA
+   disabled, diffusers' default processors), same weights. Goal: ratio <= 1.10.
+2. One training step (forward + backward): with attention capture + constraint vs without. Goal:
+   ratio <= 1.15. Peak resident memory during each step (sampled) is reported too.
+Both ways are measured side by side, alternating, in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from mmdiff import MMDiffConfig, MMDiffModel
+from mmdiff.configuration import load_config
+from mmdiff.zoo.spec import ModelSpec
+
+RESULTS = Path(__file__).parent / "results" / "bench_model.json"
+
+
+class PeakRSS:
+    """Peak resident memory above the level at entry, sampled every 5 ms."""
+
+    def __enter__(self):
+        self.process, self.base, self.peak, self.running = psutil.Process(), psutil.Process().memory_info().rss, 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss - self.base)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def _batch(model: MMDiffModel, size: int, subjects: int) -> dict[str, torch.Tensor]:
+    crop = model.image_encoder.vision_model.config.image_size
+    return {
+        "pixel_values": torch.rand(1, 3, size, size) * 2 - 1, "input_ids": torch.randint(0, 800, (1, 77)),
+        "subject_pixel_values": torch.randn(1, subjects, 3, crop, crop),
+        "subject_token_index": torch.arange(2, 2 + 3 * subjects, 3)[None],
+        "subject_valid": torch.ones(1, subjects, dtype=torch.bool),
+        "subject_masks": (torch.rand(1, subjects, size, size) > 0.5).float(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    config = load_config("configs/mmdiff/sd15.yaml", MMDiffConfig)
+    base = load_config("configs/models/sd15_random.yaml", ModelSpec)
+    model = MMDiffModel.from_specs(base, ModelSpec(family="clip_vision", source="random"), config)
+    unet, ctx = model.unet, model.context
+    mm_processors = unet.attn_processors
+    latents = torch.randn(2, 4, args.size // 8, args.size // 8)
+    text = torch.randn(2, 77, 768)
+    batch = _batch(model, args.size, 2)
+    with torch.no_grad():
+        _, tokens = model.encode_subjects(batch["subject_pixel_values"], batch["subject_valid"])
+
+    def denoise_step(mmdiff: bool) -> float:
+        if mmdiff:
+            unet.enable_adapters()
+            unet.set_attn_processor(mm_processors)
+            ctx.tokens, ctx.valid, ctx.scale = tokens.expand(2, -1, -1), torch.ones(2, 2, dtype=torch.bool), 1.0
+        else:
+            unet.disable_adapters()
+            unet.set_attn_processor(AttnProcessor2_0())
+        start = time.perf_counter()
+        with torch.no_grad():
+            unet(latents, torch.tensor([500, 500]), text)
+        ctx.clear()
+        return time.perf_counter() - start
+
+    def train_step(constraint: bool) -> tuple[float, int]:
+        model.config = config if constraint else config.model_copy(
+            update={"supervised_layers": [], "attention_loss_weight": 0.0})
+        torch.manual_seed(0)
+        with PeakRSS() as peak:
+            start = time.perf_counter()
+            model.training_loss(batch)["loss"].backward()
+            elapsed = time.perf_counter() - start
+        model.zero_grad(set_to_none=True)
+        return elapsed, peak.peak
+
+    denoise_step(False), denoise_step(True)  # warm-up
+    base_t, mm_t = [], []
+    for _ in range(args.repeats):
+        base_t.append(denoise_step(False))
+        mm_t.append(denoise_step(True))
+    unet.enable_adapters()
+    unet.set_attn_processor(mm_processors)
+    train_step(True), train_step(False)  # warm-up
+    with_t, without_t = [], []
+    for _ in range(args.repeats):
+        with_t.append(train_step(True))
+        without_t.append(train_step(False))
+    model.config = config
+    result = {
+        "device": "cpu", "threads": torch.get_num_threads(), "size": args.size, "repeats": args.repeats,
+        "denoise_step_s": {"base": min(base_t), "mmdiff_2_subjects": min(mm_t)},
+        "denoise_ratio": min(mm_t) / min(base_t),
+        "train_step_s": {"with_constraint": min(t for t, _ in with_t), "without": min(t for t, _ in without_t)},
+        "train_ratio": min(t for t, _ in with_t) / min(t for t, _ in without_t),
+        "train_peak_rss_mib": {"with_constraint": max(m for _, m in with_t) / 2**20,
+                               "without": max(m for _, m in without_t) / 2**20},
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2))
+    print(f"bench_model: denoise step {result['denoise_ratio']:.3f}x base "
+          f"({min(mm_t):.2f}s vs {min(base_t):.2f}s), train step with constraint {result['train_ratio']:.3f}x "
+          f"({result['train_step_s']['with_constraint']:.2f}s vs {result['train_step_s']['without']:.2f}s), "
+          f"peak RSS {result['train_peak_rss_mib']['with_constraint']:.0f} vs "
+          f"{result['train_peak_rss_mib']['without']:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

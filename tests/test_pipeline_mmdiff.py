@@ -1,0 +1,76 @@
+"""MMDiffPipeline call contract: subject binding, marker syntax, batches, seeds, and clear errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from mmdiff import MMDiffConfig, MMDiffModel, MMDiffPipeline, Subject, parse_markers, tokenize_with_subjects
+from mmdiff.configuration import load_config
+from mmdiff.zoo.spec import ModelSpec
+
+GEN = dict(num_inference_steps=2, height=64, width=64, guidance_scale=5.0, output_type="np", start_step=0)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> MMDiffPipeline:
+    config = load_config("configs/mmdiff/tiny_sd15.yaml", MMDiffConfig)
+    torch.manual_seed(0)
+    model = MMDiffModel.from_specs(ModelSpec(family="sd15", source="tiny"),
+                                   ModelSpec(family="clip_vision", source="tiny"), config)
+    with torch.no_grad():  # a "trained" model: non-zero LoRA, so subjects matter
+        for p in model.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return MMDiffPipeline(model)
+
+
+def test_marker_syntax_equals_explicit_subjects(pipe):
+    explicit = pipe("a dog and a cat", [Subject("dog", data.chelsea()), Subject("cat", data.coffee())],
+                    seed=1, **GEN).images
+    marked = pipe("a [dog] and a [cat]", [data.chelsea(), data.coffee()], seed=1, **GEN).images
+    np.testing.assert_array_equal(explicit, marked)
+
+
+def test_batches_and_seeds(pipe):
+    out = pipe(["a dog on the beach", "a dog in the snow"], [Subject("dog", data.chelsea())],
+               num_images_per_prompt=2, seed=0, **GEN).images
+    assert out.shape == (4, 64, 64, 3)
+    again = pipe(["a dog on the beach", "a dog in the snow"], [Subject("dog", data.chelsea())],
+                 num_images_per_prompt=2, seed=0, **GEN).images
+    np.testing.assert_array_equal(out, again)
+    pil = pipe("a dog", [Subject("dog", data.chelsea())], seed=0, num_inference_steps=2, height=64, width=64).images
+    assert isinstance(pil[0], Image.Image)
+
+
+def test_delayed_start_differs_from_immediate(pipe):
+    kwargs = {**GEN, "num_inference_steps": 3}
+    now = pipe("a dog", [Subject("dog", data.chelsea())], seed=0, **kwargs).images
+    later = pipe("a dog", [Subject("dog", data.chelsea())], seed=0, **{**kwargs, "start_step": 2}).images
+    plain = pipe("a dog", [], seed=0, **kwargs).images
+    assert np.abs(now - later).max() > 1e-4 and np.abs(later - plain).max() > 1e-4
+
+
+@pytest.mark.parametrize("prompt, subjects, message", [
+    ("a cat", [Subject("dog", data.chelsea())], "'dog' is not in the prompt"),
+    ("a dog", [Subject("dog", data.chelsea())] * 4, "at most 3"),
+    ("a dog", [Subject("dog", np.zeros((0, 5, 3), np.uint8))], "subject 0: image is empty"),
+    ("a dog", [Subject("dog", "/nonexistent/dog.png")], "cannot read image file"),
+    ("a [dog] and a [cat]", [data.chelsea()], "marks 2 subjects but 1"),
+    ("a dog", [data.chelsea()], "Subject\\(word, image\\)"),
+])
+def test_bad_calls_say_what_is_wrong(pipe, prompt, subjects, message):
+    with pytest.raises(ValueError, match=message):
+        pipe(prompt, subjects, seed=0, **GEN)
+
+
+def test_tokenize_with_subjects_finds_word_tokens(pipe):
+    tokenizer = pipe.model.tokenizers[0]
+    text, spans = parse_markers("A [dog] sitting next to a [woman] on the beach")
+    assert text == "A dog sitting next to a woman on the beach"
+    ids, index = tokenize_with_subjects(tokenizer, text, spans)
+    assert ids.shape == (77,)
+    assert tokenizer.convert_ids_to_tokens(ids[index].tolist()) == ["dog</w>", "woman</w>"]
+    with pytest.raises(ValueError, match="beyond"):
+        long = "a " * 100 + "dog"
+        tokenize_with_subjects(tokenizer, long, [(len(long) - 3, len(long))])
