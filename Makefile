@@ -24,8 +24,17 @@ $(STAMP): requirements.lock pyproject.toml
 test: $(STAMP)
 	$(RUN) -m pytest -q $(PYTEST_ARGS)
 
+# The whole loop on scikit-image's photos with tiny models: shards (embedded Ray) -> 2 CPU ranks of
+# DeepSpeed ZeRO-2 -> MLflow run + registered model -> an image generated from the registered model.
 demo: $(STAMP)
-	$(RUN) -m mmdiff.demo --out outputs/demo
+	rm -rf outputs/inputs/photos outputs/shards/demo outputs/train/demo outputs/demo
+	$(RUN) -m pipeline.example_inputs outputs/inputs/photos
+	$(RUN) -m pipeline.preprocess --config configs/preprocess/demo.yaml
+	$(RUN) -m train.launch --config configs/train/demo.yaml --num_gpus 2
+	$(RUN) -m train.generate --config configs/train/demo.yaml --prompt "a [cat] on a beach" \
+		--subject skimage:chelsea --steps 10 --out outputs/demo/generated.png
+	@echo "demo done: shards + contact sheet in outputs/shards/demo, generated image outputs/demo/generated.png,"
+	@echo "  MLflow runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///outputs/train/demo/mlflow.db"
 
 benchmarks: $(STAMP)
 	$(RUN) -m benchmarks.run_all
