@@ -49,14 +49,15 @@ def _batch(model, resolution: int, batch_size: int) -> dict[str, torch.Tensor]:
     }
 
 
-def worker(mode: str, size: str, steps: int, out: str) -> None:
+def worker(mode: str, size: str, steps: int, out: str, resolution: int | None) -> None:
     import torch.distributed as dist
     from mmdiff import MMDiffConfig, MMDiffModel
     from mmdiff.configuration import load_config
     from mmdiff.zoo.spec import ModelSpec
     from train.engine import TrainingObjective
 
-    base, encoder, mmdiff_yaml, resolution = SIZES[size]
+    base, encoder, mmdiff_yaml, default_resolution = SIZES[size]
+    resolution = resolution or default_resolution
     config = load_config(REPO / mmdiff_yaml, MMDiffConfig) if mmdiff_yaml else MMDiffConfig(base_family="sd15")
     torch.manual_seed(0)
     model = MMDiffModel.from_specs(ModelSpec(family="sd15", source=base), ModelSpec(family="clip_vision", source=encoder), config)
@@ -112,11 +113,12 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--modes", nargs="*", default=["ddp", "zero2", "zero3"])
+    parser.add_argument("--resolution", type=int, help="image side; default 64 (tiny) or 512 (sd15)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.size, args.steps, args.out)
+        return worker(args.worker, args.size, args.steps, args.out, args.resolution)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
     rows = {}
@@ -127,7 +129,8 @@ def main() -> None:
                 port = sock.getsockname()[1]
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                             "--master_port", str(port), "-m", "benchmarks.bench_train", "--worker", mode,
-                            "--size", args.size, "--steps", str(args.steps), "--out", out],
+                            "--size", args.size, "--steps", str(args.steps), "--out", out,
+                            *(["--resolution", str(args.resolution)] if args.resolution else [])],
                            cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
             ranks = [json.loads(Path(out, f"{mode}-rank{r}.json").read_text()) for r in (0, 1)]
             rows[mode] = {"step_s": max(r["step_s"] for r in ranks),
@@ -141,7 +144,7 @@ def main() -> None:
         print(f"bench_train size={args.size} zero2/ddp step time ratio={ratio:.2f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"bench_train_{args.size}.json").write_text(json.dumps(
-        {"size": args.size, "ranks": 2, "device": "cpu", "micro_batch": 1, "timed_steps": args.steps,
+        {"size": args.size, "resolution": args.resolution or SIZES[args.size][3], "ranks": 2, "device": "cpu", "micro_batch": 1, "timed_steps": args.steps,
          "modes": rows, "zero2_over_ddp_step_time": rows.get("zero2", {}).get("step_s", 0) / rows["ddp"]["step_s"]
          if "ddp" in rows else None}, indent=1))
 

@@ -174,3 +174,7 @@ def test_config_errors_stop_before_any_process_starts(tmp_path, capsys):
     assert "data.resolutoin" in capsys.readouterr().err
     assert main(["--config", CONFIG, "--num_gpus", "2", f"data.shards={tmp_path}"]) == 2
     assert "no shards/*.tar" in capsys.readouterr().err
+    shards = write_shards(tmp_path / "data", num_samples=2, per_shard=2)
+    assert main(["--config", CONFIG, "--num_gpus", "2", f"data.shards={shards}",
+                 "model.mmdiff=configs/mmdiff/tiny_sdxl.yaml"]) == 2
+    assert "does not match base_family sdxl" in capsys.readouterr().err

@@ -102,6 +102,10 @@ def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainC
     shards = Path(config.data.shards)
     if not (shards / "shards").is_dir() or not any((shards / "shards").glob("*.tar")):
         raise ConfigError(f"{path}: data.shards: no shards/*.tar under {shards}")
-    if not Path(config.model.mmdiff).is_file():
-        raise ConfigError(f"{path}: model.mmdiff: config file not found: {config.model.mmdiff}")
+    from mmdiff.model_config import MMDiffConfig
+
+    mmdiff = load_config(config.model.mmdiff, MMDiffConfig)  # its own errors name its file
+    if mmdiff.base_family != config.model.base.family:
+        raise ConfigError(f"{path}: model.base.family {config.model.base.family} does not match "
+                          f"base_family {mmdiff.base_family} of {config.model.mmdiff}")
     return config

@@ -10,8 +10,6 @@ path or ``skimage:<name>`` (a photo shipped with scikit-image), once per subject
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 from pathlib import Path
 
 import mlflow
