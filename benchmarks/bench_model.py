@@ -75,7 +75,7 @@ def main() -> None:
     def denoise_step(mmdiff: bool) -> float:
         if mmdiff:
             unet.enable_adapters()
-            unet.set_attn_processor(mm_processors)
+            unet.set_attn_processor(dict(mm_processors))  # diffusers pops from the dict
             ctx.tokens, ctx.valid, ctx.scale = tokens.expand(2, -1, -1), torch.ones(2, 2, dtype=torch.bool), 1.0
         else:
             unet.disable_adapters()
@@ -103,7 +103,7 @@ def main() -> None:
         base_t.append(denoise_step(False))
         mm_t.append(denoise_step(True))
     unet.enable_adapters()
-    unet.set_attn_processor(mm_processors)
+    unet.set_attn_processor(dict(mm_processors))  # diffusers pops from the dict
     train_step(True), train_step(False)  # warm-up
     with_t, without_t = [], []
     for _ in range(args.repeats):

@@ -14,7 +14,7 @@ from mmdiff import MMDiffConfig, MMDiffModel, tokenize_with_subjects
 from mmdiff.configuration import load_config
 from mmdiff.zoo.spec import ModelSpec
 
-SIZE, CROP, STEPS = 64, 32, 150
+SIZE, CROP, STEPS = 32, 32, 100
 PROMPT = "a dog and a cat"
 
 
@@ -25,7 +25,7 @@ def _scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = np.mgrid[:SIZE, :SIZE]
     left = rng.integers(0, 2)  # which half holds the square
     for i, (colour, half) in enumerate([((220, 30, 30), left), ((30, 30, 220), 1 - left)]):
-        side = int(rng.integers(18, 26))
+        side = int(rng.integers(9, 14))
         x0 = half * SIZE // 2 + int(rng.integers(0, SIZE // 2 - side + 1))
         y0 = int(rng.integers(0, SIZE - side + 1))
         if i == 0:
