@@ -127,11 +127,16 @@ def main() -> None:
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
-            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                            "--master_port", str(port), "-m", "benchmarks.bench_train", "--worker", mode,
-                            "--size", args.size, "--steps", str(args.steps), "--out", out,
-                            *(["--resolution", str(args.resolution)] if args.resolution else [])],
-                           cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+            job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                  "--master_port", str(port), "-m", "benchmarks.bench_train", "--worker", mode,
+                                  "--size", args.size, "--steps", str(args.steps), "--out", out,
+                                  *(["--resolution", str(args.resolution)] if args.resolution else [])],
+                                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if job.returncode != 0:  # e.g. a rank killed for memory: recorded, the other modes still run
+                reason = "killed (SIGKILL, out of memory?)" if "exitcode  : -9" in job.stderr else f"exit {job.returncode}"
+                rows[mode] = {"failed": reason}
+                print(f"bench_train size={args.size} mode={mode} FAILED: {reason}", flush=True)
+                continue
             ranks = [json.loads(Path(out, f"{mode}-rank{r}.json").read_text()) for r in (0, 1)]
             rows[mode] = {"step_s": max(r["step_s"] for r in ranks),
                           "peak_rss_mb_per_rank": [round(r["peak_rss_mb"]) for r in ranks],
@@ -139,14 +144,14 @@ def main() -> None:
                           "trainable_params": ranks[0]["trainable_params"], "all_params": ranks[0]["all_params"]}
             print(f"bench_train size={args.size} mode={mode} step={rows[mode]['step_s']:.3f}s "
                   f"peak_rss_per_rank={rows[mode]['peak_rss_mb_per_rank']} MB", flush=True)
-    if "ddp" in rows and "zero2" in rows:
+    if "step_s" in rows.get("ddp", {}) and "step_s" in rows.get("zero2", {}):
         ratio = rows["zero2"]["step_s"] / rows["ddp"]["step_s"]
         print(f"bench_train size={args.size} zero2/ddp step time ratio={ratio:.2f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"bench_train_{args.size}.json").write_text(json.dumps(
         {"size": args.size, "resolution": args.resolution or SIZES[args.size][3], "ranks": 2, "device": "cpu", "micro_batch": 1, "timed_steps": args.steps,
-         "modes": rows, "zero2_over_ddp_step_time": rows.get("zero2", {}).get("step_s", 0) / rows["ddp"]["step_s"]
-         if "ddp" in rows else None}, indent=1))
+         "modes": rows, "zero2_over_ddp_step_time": rows["zero2"]["step_s"] / rows["ddp"]["step_s"]
+         if "step_s" in rows.get("ddp", {}) and "step_s" in rows.get("zero2", {}) else None}, indent=1))
 
 
 if __name__ == "__main__":
