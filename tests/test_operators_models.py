@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from skimage import data
 
@@ -23,14 +22,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
 OPEN_THRESHOLDS = {"box_threshold": 0.0, "text_threshold": 0.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and two OpenMP threads on a shared, busy 2-core
-    machine run them tens of times slower; restore the setting for the rest of the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,7 @@ from mmdiff import zoo
 from mmdiff.zoo import grounding_dino, sam
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, and two OpenMP threads on a shared, busy 2-core
-    machine run them tens of times slower; restore the setting for the rest of the suite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
