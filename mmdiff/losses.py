@@ -44,7 +44,9 @@ def attention_constraint(probs: torch.Tensor, masks: torch.Tensor, valid: torch.
         per_subject = -torch.log(share.clamp(min=1e-6))
     else:
         raise ValueError(f"unknown attention loss kind {kind!r}")
-    weight = valid[:, None, :].float().expand_as(per_subject)
+    # A small subject can vanish from a coarse layer's mask; it has nothing to be attracted to there.
+    present = valid & (masks.sum(-1) > 0)
+    weight = present[:, None, :].float().expand_as(per_subject)
     return (per_subject * weight).sum() / weight.sum().clamp(min=1.0)
 
 

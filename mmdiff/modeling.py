@@ -64,7 +64,7 @@ class MMDiffModel(nn.Module):
                                  config.refiner_dim_head)
         self.context = SubjectContext(num_tokens=config.num_tokens)
         self._add_lora()
-        self.to(device=self.unet.device)
+        self.to(device=self.device)
 
     # -- construction -------------------------------------------------------------------------
     def _add_lora(self) -> None:
@@ -136,7 +136,7 @@ class MMDiffModel(nn.Module):
                 raise ValueError(f"{config_path}: no image encoder recorded; pass image_encoder=")
             image_encoder = ModelSpec.model_validate(meta["image_encoder"])
         model = cls.from_specs(base, image_encoder, config)
-        weights = load_file(adapter_dir / WEIGHTS_NAME, device=str(model.unet.device))
+        weights = load_file(adapter_dir / WEIGHTS_NAME, device=str(model.device))
         expected = set(model.trainable_state_dict())
         missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
         if missing or unexpected:
@@ -197,7 +197,8 @@ class MMDiffModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        # not ``self.unet.device``: diffusers walks every submodule looking for offload hooks on each call
+        return self.unet.conv_in.weight.device
 
     # -- training -------------------------------------------------------------------------------
     def training_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
