@@ -3,7 +3,10 @@
 1. One denoising step (UNet call, CFG batch of 2): MM-Diff with 2 subjects vs the base UNet (LoRA
    disabled, diffusers' default processors), same weights. Goal: ratio <= 1.10.
 2. One training step (forward + backward): with attention capture + constraint vs without. Goal:
-   ratio <= 1.15. Peak resident memory during each step (sampled) is reported too.
+   ratio <= 1.15. Memory both ways: the activations autograd saves for backward (exact, counted by a
+   saved-tensors hook, parameters excluded), and the peak resident memory of one training step above
+   the built model, each mode in a fresh process (in one process the allocator reuses what the other
+   mode freed, and the figure would depend on the order).
 Both ways are measured side by side, alternating, in one process.
 """
 
@@ -11,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -45,6 +50,29 @@ class PeakRSS:
         self.thread.join()
 
 
+class SavedActivations:
+    """Bytes of the distinct storages autograd saves for backward in the block, parameters left out."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.params and storage.data_ptr() not in self.seen:
+            self.seen.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
+        return tensor
+
+    def __enter__(self):
+        self.seen, self.bytes = set(), 0
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
 def _batch(model: MMDiffModel, size: int, subjects: int) -> dict[str, torch.Tensor]:
     crop = model.image_encoder.vision_model.config.image_size
     return {
@@ -56,14 +84,38 @@ def _batch(model: MMDiffModel, size: int, subjects: int) -> dict[str, torch.Tens
     }
 
 
+def _build() -> tuple[MMDiffModel, MMDiffConfig]:
+    config = load_config("configs/mmdiff/sd15.yaml", MMDiffConfig)
+    base = load_config("configs/models/sd15_random.yaml", ModelSpec)
+    return MMDiffModel.from_specs(base, ModelSpec(family="clip_vision", source="random"), config), config
+
+
+def _set_constraint(model: MMDiffModel, config: MMDiffConfig, constraint: bool) -> None:
+    model.config = config if constraint else config.model_copy(
+        update={"supervised_layers": [], "attention_loss_weight": 0.0})
+
+
+def _step_peak_rss(size: int, constraint: bool) -> int:
+    """Peak resident bytes of one training step above the built model (run in a fresh process)."""
+    model, config = _build()
+    _set_constraint(model, config, constraint)
+    batch = _batch(model, size, 2)
+    torch.manual_seed(0)
+    with PeakRSS() as peak:
+        model.training_loss(batch)["loss"].backward()
+    return peak.peak
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--step-peak-rss", choices=["with", "without"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    config = load_config("configs/mmdiff/sd15.yaml", MMDiffConfig)
-    base = load_config("configs/models/sd15_random.yaml", ModelSpec)
-    model = MMDiffModel.from_specs(base, ModelSpec(family="clip_vision", source="random"), config)
+    if args.step_peak_rss:  # child process of the memory measurement
+        print(json.dumps({"peak_rss": _step_peak_rss(args.size, args.step_peak_rss == "with")}))
+        return
+    model, config = _build()
     unet, ctx = model.unet, model.context
     mm_processors = unet.attn_processors
     latents = torch.randn(2, 4, args.size // 8, args.size // 8)
@@ -86,16 +138,18 @@ def main() -> None:
         ctx.clear()
         return time.perf_counter() - start
 
+    saved = SavedActivations(model)
+
     def train_step(constraint: bool) -> tuple[float, int]:
-        model.config = config if constraint else config.model_copy(
-            update={"supervised_layers": [], "attention_loss_weight": 0.0})
+        _set_constraint(model, config, constraint)
         torch.manual_seed(0)
-        with PeakRSS() as peak:
-            start = time.perf_counter()
-            model.training_loss(batch)["loss"].backward()
-            elapsed = time.perf_counter() - start
+        start = time.perf_counter()
+        with saved:
+            loss = model.training_loss(batch)["loss"]
+        loss.backward()
+        elapsed = time.perf_counter() - start
         model.zero_grad(set_to_none=True)
-        return elapsed, peak.peak
+        return elapsed, saved.bytes
 
     denoise_step(False), denoise_step(True)  # warm-up
     base_t, mm_t = [], []
@@ -109,23 +163,29 @@ def main() -> None:
     for _ in range(args.repeats):
         with_t.append(train_step(True))
         without_t.append(train_step(False))
-    model.config = config
+    del model, unet, mm_processors, tokens
+    peak_rss = {}
+    for mode in ("with", "without"):
+        child = subprocess.run([sys.executable, "-m", "benchmarks.bench_model", "--size", str(args.size),
+                                "--step-peak-rss", mode], capture_output=True, text=True, check=True)
+        peak_rss[mode] = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss"]
     result = {
         "device": "cpu", "threads": torch.get_num_threads(), "size": args.size, "repeats": args.repeats,
         "denoise_step_s": {"base": min(base_t), "mmdiff_2_subjects": min(mm_t)},
         "denoise_ratio": min(mm_t) / min(base_t),
         "train_step_s": {"with_constraint": min(t for t, _ in with_t), "without": min(t for t, _ in without_t)},
         "train_ratio": min(t for t, _ in with_t) / min(t for t, _ in without_t),
-        "train_peak_rss_mib": {"with_constraint": max(m for _, m in with_t) / 2**20,
-                               "without": max(m for _, m in without_t) / 2**20},
+        "train_saved_activations_mib": {"with_constraint": with_t[-1][1] / 2**20, "without": without_t[-1][1] / 2**20},
+        "train_step_peak_rss_mib": {"with_constraint": peak_rss["with"] / 2**20, "without": peak_rss["without"] / 2**20},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
+    saved_mib, rss_mib = result["train_saved_activations_mib"], result["train_step_peak_rss_mib"]
     print(f"bench_model: denoise step {result['denoise_ratio']:.3f}x base "
           f"({min(mm_t):.2f}s vs {min(base_t):.2f}s), train step with constraint {result['train_ratio']:.3f}x "
           f"({result['train_step_s']['with_constraint']:.2f}s vs {result['train_step_s']['without']:.2f}s), "
-          f"peak RSS {result['train_peak_rss_mib']['with_constraint']:.0f} vs "
-          f"{result['train_peak_rss_mib']['without']:.0f} MiB")
+          f"saved activations {saved_mib['with_constraint']:.0f} vs {saved_mib['without']:.0f} MiB, "
+          f"step peak RSS {rss_mib['with_constraint']:.0f} vs {rss_mib['without']:.0f} MiB")
 
 
 if __name__ == "__main__":

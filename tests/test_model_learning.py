@@ -69,19 +69,18 @@ def _batch(model: MMDiffModel, rng: np.random.Generator, n: int) -> dict[str, to
     }
 
 
-def _model(weight: float) -> MMDiffModel:
-    # Only the subject tokens' maps are supervised and measured; mask_nll, because its value does not
-    # depend on how much a token is attended overall, so weight 1 means the same thing at every layer.
+def _model(weight: float, tokens: str = "subject") -> MMDiffModel:
+    # The subject tokens' maps are the ones measured; mask_nll, because its value does not depend on
+    # how much a token is attended overall, so weight 1 means the same thing at every layer.
     config = load_config("configs/mmdiff/tiny_sd15.yaml", MMDiffConfig, {
-        "attention_loss_weight": weight, "attention_loss_kind": "mask_nll", "attention_loss_tokens": "subject"})
+        "attention_loss_weight": weight, "attention_loss_kind": "mask_nll", "attention_loss_tokens": tokens})
     torch.manual_seed(0)
     return MMDiffModel.from_specs(ModelSpec(family="sd15", source="tiny"),
                                   ModelSpec(family="clip_vision", source="tiny"), config)
 
 
-@pytest.fixture(scope="module")
-def scene_vae() -> dict:
-    """Config and weights of the tiny VAE fitted as an autoencoder on synthetic scenes."""
+def fit_scene_vae() -> dict:
+    """Weights and scaling factor of the tiny VAE fitted as an autoencoder on synthetic scenes."""
     model = _model(0.0)
     vae = model.vae.requires_grad_(True)
     optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
@@ -98,8 +97,14 @@ def scene_vae() -> dict:
     return {"state": {k: v.detach().clone() for k, v in vae.state_dict().items()}, "scaling_factor": 1 / latent_std}
 
 
-def _train_and_measure(weight: float, scene_vae: dict) -> tuple[float, float]:
-    model = _model(weight)
+@pytest.fixture(scope="module")
+def scene_vae() -> dict:
+    return fit_scene_vae()
+
+
+def train_and_measure(weight: float, scene_vae: dict, tokens: str = "subject") -> tuple[float, float]:
+    """Trains from the fixed seed and returns (inside-mask share of the subject maps, mask area fraction)."""
+    model = _model(weight, tokens)
     model.vae.load_state_dict(scene_vae["state"])
     model.vae.register_to_config(scaling_factor=scene_vae["scaling_factor"])
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=3e-3)
@@ -122,8 +127,8 @@ def _train_and_measure(weight: float, scene_vae: dict) -> tuple[float, float]:
 
 
 def test_attention_constraint_moves_attention_into_masks(scene_vae):
-    with_share, area = _train_and_measure(1.0, scene_vae)
-    without_share, _ = _train_and_measure(0.0, scene_vae)
+    with_share, area = train_and_measure(1.0, scene_vae)
+    without_share, _ = train_and_measure(0.0, scene_vae)
     print(f"\ninside-mask attention share after {TRAIN_STEPS} steps: with constraint {with_share:.3f}, "
           f"without {without_share:.3f}, mask area fraction {area:.3f}")
     assert with_share > 2 * area
