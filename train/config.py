@@ -94,13 +94,16 @@ class TrainConfig(ConfigModel):
         return self.mlflow.tracking_uri or f"sqlite:///{Path(self.output_dir).resolve() / 'mlflow.db'}"
 
 
-def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
-    """Load and check a training config, including the files it points at, so errors come first."""
+def load_train_config(path: str | Path, overrides: dict | None = None, check_data: bool = True) -> TrainConfig:
+    """Load and check a training config, including the files it points at, so errors come first.
+
+    ``check_data=False`` skips the shards check (for validating a cluster config away from the cluster).
+    """
     from mmdiff.configuration import ConfigError
 
     config = load_config(path, TrainConfig, overrides)
     shards = Path(config.data.shards)
-    if not (shards / "shards").is_dir() or not any((shards / "shards").glob("*.tar")):
+    if check_data and (not (shards / "shards").is_dir() or not any((shards / "shards").glob("*.tar"))):
         raise ConfigError(f"{path}: data.shards: no shards/*.tar under {shards}")
     from mmdiff.model_config import MMDiffConfig
 
