@@ -4,7 +4,6 @@ copies for a cluster never fails on a key the code no longer knows."""
 from pathlib import Path
 
 import pytest
-
 import yaml
 
 from mmdiff.configuration import load_config
