@@ -168,7 +168,9 @@ def main() -> None:
     for _ in range(args.repeats):
         with_t.append(train_step(True))
         without_t.append(train_step(False))
-    del model, unet, mm_processors, tokens  # free this model (~6 GB) before each child builds its own
+    # free this model (~6 GB) before each child builds its own; rebinding, not `del`, since the step
+    # closures above still name these variables
+    model = unet = mm_processors = tokens = None
     peak_rss = {}
     for mode in ("with", "without"):
         child = subprocess.run([sys.executable, "-m", "benchmarks.bench_model", "--size", str(args.size),
