@@ -64,20 +64,29 @@ class MMDiffPipeline:
         """Generate images of ``subjects`` as ``prompt`` describes; returns the base pipeline's output (.images).
 
         ``subjects``: ``Subject(word, image)`` items, or plain images when the prompt marks the words
-        as ``[word]`` (in the order of the images). ``seed`` makes a fresh generator.
+        as ``[word]`` (in the order of the images); shared by every prompt, or, with a list of prompts,
+        one list per prompt (the same number in each), so that different requests run as one batch.
+        ``seed`` makes a fresh generator.
         """
         model, cfg = self.model, self.model.config
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt is empty")
-        if len(subjects) > cfg.max_subjects:
-            raise ValueError(f"{len(subjects)} subjects given, this model supports at most {cfg.max_subjects}")
-        prompts, spans, images = self._resolve(prompts, list(subjects))
+        per_prompt = [list(s) for s in subjects] if subjects and all(isinstance(s, (list, tuple)) for s in subjects) \
+            else [list(subjects)] * len(prompts)
+        if len(per_prompt) != len(prompts) or len({len(s) for s in per_prompt}) != 1:
+            raise ValueError(f"per-prompt subjects: {len(per_prompt)} lists of {sorted({len(s) for s in per_prompt})} "
+                             f"subjects for {len(prompts)} prompts; give one list per prompt, all the same length")
+        if len(per_prompt[0]) > cfg.max_subjects:
+            raise ValueError(f"{len(per_prompt[0])} subjects given, this model supports at most {cfg.max_subjects}")
+        resolved = [self._resolve([p], s) for p, s in zip(prompts, per_prompt)]
+        prompts, spans = [r[0][0] for r in resolved], [r[1][0] for r in resolved]
+        images = [r[2] for r in resolved]
         scale = cfg.subject_scale if subject_scale is None else subject_scale
         start = cfg.start_step if start_step is None else start_step
         if generator is None and seed is not None:
             generator = torch.Generator(device="cpu").manual_seed(seed)
-        n_prompts, n_subjects = len(prompts), len(images)
+        n_prompts, n_subjects = len(prompts), len(images[0])
 
         ids, token_index = [], None
         for tokenizer in model.tokenizers:
@@ -87,15 +96,16 @@ class MMDiffPipeline:
         plain_embeds, plain_pooled = model.encode_text(ids)
         embeds, pooled, tokens, valid = plain_embeds, plain_pooled, None, None
         if n_subjects:
-            pixels = subject_pixel_values(model.image_processor, images)
+            shared = all(s is per_prompt[0] for s in per_prompt)  # encode shared images once
+            pixels = torch.stack([subject_pixel_values(model.image_processor, i) for i in images[:1 if shared else None]])
             valid = torch.ones(n_prompts, n_subjects, dtype=torch.bool, device=model.device)
             faces = None
             if cfg.portrait:
-                if any(not isinstance(s, Subject) or s.face_embed is None for s in subjects):
+                if any(not isinstance(s, Subject) or s.face_embed is None for row in per_prompt for s in row):
                     raise ValueError("portrait model: every subject needs Subject(word, image, face_embed)")
-                faces = torch.stack([torch.as_tensor(s.face_embed, dtype=torch.float32) for s in subjects])
-                faces = faces.expand(n_prompts, -1, -1)
-            cls_embeds, tokens = model.encode_subjects(pixels.expand(n_prompts, *pixels.shape), valid, faces)
+                faces = torch.stack([torch.stack([torch.as_tensor(s.face_embed, dtype=torch.float32) for s in row])
+                                     for row in per_prompt])
+            cls_embeds, tokens = model.encode_subjects(pixels.expand(n_prompts, *pixels.shape[1:]), valid, faces)
             embeds, pooled = model.encode_text(ids, token_index, valid, cls_embeds)
 
         cfg_on = guidance_scale > 1.0

@@ -43,6 +43,19 @@ def test_batches_and_seeds(pipe):
     assert isinstance(pil[0], Image.Image)
 
 
+def test_per_prompt_subjects_batch_equals_separate_calls(pipe):
+    """Serving batches different requests into one call: each row must be what its own call gives."""
+    prompts, subjects = ["a [dog] on the beach", "a [cat] in the snow"], [[data.chelsea()], [data.coffee()]]
+    generators = [torch.Generator().manual_seed(seed) for seed in (3, 4)]
+    batched = pipe(prompts, subjects, generator=generators, **GEN).images
+    for row, (prompt, subject, seed) in enumerate(zip(prompts, subjects, (3, 4))):
+        alone = pipe(prompt, subject, seed=seed, **GEN).images[0]
+        np.testing.assert_allclose(batched[row], alone, atol=1e-5)
+    swapped = pipe(prompts, subjects[::-1], generator=[torch.Generator().manual_seed(s) for s in (3, 4)], **GEN).images
+    assert np.abs(swapped - batched).max() > 1e-3  # the subjects reach their own rows
+    with pytest.raises(ValueError, match="one list per prompt"):
+        pipe(prompts, [[data.chelsea()], [data.coffee(), data.coffee()]], **GEN)
+
 def test_delayed_start_differs_from_immediate(pipe):
     kwargs = {**GEN, "num_inference_steps": 3}
     now = pipe("a dog", [Subject("dog", data.chelsea())], seed=0, **kwargs).images
