@@ -17,7 +17,7 @@ from mmdiff import zoo
 from mmdiff.attention import MMDiffAttnProcessor, SubjectContext
 from mmdiff.configuration import parse_config
 from mmdiff.image_encoder import SubjectImageEncoder
-from mmdiff.losses import attention_constraint, denoise_loss, masks_at
+from mmdiff.losses import attention_constraint, denoise_loss, inside_share, masks_at
 from mmdiff.model_config import MMDiffConfig
 from mmdiff.refiner import QueryMLP, SERefiner
 from mmdiff.text_fusion import TextFusion, fused_word_embeddings
@@ -205,7 +205,8 @@ class MMDiffModel(nn.Module):
         """Denoising loss + weighted attention constraint on one batch (keys: see docs/DESIGN.md / README).
 
         Noise, timesteps and the in-mask choice come from torch's global RNG. Returns "loss",
-        "denoise_loss", "attention_loss" and "attention_maps" [B, S, h, w] (detached, for logging).
+        "denoise_loss", "attention_loss", "inside_share/<down|mid|up>" (a metric, NaN without a subject)
+        and "attention_maps" [B, S, h, w] (detached, for logging).
         """
         cfg = self.config
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -253,7 +254,7 @@ class MMDiffModel(nn.Module):
             region = torch.where(region.flatten(1).any(1)[:, None, None, None], region, torch.ones_like(region))
         losses = {"denoise_loss": denoise_loss(prediction, target, region)}
         aspect = latents.shape[-1] / latents.shape[-2]
-        terms, maps = [], []
+        terms, maps, shares = [], [], {}
         for layer in captured:
             chosen = {"text": [layer.text], "subject": [layer.subject],
                       "both": [layer.text, layer.subject]}[cfg.attention_loss_tokens]
@@ -261,6 +262,14 @@ class MMDiffModel(nn.Module):
                 layer_masks = masks_at(masks, probs.shape[2], aspect)
                 terms.append(attention_constraint(probs, layer_masks, valid, cfg.attention_loss_kind))
             maps.append(self._as_image(layer.subject.mean(1), latents.shape[-2:]))
+            subject_masks = masks_at(masks, layer.subject.shape[2], aspect)
+            present = valid & (subject_masks.sum(-1) > 0)
+            # NaN when no subject is present, so every batch reports the same metric names
+            shares.setdefault(layer.layer.split(".")[0].removesuffix("_blocks").removesuffix("_block"), []).append(
+                inside_share(layer.subject.detach(), subject_masks, present) if present.any()
+                else prediction.new_tensor(float("nan")))
+        # the share of subject attention inside the subject's mask, per UNet part (down / mid / up): a metric
+        losses.update({f"inside_share/{part}": torch.stack(values).nanmean() for part, values in shares.items()})
         losses["attention_loss"] = torch.stack(terms).mean() if terms else prediction.new_zeros(())
         losses["loss"] = losses["denoise_loss"] + cfg.attention_loss_weight * losses["attention_loss"]
         losses["attention_maps"] = (torch.stack(maps).mean(0) if maps

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from mmdiff.configuration import ConfigModel, load_config
 from mmdiff.zoo.spec import ModelSpec
 
 __all__ = [
-    "ModelSection", "DataSection", "OptimSection", "DeepSpeedSection", "ScheduleSection", "MLflowSection",
-    "TrainConfig", "load_train_config",
+    "DataSection",
+    "DeepSpeedSection",
+    "MLflowSection",
+    "ModelSection",
+    "OptimSection",
+    "ScheduleSection",
+    "TrainConfig",
+    "load_train_config",
 ]
 
 
@@ -34,11 +41,13 @@ class DataSection(ConfigModel):
 
 
 class OptimSection(ConfigModel):
-    lr: float = 1e-5
+    lr: float = 1e-5  # the peak rate, reached at the end of the warmup
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float = 1.0
+    lr_warmup_steps: int = Field(0, ge=0)  # linear from 0 to lr over this many optimizer steps
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # after the warmup; cosine decays to 0 at max_steps
 
 
 class DeepSpeedSection(ConfigModel):
@@ -46,6 +55,9 @@ class DeepSpeedSection(ConfigModel):
     # auto: bf16 on GPUs that support it, else fp16 on GPUs; fp32 on CPU
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     offload_optimizer: bool = False
+    # raw DeepSpeed JSON keys merged over the generated config (e.g. {"zero_optimization":
+    # {"overlap_comm": true}}); keys this config already owns are refused, see train/deepspeed_config.py
+    config: dict[str, Any] = Field(default_factory=dict)
 
 
 class ScheduleSection(ConfigModel):
@@ -53,17 +65,21 @@ class ScheduleSection(ConfigModel):
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
     checkpoint_every: int = 0  # 0: only at the end
+    keep_last: int = Field(0, ge=0)  # keep the newest N checkpoints (0: keep all) ...
+    # ... plus the one with the best mean of this metric over the steps since the checkpoint before it
+    keep_best_by: str | None = None  # a logged metric: loss, denoise_loss, attention_loss, ...
+    keep_best_mode: Literal["min", "max"] = "min"
     max_nonfinite_in_row: int = 5  # the run stops after this many non-finite losses in a row
 
 
 class MLflowSection(ConfigModel):
-    tracking_uri: str | None = None  # None: a local sqlite store under the run's output dir
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a local sqlite store under output_dir
     experiment: str = "mmdiff"
     registered_model: str | None = None  # register the exported adapter under this name
     # an image generated from the exported adapter is logged at the end: the prompt marks subject words
     # as [word], one subject image (path or skimage:<name>) per marked word; None: no generated sample
     sample_prompt: str | None = None
-    sample_subjects: list[str] = []
+    sample_subjects: list[str] = Field(default_factory=list)
     sample_steps: int = 20
 
 
@@ -79,7 +95,7 @@ class TrainConfig(ConfigModel):
     mlflow: MLflowSection = MLflowSection()
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.model.base.family not in ("sd15", "sdxl"):
             raise ValueError(f"model.base.family must be sd15 or sdxl, got {self.model.base.family}")
         if self.model.image_encoder.family != "clip_vision":
@@ -87,11 +103,20 @@ class TrainConfig(ConfigModel):
         for name in ("text_dropout", "subject_dropout"):
             if not 0.0 <= getattr(self.data, name) < 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1)")
+        if self.schedule.keep_best_by and not self.schedule.keep_last:
+            raise ValueError("schedule.keep_best_by needs schedule.keep_last >= 1 (with keep_last 0 every checkpoint is kept)")
+        if self.optim.lr_warmup_steps > self.schedule.max_steps:
+            raise ValueError(f"optim.lr_warmup_steps={self.optim.lr_warmup_steps} exceeds schedule.max_steps={self.schedule.max_steps}")
+        from train.deepspeed_config import check_passthrough
+
+        check_passthrough(self.deepspeed.config)
         return self
 
     @property
     def tracking_uri(self) -> str:
-        return self.mlflow.tracking_uri or f"sqlite:///{Path(self.output_dir).resolve() / 'mlflow.db'}"
+        """The config's URI, else ``MLFLOW_TRACKING_URI`` (as MLflow itself reads it), else a local store."""
+        return (self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                or f"sqlite:///{Path(self.output_dir).resolve() / 'mlflow.db'}")
 
 
 def load_train_config(path: str | Path, overrides: dict | None = None, check_data: bool = True) -> TrainConfig:

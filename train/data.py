@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,8 +30,14 @@ from preprocess.sample import Sample
 from train.config import DataSection
 
 __all__ = [
-    "Rejected", "ReaderPosition", "BatchBuilder",
-    "ShardStream", "shard_paths", "manifest_hash", "make_loader",
+    "BatchBuilder",
+    "ReaderPosition",
+    "Rejected",
+    "ShardStream",
+    "dataset_profile",
+    "make_loader",
+    "manifest_hash",
+    "shard_paths",
 ]
 
 @dataclass(frozen=True)
@@ -67,6 +74,17 @@ def manifest_hash(folder: str | Path) -> str:
         digest.update(Path(path).name.encode())
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:16]
+
+
+def dataset_profile(folder: str | Path) -> dict[str, Any]:
+    """Counts describing the shards folder (logged with the run's dataset input): from the pipeline's
+    manifest when there is one (inputs, written samples, rejected by reason), else the shard count."""
+    profile: dict[str, Any] = {"shard_files": len(shard_paths(folder))}
+    manifest = Path(folder) / "manifest.json"
+    if manifest.is_file():
+        data = json.loads(manifest.read_text())
+        profile.update({k: data[k] for k in ("inputs", "written", "rejected") if k in data})
+    return profile
 
 
 def _center_square(image: Image.Image, size: int, resample: int) -> tuple[Image.Image, tuple[int, int]]:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,8 +25,14 @@ from train.config import TrainConfig
 from train.data import ReaderPosition
 
 __all__ = [
-    "NonFiniteLossError", "TrainingObjective", "TrainerState", "deepspeed_config", "step_seed",
-    "Trainer", "latest_checkpoint",
+    "NonFiniteLossError",
+    "Trainer",
+    "TrainerState",
+    "TrainingObjective",
+    "kept_checkpoints",
+    "latest_checkpoint",
+    "lr_scheduler",
+    "step_seed",
 ]
 
 log = logging.getLogger("train")
@@ -44,29 +53,16 @@ class TrainingObjective(nn.Module):
         return self.model.training_loss(batch)
 
 
-def deepspeed_config(config: TrainConfig, accelerator: str) -> dict[str, Any]:
-    """The DeepSpeed JSON config from the training config; fp32 on CPU, bf16/fp16 on GPUs."""
-    precision = config.deepspeed.precision
-    if accelerator == "cpu":
-        if precision not in ("auto", "fp32"):
-            raise ValueError(f"deepspeed.precision={precision} needs a GPU; use fp32 or auto on CPU")
-        precision = "fp32"
-    elif precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
-    if config.deepspeed.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": config.data.micro_batch_size,
-        "gradient_accumulation_steps": config.optim.gradient_accumulation_steps,
-        "gradient_clipping": config.optim.max_grad_norm,
-        "zero_optimization": zero,
-        # we pass a torch AdamW; DeepSpeed's own would JIT-build fused_adam (see STACK.md)
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
-        "steps_per_print": 2**31 - 1,
-    }
+def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warmup to ``optim.lr`` over ``optim.lr_warmup_steps``, then constant or cosine to 0 at max_steps.
+
+    DeepSpeed steps it once per optimizer step (not for skipped steps) and keeps it in its checkpoints.
+    """
+    from diffusers.optimization import get_scheduler
+
+    name = {"constant": "constant_with_warmup", "cosine": "cosine"}[config.optim.lr_schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=config.optim.lr_warmup_steps,
+                         num_training_steps=config.schedule.max_steps)
 
 
 def step_seed(seed: int, micro_batch: int, rank: int) -> int:
@@ -83,16 +79,31 @@ class TrainerState:
     nonfinite_in_row: int = 0
     rejected_total: int = 0
     positions: dict[int, ReaderPosition] = field(default_factory=dict)
+    # retained checkpoints (step -> mean of schedule.keep_best_by over the steps it closed), when retention is on
+    checkpoint_scores: dict[int, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        data = {**self.__dict__, "positions": {str(k): v.__dict__ for k, v in self.positions.items()}}
+        data = {**self.__dict__, "positions": {str(k): v.__dict__ for k, v in self.positions.items()},
+                "checkpoint_scores": {str(k): v for k, v in self.checkpoint_scores.items()}}
         return json.dumps(data, indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainerState":
+    def from_json(cls, text: str) -> TrainerState:
         data = json.loads(text)
         data["positions"] = {int(k): ReaderPosition(**v) for k, v in data["positions"].items()}
+        data["checkpoint_scores"] = {int(k): v for k, v in data.get("checkpoint_scores", {}).items()}
         return cls(**data)
+
+
+def kept_checkpoints(scores: dict[int, float], keep_last: int, best_mode: str | None) -> set[int]:
+    """The steps whose checkpoints retention keeps: the newest ``keep_last``, plus the best score (if
+    ``best_mode`` is "min" or "max"; ties go to the earlier step)."""
+    steps = sorted(scores)
+    kept = set(steps[-keep_last:])
+    if best_mode and steps:
+        sign = 1 if best_mode == "min" else -1
+        kept.add(min(steps, key=lambda s: (sign * scores[s], s)))
+    return kept
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> str | None:
@@ -112,6 +123,9 @@ class Trainer:
         self.checkpoint_dir = Path(config.output_dir) / "checkpoints"
         self.history_path = Path(config.output_dir) / "losses.jsonl"
         self._window: list[dict[str, float]] = []
+        self._since_checkpoint: list[dict[str, float]] = []  # rank-averaged metrics of each step since the last one
+        self.step_lr = 0.0
+        self.metric_names: set[str] = set()
         self.boundary = False
         self.last_attention_maps: torch.Tensor | None = None
 
@@ -151,6 +165,7 @@ class Trainer:
         self.last_attention_maps = losses.get("attention_maps")
         self.engine.backward(losses["loss"])
         self.boundary = self.engine.is_gradient_accumulation_boundary()  # asked before step() advances it
+        self.step_lr = self.engine.get_lr()[0]  # the rate this step applies; step() moves the scheduler on
         self.engine.step()
         return {k: float(v.detach().float().mean()) for k, v in losses.items()
                 if isinstance(v, torch.Tensor) and v.numel() == 1}
@@ -185,18 +200,24 @@ class Trainer:
 
     def _record(self, step: int, started: float) -> None:
         names = sorted(self._window[0])
-        # per-rank means over the step's micro-batches, then averaged over ranks; counters summed
-        values = torch.tensor([sum(m[k] for m in self._window) / len(self._window) for k in names]
-                              + [float(self.state.rejected_total), float(self.state.nonfinite_total)], dtype=torch.float64)
+        self.metric_names = set(names)
+        # means over the step's micro-batches on all ranks, leaving out NaN (a metric with nothing to
+        # measure, e.g. the inside-mask share of a batch without subjects); counters summed
+        window = torch.tensor([[m[k] for k in names] for m in self._window], dtype=torch.float64)
+        finite = torch.isfinite(window)
+        values = torch.cat([torch.where(finite, window, 0.0).sum(0), finite.sum(0).double(),
+                            torch.tensor([float(self.state.rejected_total), float(self.state.nonfinite_total)],
+                                         dtype=torch.float64)])
         self._window = []
         if dist.is_initialized():
             dist.all_reduce(values)
-            values[: len(names)] /= dist.get_world_size()
+        n = len(names)
+        mean = {k: s / c for k, s, c in zip(names, values[:n].tolist(), values[n: 2 * n].tolist()) if c}
+        self._since_checkpoint.append(mean)  # the same on every rank: retention decides alike everywhere
         if self.rank != 0:
             return
-        mean = dict(zip(names, values[: len(names)].tolist()))
         row = {"step": step, **mean, "rejected_samples": values[-2].item(), "nonfinite_steps": values[-1].item(),
-               "lr": self.engine.get_lr()[0], "step_time_s": time.perf_counter() - started}
+               "lr": self.step_lr, "step_time_s": time.perf_counter() - started}
         with self.history_path.open("a") as history:
             history.write(json.dumps(row) + "\n")
         every = self.config.schedule.log_every
@@ -206,14 +227,37 @@ class Trainer:
                 self.tracker.metrics({k: v for k, v in row.items() if k != "step"}, step)
 
     def save_checkpoint(self) -> None:
-        tag = f"step-{self.state.step}"
+        step, schedule = self.state.step, self.config.schedule
+        dropped: set[int] = set()
+        if schedule.keep_last:
+            metric = schedule.keep_best_by
+            measured = [m[metric] for m in self._since_checkpoint if metric in m]
+            if metric and not measured and metric not in self.metric_names:
+                raise ValueError(f"schedule.keep_best_by={metric!r} is not a logged metric; "
+                                 f"choose one of {sorted(self.metric_names)}")
+            # a checkpoint whose interval never measured the metric cannot be the best one
+            worst = float("inf") if schedule.keep_best_mode == "min" else float("-inf")
+            score = sum(measured) / len(measured) if measured else worst
+            scores = {**self.state.checkpoint_scores, step: score}
+            kept = kept_checkpoints(scores, schedule.keep_last, schedule.keep_best_mode if metric else None)
+            dropped = set(scores) - kept
+            self.state.checkpoint_scores = {s: scores[s] for s in sorted(kept)}  # saved with this checkpoint
+        self._since_checkpoint = []
+        tag = f"step-{step}"
         # the frozen base (UNet, VAE, text encoders) is rebuilt from its spec, not stored per checkpoint
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, exclude_frozen_parameters=True)
         (self.checkpoint_dir / tag / f"trainer_state_rank{self.rank}.json").write_text(self.state.to_json())
         if dist.is_initialized():
             dist.barrier()
         if self.on_checkpoint:
-            self.on_checkpoint(self.state.step)
+            self.on_checkpoint(step)
+        if dropped and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one deleter per node (and per filesystem)
+            for old in sorted(dropped):
+                for folder in (self.checkpoint_dir, Path(self.config.output_dir) / "adapters"):
+                    shutil.rmtree(folder / f"step-{old}", ignore_errors=True)
+            log.info("retention: removed checkpoints %s, kept %s", sorted(dropped), sorted(self.state.checkpoint_scores))
+        if dist.is_initialized():
+            dist.barrier()  # nobody reads the checkpoint folder while it is being pruned
 
     def load_checkpoint(self) -> bool:
         """Restore the latest checkpoint (weights, optimizer, this rank's data position); False if none."""

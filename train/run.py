@@ -10,22 +10,34 @@ import torch.distributed as dist
 
 from mmdiff.configuration import load_config
 from train.config import TrainConfig
-from train.data import BatchBuilder, ShardStream, make_loader, manifest_hash
-from train.engine import Trainer, TrainerState, TrainingObjective, deepspeed_config
+from train.data import (
+    BatchBuilder,
+    ShardStream,
+    dataset_profile,
+    make_loader,
+    manifest_hash,
+)
+from train.deepspeed_config import deepspeed_config
+from train.engine import Trainer, TrainerState, TrainingObjective, lr_scheduler
 from train.export import register_model, save_adapter
 from train.samples import attention_overlay
 
-__all__ = ["build_model", "make_engine", "generate_sample", "train"]
+__all__ = ["build_model", "generate_sample", "make_engine", "train"]
 
 log = logging.getLogger("train")
 
 
+def model_settings(config: TrainConfig):
+    from mmdiff import MMDiffConfig
+
+    return load_config(config.model.mmdiff, MMDiffConfig)
+
+
 def build_model(config: TrainConfig):
-    from mmdiff import MMDiffConfig, MMDiffModel
+    from mmdiff import MMDiffModel
 
     torch.manual_seed(config.seed)  # identical trainable initialisation on every rank
-    return MMDiffModel.from_specs(config.model.base, config.model.image_encoder,
-                                  load_config(config.model.mmdiff, MMDiffConfig))
+    return MMDiffModel.from_specs(config.model.base, config.model.image_encoder, model_settings(config))
 
 
 def make_engine(config: TrainConfig, model):
@@ -36,6 +48,7 @@ def make_engine(config: TrainConfig, model):
     optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=config.optim.lr,
                                   betas=config.optim.betas, weight_decay=config.optim.weight_decay)
     engine, *_ = deepspeed.initialize(model=TrainingObjective(model), optimizer=optimizer,
+                                      lr_scheduler=lr_scheduler(optimizer, config),
                                       config=deepspeed_config(config, get_accelerator().device_name()))
     return engine
 
@@ -68,7 +81,10 @@ def train(config: TrainConfig) -> TrainerState:
     if rank == 0:
         from train.tracking import RunTracker
 
-        tracker = RunTracker(config, data_hash, {"world_size": str(world), "zero_stage": str(config.deepspeed.zero_stage)})
+        tracker = RunTracker(config, data_hash, {"world_size": str(world), "zero_stage": str(config.deepspeed.zero_stage)},
+                             model_settings(config).model_dump(mode="json"),
+                             deepspeed_config(config, accelerator.device_name()))
+        tracker.dataset(config.data.shards, data_hash, dataset_profile(config.data.shards))
 
     def on_checkpoint(step: int) -> None:
         adapter = save_adapter(engine, Path(config.output_dir) / "adapters" / f"step-{step}")

@@ -16,14 +16,14 @@ from PIL import Image
 
 from train.config import TrainConfig
 
-__all__ = ["git_commit", "flatten", "RunTracker"]
+__all__ = ["RunTracker", "flatten", "git_commit"]
 
 
 def git_commit(repo: str | Path = ".") -> str:
     """HEAD of the source tree, with ``-dirty`` when tracked files differ; ``unknown`` outside git."""
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "diff", "--quiet", "HEAD", "--", "."], capture_output=True).returncode
+        dirty = subprocess.run(["git", "-C", str(repo), "diff", "--quiet", "HEAD", "--", "."], check=False, capture_output=True).returncode
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -36,11 +36,17 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
         for key, value in data.items():
             out.update(flatten(value, f"{prefix}{key}."))
         return out
-    return {prefix.rstrip("."): json.dumps(data) if isinstance(data, (list, tuple)) else str(data)}
+    if isinstance(data, (list, tuple)):
+        return {prefix.rstrip("."): json.dumps(data)}
+    return {prefix.rstrip("."): str(data)} if prefix else {}
 
 
 class RunTracker:
-    def __init__(self, config: TrainConfig, data_manifest_hash: str, extra_tags: dict[str, str] | None = None):
+    """``model_settings`` is the resolved MM-Diff config (configs/mmdiff/*.yaml), logged as ``mmdiff.*``
+    params beside the training config's own; ``deepspeed`` is the effective DeepSpeed JSON config."""
+
+    def __init__(self, config: TrainConfig, data_manifest_hash: str, extra_tags: dict[str, str] | None = None,
+                 model_settings: dict[str, Any] | None = None, deepspeed: dict[str, Any] | None = None):
         self.config = config
         mlflow.set_tracking_uri(config.tracking_uri)
         self.client = mlflow.MlflowClient(config.tracking_uri)
@@ -62,10 +68,24 @@ class RunTracker:
         self.run_id = run.info.run_id
         self.run_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": config.tracking_uri}))
         resolved = config.model_dump(mode="json")
-        params = [mlflow.entities.Param(k, v[:6000]) for k, v in flatten(resolved).items()]
+        flat = {**flatten(resolved), **flatten(model_settings or {}, "mmdiff.")}
+        params = [mlflow.entities.Param(k, v[:6000]) for k, v in flat.items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i: i + 100])
         self.client.log_text(self.run_id, yaml.safe_dump(resolved, sort_keys=False), "config/resolved.yaml")
+        if model_settings:
+            self.client.log_text(self.run_id, yaml.safe_dump(model_settings, sort_keys=False), "config/mmdiff.yaml")
+        if deepspeed:
+            self.client.log_dict(self.run_id, deepspeed, "config/deepspeed.json")
+
+    def dataset(self, folder: str | Path, digest: str, profile: dict[str, Any]) -> None:
+        """The shards as the run's training input (MLflow dataset tracking): digest = manifest hash."""
+        folder = Path(folder).resolve()
+        dataset = mlflow.entities.Dataset(name=folder.name, digest=digest, source_type="local",
+                                          source=json.dumps({"uri": folder.as_uri()}),
+                                          profile=json.dumps(profile, sort_keys=True))
+        context = mlflow.entities.InputTag(key=mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT, value="training")
+        self.client.log_inputs(self.run_id, [mlflow.entities.DatasetInput(dataset, tags=[context])])
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         now = mlflow.utils.time.get_current_time_millis()
