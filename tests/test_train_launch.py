@@ -205,7 +205,10 @@ def test_resumed_run_ends_with_the_same_losses(zero2_run, shards, tmp_path):
     for a, b in zip(full[4:], again):
         for name in ("loss", "denoise_loss", "attention_loss", "lr"):
             assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), (a["step"], name)
-    state = lambda run: json.loads((run / "checkpoints" / "step-6" / "trainer_state_rank1.json").read_text())
+
+    def state(run):
+        return json.loads((run / "checkpoints" / "step-6" / "trainer_state_rank1.json").read_text())
+
     assert state(resumed)["checkpoint_scores"] == pytest.approx(state(zero2_run)["checkpoint_scores"], rel=1e-5)
 
 
