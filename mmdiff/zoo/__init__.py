@@ -23,6 +23,8 @@ FAMILY_MODULES = {
     "grounding_dino": "mmdiff.zoo.grounding_dino",
     "sam": "mmdiff.zoo.sam",
     "insightface": "mmdiff.zoo.insightface",
+    "clip": "mmdiff.zoo.clip",
+    "dino": "mmdiff.zoo.dino",
 }
 
 

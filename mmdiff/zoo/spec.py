@@ -8,7 +8,7 @@ from pydantic import Field
 
 from mmdiff.configuration import ConfigModel
 
-Family = Literal["sd15", "sdxl", "clip_vision", "blip2", "grounding_dino", "sam", "insightface"]
+Family = Literal["sd15", "sdxl", "clip_vision", "blip2", "grounding_dino", "sam", "insightface", "clip", "dino"]
 
 # Sources that are not a hub id or a path.
 TINY = "tiny"  # tiny random-initialised twin of the real classes, for tests (seconds on CPU)
