@@ -385,7 +385,19 @@ def _run_ray(config: EvaluationConfig, rows: list[dict], model_uri: str, trackin
 
     from pipeline.preprocess import _init_ray
 
+    started = not ray.is_initialized()
     _init_ray(config)
+    try:
+        return _stream(config, rows, model_uri, tracking_uri, image_dir, bar)
+    finally:
+        if started:  # an embedded Ray started here ends with the job
+            ray.shutdown()
+
+
+def _stream(config: EvaluationConfig, rows: list[dict], model_uri: str, tracking_uri: str | None, image_dir: Path,
+            bar) -> list[dict]:
+    import ray
+
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar: ours, counting images
     gen, score = config.generate, config.score
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // gen.batch_size, 200)))

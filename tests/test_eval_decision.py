@@ -1,0 +1,156 @@
+"""The decision against a real `mlflow server` on loopback: two tracked runs with registered models are
+evaluated (the Ray Data job and the in-process loop), compared in an HTML + PNG report, and promoted
+behind gates (a worse model refused, a better one accepted, tags saying why)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import mlflow
+import pytest
+import torch
+
+from evaluation.benchmark import write_demo
+from evaluation.compare import compare
+from evaluation.evaluate import load_evaluation_config, log_evaluation, run_evaluation
+from evaluation.promote import GatesConfig, promote
+from mmdiff import MMDiffConfig, MMDiffModel
+from mmdiff.configuration import load_config
+from test_train_launch import mlflow_server  # noqa: F401 - the module's server fixture
+from train.config import TrainConfig
+from train.export import register_model
+from train.samples import attention_overlay
+from train.tracking import RunTracker
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
+MODEL = "mmdiff-eval-test"
+
+
+def tracked_run(root, uri: str, name: str, weight: float, seed: int) -> str:
+    """A run as training records it (params, loss curves, an attention overlay), its adapter registered."""
+    config = load_config("configs/train/tiny_test.yaml", TrainConfig, {
+        "output_dir": str(root / name), "run_name": name, "mlflow.tracking_uri": uri, "mlflow.registered_model": MODEL,
+        "optim.lr": weight, "mlflow.experiment": "eval-test"})
+    (root / name).mkdir()
+    model = MMDiffModel.from_specs(config.model.base, config.model.image_encoder,
+                                   load_config(config.model.mmdiff, MMDiffConfig))
+    generator = torch.Generator().manual_seed(seed)  # the zoo reseeds the global RNG when it builds models
+    with torch.no_grad():  # stands in for training: moves every trainable weight away from its start
+        for p in model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.2)
+    tracker = RunTracker(config, "eval-test-data")
+    for step in range(1, 5):
+        tracker.metrics({"loss": 1.0 / step + weight, "attention_loss": weight * step}, step)
+    batch = {"pixel_values": torch.rand(1, 3, 32, 32) * 2 - 1, "subject_valid": torch.ones(1, 1, dtype=torch.bool),
+             "subject_masks": torch.ones(1, 1, 32, 32)}
+    tracker.image(attention_overlay(batch, torch.rand(1, 1, 8, 8)), "samples/attention-step-000004.png")
+    model.save_pretrained(root / name / "adapter")
+    register_model(config, root / name / "adapter", tracker.run_id, "eval-test-data")
+    tracker.finish()
+    return tracker.run_id
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, mlflow_server):  # noqa: F811
+    root = tmp_path_factory.mktemp("decision")
+    runs = [tracked_run(root, mlflow_server, "run-a", 0.01, seed=1), tracked_run(root, mlflow_server, "run-b", 0.02, seed=2)]
+    write_demo(root / "bench")
+    results = []
+    for version, runner in (("1", "ray"), ("2", "loop")):
+        config = load_evaluation_config("configs/eval/demo.yaml", {
+            "benchmark.dreambench": str(root / "bench/dataset"), "benchmark.portraits.folder": str(root / "bench/portraits"),
+            "benchmark.subjects": ["cat", "cup"], "benchmark.prompts_per_subject": 1,
+            "benchmark.pairs.prompts": ["a {0} and a {1} on the beach"], "benchmark.portraits.prompts": ["a {0}"],
+            "generation.steps": 2, "output_dir": str(root / f"eval-{version}"), "progress": False})
+        result = run_evaluation(config, f"models:/{MODEL}/{version}", mlflow_server, runner)
+        log_evaluation(result, mlflow_server)
+        results.append(result)
+    return runs, results, root
+
+
+def test_evaluation_scores_every_case_and_logs_to_the_training_run(evaluated, mlflow_server):  # noqa: F811
+    runs, results, _ = evaluated
+    client = mlflow.MlflowClient(mlflow_server)
+    for run_id, result in zip(runs, results):
+        table = result.table
+        assert set(table["kind"]) == {"single", "ceiling", "multi", "portrait"}
+        assert (table["status"] == "ok").all(), table.loc[table["status"] != "ok", ["case_id", "detail"]]
+        assert result.summary["images_scored"] == 4  # 2 single + 1 pair + 1 portrait
+        assert 0.9 < result.summary["ceiling.dino"] <= 1.0  # a view of the same photo is close to it
+        run = client.get_run(run_id)
+        for name in ("clip_t", "clip_i", "dino", "face_id", "multi.located_rate", "ceiling.clip_i"):
+            assert run.data.metrics[f"eval.{name}"] == pytest.approx(result.summary[name])
+        assert run.data.tags["eval.benchmark_hash"] == result.benchmark_hash
+        files = {a.path for a in client.list_artifacts(run_id, "eval/demo/images")}
+        assert "eval/demo/images/single__cat__p00__s0.png" in files and len(files) == 4
+    assert results[0].benchmark_hash == results[1].benchmark_hash
+    assert results[0].summary["dino"] != results[1].summary["dino"]  # two different models
+
+
+def test_compare_report_holds_both_runs_config_diff_and_same_seed_grids(evaluated, mlflow_server, tmp_path):  # noqa: F811
+    runs, results, _ = evaluated
+    page, picture, logged = compare(runs, tmp_path, mlflow_server)
+    text = page.read_text()
+    assert page.name == "comparison.html" and picture.name == "comparison.png"
+    for run_id, result in zip(runs, results):
+        assert run_id in text
+        assert f"{result.summary['dino']:.4f}" in text and f"{result.summary['clip_t']:.4f}" in text
+    diff = text[text.index("id='config-diff'"):text.index("<h2>Curves")]
+    assert "optim.lr" in diff and "0.01" in diff and "0.02" in diff and "run_name" in diff
+    assert "model.base.source" not in diff  # identical params are left out of the diff
+    grid = text[text.index("id='samples'"):text.index("<h2>Attention")]
+    for case in ("single/cat/p00/s0", "multi/cat+cup/p00/s0", "portrait/astronaut/p00/s0"):
+        assert len(re.findall(f"<img alt='{re.escape(case)}' src='data:image/png;base64,", grid)) == 2
+    assert "ceiling/" not in grid
+    assert text.count("class='best'") >= 3 and "src='http" not in text  # self-contained
+    from PIL import Image
+
+    assert Image.open(picture).size[1] > 3 * 128  # curves + 3 grid rows
+    client = mlflow.MlflowClient(mlflow_server)
+    assert {a.path for a in client.list_artifacts(logged, "comparison")} == {"comparison/comparison.html",
+                                                                             "comparison/comparison.png"}
+    assert client.get_run(logged).data.tags["mmdiff.compared_runs"] == ",".join(runs)
+
+
+def test_promote_refuses_a_worse_model_and_accepts_a_better_one(evaluated, mlflow_server):  # noqa: F811
+    _, results, _ = evaluated
+    gates = GatesConfig(alias="champion", rank_by="dino", gates=[{"metric": "dino", "limit": 0.0, "margin": 0.0}])
+    dino = {"1": results[0].summary["dino"], "2": results[1].summary["dino"]}
+    worse, better = sorted(dino, key=dino.get)
+    client = mlflow.MlflowClient(mlflow_server)
+
+    first = promote(gates, MODEL, [worse], mlflow_server)  # no champion yet: the limit alone decides
+    assert first.promoted == worse and client.get_model_version_by_alias(MODEL, "champion").version == worse
+
+    accepted = promote(gates, MODEL, [better], mlflow_server)
+    assert accepted.promoted == better and accepted.champion_before == worse
+    assert client.get_model_version_by_alias(MODEL, "champion").version == better
+    tags = client.get_model_version(MODEL, better).tags
+    assert tags["promotion.decision"] == "promoted" and tags["promotion.against"] == f"v{worse}"
+    assert any(r.startswith(f"ok dino {dino[better]:.4f} vs champion v{worse}") for r in json.loads(tags["promotion.reasons"]))
+
+    refused = promote(gates, MODEL, [worse], mlflow_server)
+    assert refused.promoted is None and client.get_model_version_by_alias(MODEL, "champion").version == better
+    tags = client.get_model_version(MODEL, worse).tags
+    assert tags["promotion.decision"] == "refused" and tags["promotion.against"] == f"v{better}"
+    reasons = json.loads(tags["promotion.reasons"])
+    assert any(r.startswith(f"FAIL dino {dino[worse]:.4f} vs champion v{better}") for r in reasons), reasons
+
+    missing = GatesConfig(rank_by="dino", gates=[{"metric": "no_such_figure"}])
+    assert promote(missing, MODEL, [worse], mlflow_server).decisions[0].reasons == [
+        "FAIL no_such_figure: missing from the evaluation"]
+
+
+def test_promote_cli_exit_codes(evaluated, mlflow_server, capsys, tmp_path):  # noqa: F811
+    from evaluation.promote import main
+
+    strict = tmp_path / "gates.yaml"
+    strict.write_text("rank_by: dino\ngates:\n  - {metric: dino, limit: 2.0}\n")
+    assert main(["--model", MODEL, "--versions", "1", "2", "--gates", str(strict), "--alias", "strict",
+                 "--tracking-uri", mlflow_server]) == 1
+    err = capsys.readouterr().err
+    assert "refused: no candidate passed the gates; @strict is not set" in err
+    assert main(["--model", MODEL, "--versions", "1", "2", "--gates", "configs/eval/gates_demo.yaml",
+                 "--alias", "demo", "--tracking-uri", mlflow_server]) == 0
+    assert re.search(rf"promote: {MODEL}@demo -> v[12]", capsys.readouterr().out)
