@@ -25,16 +25,32 @@ test: $(STAMP)
 	$(RUN) -m pytest -q $(PYTEST_ARGS)
 
 # The whole loop on scikit-image's photos with tiny models: shards (embedded Ray) -> 2 CPU ranks of
-# DeepSpeed ZeRO-2 -> MLflow run + registered model -> an image generated from the registered model.
+# DeepSpeed ZeRO-2, twice (attention constraint on, then off) -> MLflow runs + registered versions 1 and 2
+# -> an image generated from the registered model -> the decision: both versions evaluated on a tiny
+# benchmark (Ray Data), compared (HTML + PNG), the better one promoted to the `champion` alias.
+DEMO_MLFLOW := sqlite:///$(CURDIR)/outputs/train/demo/mlflow.db
+demo: export MLFLOW_TRACKING_URI = $(DEMO_MLFLOW)
 demo: $(STAMP)
-	rm -rf outputs/inputs/photos outputs/shards/demo outputs/train/demo outputs/demo
+	rm -rf outputs/inputs/photos outputs/shards/demo outputs/train/demo outputs/train/demo-no-constraint \
+		outputs/demo outputs/eval/benchmark outputs/eval/demo-v1 outputs/eval/demo-v2 outputs/compare/demo
 	$(RUN) -m pipeline.example_inputs outputs/inputs/photos
 	$(RUN) -m pipeline.preprocess --config configs/preprocess/demo.yaml
 	$(RUN) -m train.launch --config configs/train/demo.yaml --num_gpus 2
+	$(RUN) -m train.launch --config configs/train/demo.yaml --num_gpus 2 run_name=demo-no-constraint \
+		output_dir=outputs/train/demo-no-constraint model.mmdiff=configs/mmdiff/tiny_sd15_no_constraint.yaml
 	$(RUN) -m train.generate --config configs/train/demo.yaml --prompt "a [cat] on a beach" \
 		--subject skimage:chelsea --steps 10 --out outputs/demo/generated.png
+	$(RUN) -m evaluation.benchmark write-demo outputs/eval/benchmark
+	$(RUN) -m evaluation.evaluate --config configs/eval/demo.yaml --model models:/mmdiff-demo/1 \
+		--set output_dir=outputs/eval/demo-v1
+	$(RUN) -m evaluation.evaluate --config configs/eval/demo.yaml --model models:/mmdiff-demo/2 \
+		--set output_dir=outputs/eval/demo-v2
+	$(RUN) -m evaluation.compare --experiment mmdiff-demo --out outputs/compare/demo
+	$(RUN) -m evaluation.promote --model mmdiff-demo --versions 1 2 --gates configs/eval/gates_demo.yaml
 	@echo "demo done: shards + contact sheet in outputs/shards/demo, generated image outputs/demo/generated.png,"
-	@echo "  MLflow runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///outputs/train/demo/mlflow.db"
+	@echo "  evaluations outputs/eval/demo-v1 and demo-v2, run comparison report outputs/compare/demo/comparison.html"
+	@echo "  (+ comparison.png), serving alias models:/mmdiff-demo@champion"
+	@echo "  MLflow runs: $(VENV)/bin/mlflow ui --backend-store-uri $(DEMO_MLFLOW)"
 
 benchmarks: $(STAMP)
 	$(RUN) -m benchmarks.run_all

@@ -6,7 +6,7 @@
 The page (``comparison.html``, images inlined) holds: the metrics table with the best value of each row
 marked, the params and config that differ across the runs, the training and metric curves overlaid,
 side-by-side sample grids (the same benchmark case, prompt and seed in every column, from each run's
-``evaluation.evaluate`` images) and each run's latest attention-map overlay. ``comparison.png`` holds the
+``evaluation.evaluate`` images, beside the subjects' reference photos) and each run's latest attention-map overlay. ``comparison.png`` holds the
 curves and the sample grid. Both are logged as artifacts (``comparison/``) of a run tagged
 ``mmdiff.kind=comparison`` in the first run's experiment; comparison runs are never compared themselves.
 """
@@ -73,6 +73,8 @@ def _evaluation_cases(client, run_id: str, benchmark: str | None, workdir: Path)
         picture = local / "images" / row["image"] if row.get("image") else None
         if row["kind"] != "ceiling" and picture is not None and picture.is_file():
             row["picture"] = Image.open(picture).convert("RGB")
+            references = [local / "references" / f"{s}.png" for s in json.loads(row["subjects"])]
+            row["references"] = [Image.open(r).convert("RGB") for r in references if r.is_file()]
             cases[row["case_id"]] = row
     return cases
 
@@ -168,15 +170,15 @@ table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;paddin
 th{background:#f3f3f3}td.key{text-align:left;font-family:monospace}
 td.best{background:#d8f5d0;font-weight:bold}td.diff{background:#fff4cc;text-align:left;font-family:monospace}
 .grid td{text-align:center;vertical-align:top}.grid img{width:160px;image-rendering:pixelated}
-.prompt{font-size:12px;text-align:left;max-width:220px}.note{color:#666;font-size:12px}
+.prompt{font-size:12px;text-align:left;max-width:220px}.grid img.ref{width:64px;margin:4px 4px 0 0}.note{color:#666;font-size:12px}
 """
 
 
 def render_html(records: list[RunRecord], curves: Image.Image | None) -> str:
     e = html.escape
     head = "".join(f"<th>{e(r.label)}</th>" for r in records)
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>mmdiff run comparison</title>"
-             f"<style>{STYLE}</style></head><body><h1>Run comparison: {len(records)} runs</h1>",
+    parts = [(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>mmdiff run comparison</title>"
+             f"<style>{STYLE}</style></head><body><h1>Run comparison: {len(records)} runs</h1>"),
              "<table><tr><th>run</th><th>id</th><th>status</th></tr>"]
     parts += [f"<tr><td class='key'>{e(r.name)}</td><td class='key'>{e(r.run_id)}</td><td>{e(r.status)}</td></tr>"
               for r in records]
@@ -204,8 +206,9 @@ def render_html(records: list[RunRecord], curves: Image.Image | None) -> str:
             row = records[0].cases[case_id]
             cells = "".join(f"<td><img alt='{e(case_id)}' src='{_png(r.cases[case_id]['picture'])}'></td>"
                             for r in records)
+            refs = "".join(f"<img class='ref' alt='reference' src='{_png(r)}'>" for r in row["references"])
             parts.append(f"<tr><td class='prompt'><b>{e(case_id)}</b><br>{e(row['prompt'])}<br>seed {row['seed']}"
-                         f"</td>{cells}</tr>")
+                         f"<br>{refs}</td>{cells}</tr>")
         parts.append("</table>")
     else:
         parts.append("<p class='note'>No evaluated case is shared by all runs (run evaluation.evaluate with the "

@@ -13,7 +13,8 @@ stages in this process (the benchmark's baseline).
 
 Results go to the run that trained the model (for a folder: a new run in experiment ``mmdiff-eval``):
 metrics ``eval.<name>``, tags ``eval.benchmark`` / ``eval.benchmark_hash`` / ``eval.model_uri``, and
-artifacts under ``eval/<benchmark>/``: ``table.json`` (one row per case), ``summary.json`` and ``images/``.
+artifacts under ``eval/<benchmark>/``: ``table.json`` (one row per case), ``summary.json``, ``images/`` and
+``references/`` (each subject's conditioning photo).
 A case that fails is recorded with its reason and the job goes on.
 """
 
@@ -458,9 +459,20 @@ def run_evaluation(config: EvaluationConfig, model_uri: str, tracking_uri: str |
     table = pd.DataFrame(results, columns=RESULT_COLUMNS).sort_values("case_id").reset_index(drop=True)
     result = EvaluationResult(source, config.benchmark.name, benchmark_hash(cases), table, aggregate(table),
                               time.perf_counter() - started, out_dir)
+    _write_references(cases, out_dir / "references")
     table.to_json(out_dir / "table.json", orient="records", indent=1)
     (out_dir / "summary.json").write_text(json.dumps(_summary_document(result), indent=2), encoding="utf-8")
     return result
+
+
+def _write_references(cases: list[Case], folder: Path, side: int = 256) -> None:
+    """Each subject's conditioning photo as a thumbnail ``<subject>.png`` (reports show it beside the results)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for subject, path in {s: p for c in cases for s, p in zip(c.subjects, c.condition)}.items():
+        with Image.open(path) as image:
+            thumbnail = image.convert("RGB")
+            thumbnail.thumbnail((side, side))
+            thumbnail.save(folder / f"{subject}.png")
 
 
 def _summary_document(result: EvaluationResult) -> dict:
@@ -491,6 +503,7 @@ def log_evaluation(result: EvaluationResult, tracking_uri: str | None) -> str:
     client.log_table(run_id, table, f"{prefix}/table.json")
     client.log_dict(run_id, _summary_document(result), f"{prefix}/summary.json")
     client.log_artifacts(run_id, str(result.output_dir / "images"), f"{prefix}/images")
+    client.log_artifacts(run_id, str(result.output_dir / "references"), f"{prefix}/references")
     if result.source.name:
         for key, value in (("eval.benchmark_hash", result.benchmark_hash), ("eval.run_id", run_id)):
             client.set_model_version_tag(result.source.name, result.source.version, key, value)

@@ -31,15 +31,16 @@ def tracked_run(root, uri: str, name: str, weight: float, seed: int) -> str:
     """A run as training records it (params, loss curves, an attention overlay), its adapter registered."""
     config = load_config("configs/train/tiny_test.yaml", TrainConfig, {
         "output_dir": str(root / name), "run_name": name, "mlflow.tracking_uri": uri, "mlflow.registered_model": MODEL,
-        "optim.lr": weight, "mlflow.experiment": "eval-test"})
+        "mlflow.experiment": "eval-test"})
     (root / name).mkdir()
-    model = MMDiffModel.from_specs(config.model.base, config.model.image_encoder,
-                                   load_config(config.model.mmdiff, MMDiffConfig))
+    settings = load_config(config.model.mmdiff, MMDiffConfig)
+    model = MMDiffModel.from_specs(config.model.base, config.model.image_encoder, settings)
     generator = torch.Generator().manual_seed(seed)  # the zoo reseeds the global RNG when it builds models
     with torch.no_grad():  # stands in for training: moves every trainable weight away from its start
         for p in model.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=generator) * 0.2)
-    tracker = RunTracker(config, "eval-test-data")
+    tracker = RunTracker(config, "eval-test-data",
+                         model_settings={**settings.model_dump(mode="json"), "attention_loss_weight": weight})
     for step in range(1, 5):
         tracker.metrics({"loss": 1.0 / step + weight, "attention_loss": weight * step}, step)
     batch = {"pixel_values": torch.rand(1, 3, 32, 32) * 2 - 1, "subject_valid": torch.ones(1, 1, dtype=torch.bool),
@@ -54,7 +55,8 @@ def tracked_run(root, uri: str, name: str, weight: float, seed: int) -> str:
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, mlflow_server):  # noqa: F811
     root = tmp_path_factory.mktemp("decision")
-    runs = [tracked_run(root, mlflow_server, "run-a", 0.01, seed=1), tracked_run(root, mlflow_server, "run-b", 0.02, seed=2)]
+    runs = [tracked_run(root, mlflow_server, "run-a", 0.01, seed=1),
+            tracked_run(root, mlflow_server, "run-b", 0.02, seed=2)]
     write_demo(root / "bench")
     results = []
     for version, runner in (("1", "ray"), ("2", "loop")):
@@ -97,7 +99,7 @@ def test_compare_report_holds_both_runs_config_diff_and_same_seed_grids(evaluate
         assert run_id in text
         assert f"{result.summary['dino']:.4f}" in text and f"{result.summary['clip_t']:.4f}" in text
     diff = text[text.index("id='config-diff'"):text.index("<h2>Curves")]
-    assert "optim.lr" in diff and "0.01" in diff and "0.02" in diff and "run_name" in diff
+    assert "mmdiff.attention_loss_weight" in diff and "0.01" in diff and "0.02" in diff and "run_name" in diff
     assert "model.base.source" not in diff  # identical params are left out of the diff
     grid = text[text.index("id='samples'"):text.index("<h2>Attention")]
     for case in ("single/cat/p00/s0", "multi/cat+cup/p00/s0", "portrait/astronaut/p00/s0"):
