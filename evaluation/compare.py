@@ -6,7 +6,8 @@
 The page (``comparison.html``, images inlined) holds: the metrics table with the best value of each row
 marked, the params and config that differ across the runs, the training and metric curves overlaid,
 side-by-side sample grids (the same benchmark case, prompt and seed in every column, from each run's
-``evaluation.evaluate`` images, beside the subjects' reference photos) and each run's latest attention-map overlay. ``comparison.png`` holds the
+``evaluation.evaluate`` images, beside the subjects' reference photos) and each run's latest
+attention-map overlay. ``comparison.png`` holds the
 curves and the sample grid. Both are logged as artifacts (``comparison/``) of a run tagged
 ``mmdiff.kind=comparison`` in the first run's experiment; comparison runs are never compared themselves.
 """
@@ -215,7 +216,8 @@ def render_html(records: list[RunRecord], curves: Image.Image | None) -> str:
                      "same benchmark on each).</p>")
     parts.append("<h2>Attention maps</h2><p class='note'>The latest training sample of each run: image, then "
                  "each subject's attention over it.</p><table class='grid'><tr>")
-    parts += [f"<td>{e(r.label)}<br>" + (f"<img style='width:auto;max-width:420px' src='{_png(r.attention)}'>"
+    parts += [f"<td>{e(r.label)}<br>" + (f"<img style='width:auto;height:{max(160, r.attention.height)}px' "
+                                          f"src='{_png(r.attention)}'>"
                                           if r.attention is not None else "none logged") + "</td>" for r in records]
     parts.append("</tr></table></body></html>")
     return "\n".join(parts)

@@ -5,9 +5,11 @@ behind gates (a worse model refused, a better one accepted, tags saying why)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 
@@ -90,9 +92,15 @@ def test_evaluation_scores_every_case_and_logs_to_the_training_run(evaluated, ml
     assert results[0].summary["dino"] != results[1].summary["dino"]  # two different models
 
 
-def test_compare_report_holds_both_runs_config_diff_and_same_seed_grids(evaluated, mlflow_server, tmp_path):  # noqa: F811
+@pytest.fixture(scope="module")
+def report(evaluated, mlflow_server):  # noqa: F811
+    runs, _, root = evaluated
+    return compare(runs, root / "compare", mlflow_server)
+
+
+def test_compare_report_holds_both_runs_config_diff_and_same_seed_grids(evaluated, report, mlflow_server):  # noqa: F811
     runs, results, _ = evaluated
-    page, picture, logged = compare(runs, tmp_path, mlflow_server)
+    page, picture, logged = report
     text = page.read_text()
     assert page.name == "comparison.html" and picture.name == "comparison.png"
     for run_id, result in zip(runs, results):
@@ -104,7 +112,7 @@ def test_compare_report_holds_both_runs_config_diff_and_same_seed_grids(evaluate
     grid = text[text.index("id='samples'"):text.index("<h2>Attention")]
     for case in ("single/cat/p00/s0", "multi/cat+cup/p00/s0", "portrait/astronaut/p00/s0"):
         assert len(re.findall(f"<img alt='{re.escape(case)}' src='data:image/png;base64,", grid)) == 2
-    assert "ceiling/" not in grid
+    assert "ceiling/" not in grid and grid.count("<img class='ref'") == 4  # cat, cup, cat + cup, astronaut
     assert text.count("class='best'") >= 3 and "src='http" not in text  # self-contained
     from PIL import Image
 
@@ -113,6 +121,33 @@ def test_compare_report_holds_both_runs_config_diff_and_same_seed_grids(evaluate
     assert {a.path for a in client.list_artifacts(logged, "comparison")} == {"comparison/comparison.html",
                                                                              "comparison/comparison.png"}
     assert client.get_run(logged).data.tags["mmdiff.compared_runs"] == ",".join(runs)
+
+
+def test_compare_report_renders_in_chromium(report, tmp_path):
+    """The page as a browser shows it: headless Chromium (Debian's package, .ci/setup-system) screenshots it;
+    the inlined sample images must be decoded and drawn (the tiny models' images are strongly coloured, the
+    page's own colours are greys and pale table fills)."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing: .ci/setup-system installs it")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2400", f"--screenshot={shot}",
+                    report[0].as_uri()], check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    image = Image.open(shot).convert("HSV")
+    assert image.size == (1200, 2400)
+    hsv = np.asarray(image)
+    dark_text = (hsv[:300, :, 2] < 80).sum()
+    vivid = ((hsv[..., 1] > 128) & (hsv[..., 2] > 80)).sum()
+    assert dark_text > 500 and vivid > 8 * 64 * 64, (dark_text, vivid)
 
 
 def test_promote_refuses_a_worse_model_and_accepts_a_better_one(evaluated, mlflow_server):  # noqa: F811
