@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 import yaml
 from PIL import Image
 
@@ -222,25 +223,45 @@ class GenerateStage:
             subjects.append(Subject(word, image, embedding))
         return subjects
 
+    def _generate(self, cases: list[Case]) -> list[Image.Image]:
+        """One batched call: a prompt, its subjects and its own seeded generator per case."""
+        return self.pipe([c.prompt for c in cases], [self._subjects(c) for c in cases],
+                         generator=[torch.Generator().manual_seed(c.seed) for c in cases],
+                         num_inference_steps=self.settings.steps, guidance_scale=self.settings.guidance_scale,
+                         height=self.settings.height, width=self.settings.width).images
+
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        out = []
-        for row in batch.to_dict("records"):
-            row = {**row, "status": "ok", "reason": "", "detail": "", "generate_s": 0.0}
-            case = Case.from_row(row)
+        rows = [{**row, "status": "ok", "reason": "", "detail": "", "generate_s": 0.0, "generated": ""}
+                for row in batch.to_dict("records")]
+        cases = [Case.from_row(row) for row in rows]
+        groups: dict[int, list[int]] = {}  # cases with as many subjects run as one batch
+        for i, case in enumerate(cases):
             if case.kind == "ceiling":
-                out.append({**row, "generated": case.image})
-                continue
+                rows[i]["generated"] = case.image
+            else:
+                groups.setdefault(len(case.subjects), []).append(i)
+        for members in groups.values():
             start = time.perf_counter()
             try:
-                image = self.pipe(case.prompt, self._subjects(case), seed=case.seed,
-                                  num_inference_steps=self.settings.steps, guidance_scale=self.settings.guidance_scale,
-                                  height=self.settings.height, width=self.settings.width).images[0]
-                path = self.image_dir / image_file(case.case_id)
-                image.save(path)
-                out.append({**row, "generated": str(path), "generate_s": time.perf_counter() - start})
-            except Exception as exc:  # noqa: BLE001 - one case never stops the job; the reason is recorded
-                out.append(_failed({**row, "generated": ""}, "generation_failed", exc))
-        return pd.DataFrame(out)
+                images = self._generate([cases[i] for i in members])
+            except Exception:  # noqa: BLE001 - retried one by one below, so the failing case gets its own reason
+                images = None
+            if images is not None:
+                for i, image in zip(members, images):
+                    self._save(rows[i], cases[i], image, (time.perf_counter() - start) / len(members))
+                continue
+            for i in members:
+                start = time.perf_counter()
+                try:
+                    self._save(rows[i], cases[i], self._generate([cases[i]])[0], time.perf_counter() - start)
+                except Exception as exc:  # noqa: BLE001 - one case never stops the job; the reason is recorded
+                    rows[i] = _failed(rows[i], "generation_failed", exc)
+        return pd.DataFrame(rows)
+
+    def _save(self, row: dict, case: Case, image: Image.Image, seconds: float) -> None:
+        path = self.image_dir / image_file(case.case_id)
+        image.save(path)
+        row.update(generated=str(path), generate_s=seconds)
 
 
 class ScoreStage:
