@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from evaluation.evaluate import load_evaluation_config
+from evaluation.promote import GatesConfig
 from mmdiff.configuration import load_config
 from mmdiff.model_config import MMDiffConfig
 from mmdiff.zoo.spec import ModelSpec
@@ -34,6 +36,8 @@ LOADERS = {
     "preprocess": lambda path: load_config(path, PreprocessConfig),
     # the training data lives on the cluster; the model config it names must exist and match here
     "train": lambda path: load_train_config(path, check_data=False),
+    # promotion gates (gates*.yaml) and evaluation jobs
+    "eval": lambda path: load_config(path, GatesConfig) if path.name.startswith("gates") else load_evaluation_config(path),
 }
 
 
