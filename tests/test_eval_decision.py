@@ -49,6 +49,7 @@ def tracked_run(root, uri: str, name: str, weight: float, seed: int) -> str:
              "subject_masks": torch.ones(1, 1, 32, 32)}
     tracker.image(attention_overlay(batch, torch.rand(1, 1, 8, 8)), "samples/attention-step-000004.png")
     model.save_pretrained(root / name / "adapter")
+    tracker.directory(root / name / "adapter", "adapter")
     register_model(config, root / name / "adapter", tracker.run_id, "eval-test-data")
     tracker.finish()
     return tracker.run_id
@@ -61,13 +62,14 @@ def evaluated(tmp_path_factory, mlflow_server):  # noqa: F811
             tracked_run(root, mlflow_server, "run-b", 0.02, seed=2)]
     write_demo(root / "bench")
     results = []
-    for version, runner in (("1", "ray"), ("2", "loop")):
+    # a registered version through the Ray Data job, a run's adapter through the in-process loop
+    for name, source, runner in (("1", f"models:/{MODEL}/1", "ray"), ("2", f"runs:/{runs[1]}/adapter", "loop")):
         config = load_evaluation_config("configs/eval/demo.yaml", {
             "benchmark.dreambench": str(root / "bench/dataset"), "benchmark.portraits.folder": str(root / "bench/portraits"),
             "benchmark.subjects": ["cat", "cup"], "benchmark.prompts_per_subject": 1,
             "benchmark.pairs.prompts": ["a {0} and a {1} on the beach"], "benchmark.portraits.prompts": ["a {0}"],
-            "generation.steps": 2, "output_dir": str(root / f"eval-{version}"), "progress": False})
-        result = run_evaluation(config, f"models:/{MODEL}/{version}", mlflow_server, runner)
+            "generation.steps": 2, "output_dir": str(root / f"eval-{name}"), "progress": False})
+        result = run_evaluation(config, source, mlflow_server, runner)
         log_evaluation(result, mlflow_server)
         results.append(result)
     return runs, results, root

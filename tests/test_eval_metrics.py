@@ -163,3 +163,12 @@ def test_region_identity_uses_every_reference():
     regions = np.eye(4)[[0, 2]]
     scores = region_scores(regions, refs)
     assert scores.own == pytest.approx([0.5, 1.0]) and not scores.collapsed
+
+
+@pytest.mark.parametrize("job", ["benchmark", "evaluate", "compare", "promote"])
+def test_every_command_answers_help(job, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"evaluation.{job}").main(["--help"])
+    assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
