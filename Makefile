@@ -25,19 +25,19 @@ test: $(STAMP)
 	$(RUN) -m pytest -q $(PYTEST_ARGS)
 
 # The whole loop on scikit-image's photos with tiny models: shards (embedded Ray) -> 2 CPU ranks of
-# DeepSpeed ZeRO-2, twice (attention constraint on, then off) -> MLflow runs + registered versions 1 and 2
+# DeepSpeed ZeRO-2, twice (learning rate 1e-3, then 1e-4) -> MLflow runs + registered versions 1 and 2
 # -> an image generated from the registered model -> the decision: both versions evaluated on a tiny
 # benchmark (Ray Data), compared (HTML + PNG), the better one promoted to the `champion` alias.
 DEMO_MLFLOW := sqlite:///$(CURDIR)/outputs/train/demo/mlflow.db
 demo: export MLFLOW_TRACKING_URI = $(DEMO_MLFLOW)
 demo: $(STAMP)
-	rm -rf outputs/inputs/photos outputs/shards/demo outputs/train/demo outputs/train/demo-no-constraint \
+	rm -rf outputs/inputs/photos outputs/shards/demo outputs/train/demo outputs/train/demo-lr1e-4 \
 		outputs/demo outputs/eval/benchmark outputs/eval/demo-v1 outputs/eval/demo-v2 outputs/compare/demo
 	$(RUN) -m pipeline.example_inputs outputs/inputs/photos
 	$(RUN) -m pipeline.preprocess --config configs/preprocess/demo.yaml
 	$(RUN) -m train.launch --config configs/train/demo.yaml --num_gpus 2
-	$(RUN) -m train.launch --config configs/train/demo.yaml --num_gpus 2 run_name=demo-no-constraint \
-		output_dir=outputs/train/demo-no-constraint model.mmdiff=configs/mmdiff/tiny_sd15_no_constraint.yaml
+	$(RUN) -m train.launch --config configs/train/demo.yaml --num_gpus 2 run_name=demo-lr1e-4 \
+		output_dir=outputs/train/demo-lr1e-4 optim.lr=1.0e-4
 	$(RUN) -m train.generate --config configs/train/demo.yaml --prompt "a [cat] on a beach" \
 		--subject skimage:chelsea --steps 10 --out outputs/demo/generated.png
 	$(RUN) -m evaluation.benchmark write-demo outputs/eval/benchmark

@@ -32,7 +32,7 @@ __all__ = ["RunRecord", "collect", "lower_is_better", "render_html", "render_png
 
 KIND_TAG = "mmdiff.kind"
 MAX_GRID_CASES = 12
-LOWER_IS_BETTER = ("loss", "collapse", "leak", "other", "failed", "seconds", "nonfinite", "rejected")
+LOWER_IS_BETTER = ("loss", "collapse", "leak", "other", "failed", "seconds", "time", "nonfinite", "rejected")
 
 
 def lower_is_better(metric: str) -> bool:
@@ -123,7 +123,7 @@ def _curves_figure(records: list[RunRecord]):
         return None
     cols = min(3, len(keys))
     rows = -(-len(keys) // cols)
-    figure, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.6 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for record in records:
             if key in record.curves:
@@ -151,7 +151,7 @@ def _metric_rows(records: list[RunRecord]) -> list[tuple[str, list[float | None]
         values = [r.metrics.get(key) for r in records]
         present = [(v, i) for i, v in enumerate(values) if v is not None and np.isfinite(v)]
         best = None
-        if len(present) > 1 and len({v for v, _ in present}) > 1:
+        if len(present) > 1 and len({round(v, 4) for v, _ in present}) > 1:  # a difference the table shows
             best = (min if lower_is_better(key) else max)(present)[1]
         rows.append((key, values, best))
     return rows
@@ -197,7 +197,7 @@ def render_html(records: list[RunRecord], curves: Image.Image | None) -> str:
         parts.append(f"<tr><td class='key'>{e(key)}</td>"
                      + "".join(f"<td class='diff'>{e(v)}</td>" for v in values) + "</tr>")
     parts.append("</table><h2>Curves</h2>")
-    parts.append(f"<img alt='curves' src='{_png(curves)}'>" if curves is not None
+    parts.append(f"<img alt='curves' style='max-width:100%' src='{_png(curves)}'>" if curves is not None
                  else "<p class='note'>No metric was logged at more than one step.</p>")
     shared = _shared_cases(records)
     parts.append("<h2>Samples: same prompt, same seed</h2>")

@@ -122,10 +122,10 @@ class SubjectLocator:
     """Each subject's box in a generated image: Grounding DINO prompted with the subjects' words.
 
     ``locate(images, words)`` -> per image, per word, the best box (x0, y0, x1, y1) or None when the
-    detector finds no box of at least ``min_side`` pixels for that word.
+    detector finds no box of at least ``min_side`` pixels (a crop the scorers can use) for that word.
     """
 
-    def __init__(self, config: DetectConfig | dict, min_side: int = 4):
+    def __init__(self, config: DetectConfig | dict, min_side: int = 2):
         self.detector = Detector(config if isinstance(config, DetectConfig) else DetectConfig.model_validate(config))
         self.min_side = min_side
 
