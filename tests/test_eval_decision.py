@@ -114,7 +114,7 @@ def test_compare_report_holds_both_runs_config_diff_and_same_seed_grids(evaluate
     grid = text[text.index("id='samples'"):text.index("<h2>Attention")]
     for case in ("single/cat/p00/s0", "multi/cat+cup/p00/s0", "portrait/astronaut/p00/s0"):
         assert len(re.findall(f"<img alt='{re.escape(case)}' src='data:image/png;base64,", grid)) == 2
-    assert "ceiling/" not in grid and grid.count("<img class='ref'") == 4  # cat, cup, cat + cup, astronaut
+    assert "ceiling/" not in grid and grid.count("<img class='ref'") == 5  # cat, cup, cat + cup, astronaut
     assert text.count("class='best'") >= 3 and "src='http" not in text  # self-contained
     from PIL import Image
 
