@@ -25,6 +25,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from mmdiff import MMDiffConfig, MMDiffModel
+from mmdiff.attention import SubjectConditioning
 from mmdiff.configuration import load_config
 from mmdiff.zoo.spec import ModelSpec
 
@@ -116,7 +117,7 @@ def main() -> None:
         print(json.dumps({"peak_rss": _step_peak_rss(args.size, args.step_peak_rss == "with")}))
         return
     model, config = _build()
-    unet, ctx = model.unet, model.context
+    unet = model.unet
     mm_processors = unet.attn_processors
     latents = torch.randn(2, 4, args.size // 8, args.size // 8)
     text = torch.randn(2, 77, 768)
@@ -128,14 +129,16 @@ def main() -> None:
         if mmdiff:
             unet.enable_adapters()
             unet.set_attn_processor(dict(mm_processors))  # diffusers pops from the dict
-            ctx.tokens, ctx.valid, ctx.scale = tokens.expand(2, -1, -1), torch.ones(2, 2, dtype=torch.bool), 1.0
+            subjects = SubjectConditioning(tokens.expand(2, -1, -1), torch.ones(2, 2, dtype=torch.bool), 1.0,
+                                           config.num_tokens)
+            kwargs = {"cross_attention_kwargs": {"subjects": subjects}}
         else:
             unet.disable_adapters()
             unet.set_attn_processor(AttnProcessor2_0())
+            kwargs = {}
         start = time.perf_counter()
         with torch.no_grad():
-            unet(latents, torch.tensor([500, 500]), text)
-        ctx.clear()
+            unet(latents, torch.tensor([500, 500]), text, **kwargs)
         return time.perf_counter() - start
 
     saved = SavedActivations(model)

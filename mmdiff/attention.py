@@ -5,6 +5,11 @@ peft-LoRA-wrapped) projections for the text path and adds image LoRAs on the fro
 for the subject path; the two softmaxes are separate and the outputs summed. Both outputs come from
 ``scaled_dot_product_attention``. On supervised layers the processor also records the attention
 probabilities of the subject columns only (see :func:`column_probabilities`).
+
+Per-call state (the subject tokens, their scale, what to capture) reaches the processors as a
+:class:`SubjectConditioning` in the UNet's ``cross_attention_kwargs["subjects"]``. The processors hold
+none, so concurrent calls on one model and activation checkpointing (which re-runs a block's forward
+during backward, with the same arguments) both see the right subjects.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 
@@ -33,72 +38,103 @@ class LoRA(nn.Module):
 
 @dataclass
 class CapturedAttention:
-    """Attention of one layer, probabilities per subject: ``text`` / ``subject`` are [B, heads, N, S]."""
+    """Attention of one layer, fp32 probabilities per subject: ``text`` / ``subject`` are [B, heads, N, S]."""
 
     layer: str
     text: torch.Tensor | None
-    subject: torch.Tensor | None
+    subject: torch.Tensor
 
 
-@dataclass
-class SubjectContext:
-    """Per-forward state the model hands to its processors (set before a UNet call, cleared after).
+@dataclass(frozen=True)
+class SubjectConditioning:
+    """The subjects of one UNet call.
 
-    ``tokens`` [B, S*K, D] subject tokens; ``valid`` [B, S] real (not padded) subjects;
-    ``text_index`` [B, S] the class word's token index (-1 for none); ``capture`` turns recording on.
+    ``tokens`` [B, S*K, D] subject tokens; ``valid`` [B, S] real (not padded) subjects; ``scale`` the
+    weight of the subject attention; ``text_index`` [B, S] the class word's token index (used only by
+    the capture). ``captured``: when a dict is given, supervised layers record their
+    :class:`CapturedAttention` into it, keyed by layer name. It belongs to this call alone (a
+    checkpointed block re-run during backward overwrites its own entry, after the loss has used it).
     """
 
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    scale: float
     num_tokens: int
-    tokens: torch.Tensor | None = None
-    valid: torch.Tensor | None = None
     text_index: torch.Tensor | None = None
-    scale: float = 0.0
-    capture: bool = False
-    captured: list[CapturedAttention] = field(default_factory=list)
+    captured: dict[str, CapturedAttention] | None = field(default=None, compare=False)
 
-    @property
-    def active(self) -> bool:
-        return self.tokens is not None and self.scale != 0.0
 
-    def clear(self) -> None:
-        self.tokens = self.valid = self.text_index = None
-        self.scale, self.capture = 0.0, False
-        self.captured = []
+class _ColumnProbabilities(torch.autograd.Function):
+    """``softmax(q k^T * scale)[..., columns]`` in fp32 (fp64 for fp64 inputs), saving only q, k, the row log-sum-exp and the output.
+
+    The [B, heads, N, L] logits exist only transiently, in forward and again in backward; autograd
+    keeps q and k (which the attention output keeps anyway) and a [B, heads, N] log-sum-exp.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, columns, key_mask):
+        scale, dtype = q.shape[-1] ** -0.5, torch.promote_types(q.dtype, torch.float32)
+        logits = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)
+        index = columns[:, None, None, :].expand(*logits.shape[:3], -1)
+        probs = torch.exp(torch.gather(logits, -1, index) - lse[..., None])
+        del logits
+        ctx.save_for_backward(q, k, columns, key_mask, lse, probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs):
+        q, k, columns, key_mask, lse, probs = ctx.saved_tensors
+        scale, dtype = q.shape[-1] ** -0.5, torch.promote_types(q.dtype, torch.float32)
+        qf, kf = q.to(dtype), k.to(dtype)
+        logits = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        softmax = torch.exp(logits - lse[..., None])
+        # d p_c / d s_j = p_c (1[j = col_c] - softmax_j)
+        weighted = grad_probs * probs
+        grad_logits = -softmax * weighted.sum(-1, keepdim=True)
+        index = columns[:, None, None, :].expand_as(weighted)
+        grad_logits = grad_logits.scatter_add(-1, index, weighted) * scale
+        grad_q = torch.matmul(grad_logits, kf).to(q.dtype) if ctx.needs_input_grad[0] else None
+        grad_k = torch.matmul(grad_logits.transpose(-1, -2), qf).to(k.dtype) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_k, None, None
 
 
 def column_probabilities(
     q: torch.Tensor, k: torch.Tensor, columns: torch.Tensor, key_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d))[..., columns] without forming the softmax of every column.
+    """softmax(q k^T / sqrt(d))[..., columns] in fp32, whatever the dtype of q and k.
 
-    q [B, h, N, d], k [B, h, L, d], columns [B, C] (indices into L). Only the row log-sum-exp needs
-    all keys; the probabilities are then exp(score - lse) for the C requested columns. ``key_mask``
-    [B, L] (True = attend) excludes keys from the normalisation.
+    q [B, h, N, d], k [B, h, L, d], columns [B, C] (indices into L) -> [B, h, N, C] float32.
+    ``key_mask`` [B, L] (True = attend) excludes keys from the normalisation; a masked column gets 0.
     """
-    scale = q.shape[-1] ** -0.5
-    logits = torch.einsum("bhnd,bhld->bhnl", q, k) * scale
-    if key_mask is not None:
-        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    picked_k = torch.gather(k, 2, columns[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))
-    picked = torch.einsum("bhnd,bhcd->bhnc", q, picked_k) * scale
-    probs = torch.exp(picked - lse)
-    if key_mask is not None:
-        probs = probs * torch.gather(key_mask, 1, columns)[:, None, None, :].to(probs.dtype)
-    return probs
+    return _ColumnProbabilities.apply(q, k, columns, key_mask)
+
+
+class SelfAttnProcessor(AttnProcessor2_0):
+    """diffusers' ``AttnProcessor2_0`` that accepts (and has no use for) the per-call ``subjects``.
+
+    The UNet hands ``cross_attention_kwargs`` to every attention layer; diffusers warns about, and
+    drops, keys a processor does not declare.
+    """
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 subjects: SubjectConditioning | None = None) -> torch.Tensor:
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
 class MMDiffAttnProcessor(nn.Module):
     """Cross-attention processor of MM-Diff (mirrors diffusers' ``AttnProcessor2_0`` for the text path)."""
 
-    def __init__(self, name: str, hidden_size: int, cross_attention_dim: int, rank: int,
-                 context: SubjectContext, supervised: bool):
+    def __init__(self, name: str, hidden_size: int, cross_attention_dim: int, rank: int, supervised: bool):
         super().__init__()
         self.name, self.supervised = name, supervised
         self.lora_k_img = LoRA(cross_attention_dim, hidden_size, rank) if rank else None
         self.lora_v_img = LoRA(cross_attention_dim, hidden_size, rank) if rank else None
-        # A plain attribute, not a submodule: the context is shared, stateful and has no weights.
-        object.__setattr__(self, "context", context)
 
     def _subject_kv(self, attn: Attention, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The frozen base projection without the text path's LoRA, plus the image LoRA.
@@ -110,7 +146,8 @@ class MMDiffAttnProcessor(nn.Module):
         return key, value
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **_) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 subjects: SubjectConditioning | None = None) -> torch.Tensor:
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -118,10 +155,7 @@ class MMDiffAttnProcessor(nn.Module):
         if input_ndim == 4:
             b, c, h, w = hidden_states.shape
             hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        batch, seq_len, _ = hidden_states.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        batch = hidden_states.shape[0]
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         query = attn.to_q(hidden_states)
@@ -129,40 +163,44 @@ class MMDiffAttnProcessor(nn.Module):
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        if attention_mask is not None:
+            # a mask over the keys (encoder_attention_mask): prepared to the key length
+            attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
 
-        query, key, value = heads(query), heads(key), heads(value)
+        # contiguous once: the attention kernels and the capture then share one copy of q
+        query, key, value = heads(query).contiguous(), heads(key), heads(value)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
 
-        ctx = self.context
-        if ctx.active:
-            s = ctx.valid.shape[1]
-            token_mask = ctx.valid.repeat_interleave(ctx.num_tokens, dim=1)  # [B, S*K]
+        if subjects is not None and subjects.scale != 0.0:
+            s, num_tokens = subjects.valid.shape[1], subjects.num_tokens
+            token_mask = subjects.valid.repeat_interleave(num_tokens, dim=1)  # [B, S*K]
             any_valid = token_mask.any(dim=1)
             # Rows without any subject attend to all (padded) tokens and are then zeroed: an
             # all-masked softmax would be NaN, and NaN * 0 is still NaN.
             attend = token_mask | ~any_valid[:, None]
-            subject_key, subject_value = self._subject_kv(attn, ctx.tokens.to(query.dtype))
+            subject_key, subject_value = self._subject_kv(attn, subjects.tokens.to(query.dtype))
             subject_key, subject_value = heads(subject_key), heads(subject_value)
             subject_out = F.scaled_dot_product_attention(query, subject_key, subject_value,
                                                          attn_mask=attend[:, None, None, :])
-            out = out + ctx.scale * subject_out * any_valid[:, None, None, None].to(out.dtype)
-            if self.supervised and ctx.capture:
+            out = out + subjects.scale * subject_out * any_valid[:, None, None, None].to(out.dtype)
+            if self.supervised and subjects.captured is not None:
                 text_probs = None
-                if ctx.text_index is not None:
-                    text_probs = column_probabilities(query, key, ctx.text_index.clamp(min=0))
-                columns = torch.arange(s * ctx.num_tokens, device=query.device).expand(batch, -1)
+                if subjects.text_index is not None:
+                    text_probs = column_probabilities(query, key, subjects.text_index.clamp(min=0))
+                columns = torch.arange(s * num_tokens, device=query.device).expand(batch, -1)
                 subject_probs = column_probabilities(query, subject_key, columns, attend)
-                subject_probs = subject_probs.unflatten(-1, (s, ctx.num_tokens)).mean(-1)
-                ctx.captured.append(CapturedAttention(self.name, text_probs, subject_probs))
+                subject_probs = subject_probs.unflatten(-1, (s, num_tokens)).mean(-1)
+                subjects.captured[self.name] = CapturedAttention(self.name, text_probs, subject_probs)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))

@@ -25,13 +25,12 @@ def masks_at(masks: torch.Tensor, num_positions: int, aspect: float) -> torch.Te
     return (resized >= 0.5).float().flatten(2)
 
 
-def attention_constraint(probs: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, kind: str) -> torch.Tensor:
-    """probs [B, heads, N, S] attention of each subject's tokens; masks [B, S, N] (0/1); valid [B, S].
+def attention_constraint_sum(probs: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor,
+                             kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the per-subject constraint over present subjects, their count); see :func:`attention_constraint`.
 
-    ``balanced_l1`` (FastComposer): mean attention outside the mask minus mean attention inside, per
-    head and subject. ``mask_nll``: -log of the share of the subject's attention mass (summed over
-    positions) that lies inside its mask; it is invariant to how much the token is attended overall,
-    so it cannot be lowered by shrinking or inflating the map, only by moving it into the mask.
+    Returning both lets a caller pool terms of several layers and forms into one mean, leaving out
+    terms with nothing present instead of counting them as zero.
     """
     probs = probs.float().permute(0, 1, 3, 2)  # [B, h, S, N]
     inside = masks[:, None]
@@ -45,9 +44,21 @@ def attention_constraint(probs: torch.Tensor, masks: torch.Tensor, valid: torch.
     else:
         raise ValueError(f"unknown attention loss kind {kind!r}")
     # A small subject can vanish from a coarse layer's mask; it has nothing to be attracted to there.
-    present = valid & (masks.sum(-1) > 0)
-    weight = present[:, None, :].float().expand_as(per_subject)
-    return (per_subject * weight).sum() / weight.sum().clamp(min=1.0)
+    present = (valid & (masks.sum(-1) > 0)).float()
+    return (per_subject.mean(1) * present).sum(), present.sum()
+
+
+def attention_constraint(probs: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor, kind: str) -> torch.Tensor:
+    """probs [B, heads, N, S] attention of each subject's tokens; masks [B, S, N] (0/1); valid [B, S].
+
+    ``balanced_l1`` (FastComposer): mean attention outside the mask minus mean attention inside, per
+    head and subject. ``mask_nll``: -log of the share of the subject's attention mass (summed over
+    positions) that lies inside its mask; it is invariant to how much the token is attended overall,
+    so it cannot be lowered by shrinking or inflating the map, only by moving it into the mask.
+    Averaged over heads, then over the valid subjects present in the mask (0 if none).
+    """
+    total, count = attention_constraint_sum(probs, masks, valid, kind)
+    return total / count.clamp(min=1.0)
 
 
 def inside_share(probs: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

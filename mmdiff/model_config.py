@@ -18,18 +18,22 @@ class MMDiffConfig(ConfigModel):
     ``supervised_layers`` are prefixes of UNet attention-module names ("up_blocks.1"); every
     cross-attention layer under them is captured for the attention constraint.
     ``attention_loss_tokens`` picks which maps are supervised: the class word's column of the text
-    attention, the subject's K tokens (averaged) of the subject attention, or both averaged.
+    attention, the subject's K tokens (averaged) of the subject attention, or both averaged. The
+    subject form only acts on samples with two or more subjects: with one, its softmax covers only that
+    subject's K tokens, so their mean is 1/K everywhere and carries no signal (see docs/MODEL.md).
     """
 
     base_family: Literal["sd15", "sdxl"]
     num_tokens: int = Field(4, ge=1)
     refiner_depth: int = Field(4, ge=1)
     refiner_heads: int = Field(8, ge=1)
-    refiner_dim_head: int = Field(64, ge=1)
+    refiner_dim_head: int = Field(256, ge=1)  # official: 8 heads of 256
+    fusion_input_norm: bool = True  # official: LayerNorm on the fusion MLP's input
     lora_rank: int = Field(64, ge=0)  # cross-attention: text path (q, k, v, out) and image path (k, v)
     self_attn_lora_rank: int = Field(64, ge=0)
+    text_encoder_lora_rank: int = Field(0, ge=0)  # LoRA on every text encoder's q, k, v, out (official: yes)
     max_subjects: int = Field(3, ge=1)
-    subject_scale: float = 1.0
+    subject_scale: float = 0.8  # official default
     start_step: int = Field(10, ge=0)  # denoising step at which subject conditioning starts (inference)
     supervised_layers: list[str] = Field(default_factory=lambda: list(FASTCOMPOSER_LAYERS))
     attention_loss_kind: Literal["balanced_l1", "mask_nll"] = "balanced_l1"
@@ -38,4 +42,5 @@ class MMDiffConfig(ConfigModel):
     denoise_in_mask_prob: float = Field(0.0, ge=0, le=1)
     portrait: bool = False  # queries from a 512-d ArcFace embedding instead of the CLIP CLS embedding
     face_embed_dim: int = 512
-    image_encoder_trainable: bool = False
+    image_encoder_trainable_layers: int = Field(0, ge=0)  # last n CLIP layers trained, frozen copy for patches
+    gradient_checkpointing: bool = False  # UNet activation checkpointing in training

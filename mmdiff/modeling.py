@@ -14,13 +14,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmdiff import zoo
-from mmdiff.attention import MMDiffAttnProcessor, SubjectContext
+from mmdiff.attention import CapturedAttention, MMDiffAttnProcessor, SelfAttnProcessor, SubjectConditioning
 from mmdiff.configuration import parse_config
 from mmdiff.image_encoder import SubjectImageEncoder
-from mmdiff.losses import attention_constraint, denoise_loss, inside_share, masks_at
+from mmdiff.losses import attention_constraint_sum, denoise_loss, inside_share, masks_at
 from mmdiff.model_config import MMDiffConfig
 from mmdiff.refiner import QueryMLP, SERefiner
-from mmdiff.text_fusion import TextFusion, fused_word_embeddings
+from mmdiff.text_fusion import TextFusion, fused_word_embeddings, install_fusion
 from mmdiff.zoo.spec import ModelSpec
 
 WEIGHTS_NAME = "mmdiff_adapter.safetensors"
@@ -32,8 +32,12 @@ class MMDiffModel(nn.Module):
     """MM-Diff on a SD1.5- or SDXL-family pipeline.
 
     Trainable: text fusion (one per text encoder), query MLP, SE-Refiner, LoRA on every UNet attention
-    layer (self: q/k/v/out; cross: q/k/v/out for text, k/v for subjects) and, if configured, the image
-    encoder. Everything else is frozen. See :meth:`training_loss` for the batch layout.
+    layer (self: q/k/v/out; cross: q/k/v/out for text, k/v for subjects) and, if configured, LoRA on the
+    text encoders and the last layers of the image encoder. Everything else is frozen. The new modules
+    take the UNet's device and dtype. See :meth:`training_loss` for the batch layout.
+
+    The model keeps no per-call state: subjects travel with each UNet call (``cross_attention_kwargs``),
+    so one model serves concurrent calls and supports activation checkpointing.
     """
 
     def __init__(self, base_pipe: Any, image_encoder: Any, config: MMDiffConfig,
@@ -54,20 +58,28 @@ class MMDiffModel(nn.Module):
         for module in (self.unet, self.vae, self.text_encoders):
             module.requires_grad_(False)
         self.image_processor = image_encoder.processor
-        self.image_encoder = SubjectImageEncoder(image_encoder.model, config.image_encoder_trainable)
+        self.image_encoder = SubjectImageEncoder(image_encoder.model, config.image_encoder_trainable_layers)
 
         image_dim, patch_dim = self.image_encoder.embed_dim, self.image_encoder.patch_dim
         unet_dim = self.unet.config.cross_attention_dim
-        self.text_fusions = nn.ModuleList(TextFusion(image_dim, enc.config.hidden_size) for enc in encoders)
+        self.text_fusions = nn.ModuleList(TextFusion(image_dim, enc.config.hidden_size, config.fusion_input_norm)
+                                          for enc in encoders)
+        for encoder, fusion in zip(encoders, self.text_fusions):
+            install_fusion(encoder, fusion)
         self.query_mlp = QueryMLP(config.face_embed_dim if config.portrait else image_dim, unet_dim, config.num_tokens)
         self.refiner = SERefiner(unet_dim, patch_dim, config.refiner_depth, config.refiner_heads,
                                  config.refiner_dim_head)
-        self.context = SubjectContext(num_tokens=config.num_tokens)
-        self._add_lora()
-        self.to(device=self.device)
+        processors = self._add_lora()
+        dtype = self.unet.conv_in.weight.dtype
+        for module in (self.text_fusions, self.query_mlp, self.refiner, *processors):
+            module.to(device=self.device, dtype=dtype)
+        if config.text_encoder_lora_rank:
+            self._add_text_encoder_lora(config.text_encoder_lora_rank)
+        if config.gradient_checkpointing:
+            self.enable_gradient_checkpointing()
 
     # -- construction -------------------------------------------------------------------------
-    def _add_lora(self) -> None:
+    def _add_lora(self) -> list[MMDiffAttnProcessor]:
         cfg = self.config
         ranks = {"attn1": cfg.self_attn_lora_rank, "attn2": cfg.lora_rank}
         targets = [f"{attn}.{proj}" for attn, rank in ranks.items() if rank for proj in ("to_q", "to_k", "to_v", "to_out.0")]
@@ -77,16 +89,40 @@ class MMDiffModel(nn.Module):
             self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=True,
                                              rank_pattern=patterns, alpha_pattern=patterns))
         processors = {}
-        for name, processor in self.unet.attn_processors.items():
+        for name in self.unet.attn_processors:
             if "attn2" not in name:
-                processors[name] = processor
+                processors[name] = SelfAttnProcessor()
                 continue
             layer = self.unet.get_submodule(name.removesuffix(".processor"))
             supervised = any(name.startswith(prefix + ".") for prefix in cfg.supervised_layers)
             to_k = getattr(layer.to_k, "base_layer", layer.to_k)
             processors[name] = MMDiffAttnProcessor(name.removesuffix(".processor"), to_k.out_features,
-                                                   to_k.in_features, cfg.lora_rank, self.context, supervised)
+                                                   to_k.in_features, cfg.lora_rank, supervised)
+        cross = [p for p in processors.values() if isinstance(p, MMDiffAttnProcessor)]
         self.unet.set_attn_processor(processors)
+        return cross
+
+    def _add_text_encoder_lora(self, rank: int) -> None:
+        """LoRA on q, k, v, out of every text-encoder layer whose output is used.
+
+        SDXL reads the penultimate hidden states of both encoders and the pooled output of the second
+        only, so the first encoder's last layer never reaches the UNet and gets no LoRA (it would get no
+        gradient, which data-parallel training rejects).
+        """
+        is_xl = len(self.text_encoders) == 2
+        for i, encoder in enumerate(self.text_encoders):
+            layers = encoder.config.num_hidden_layers - (1 if is_xl and i == 0 else 0)
+            targets = [name for name, _ in encoder.named_modules()
+                       if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj")
+                       and int(name.split("layers.")[1].split(".")[0]) < layers]
+            encoder.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=True, target_modules=targets))
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the UNet's block activations in backward instead of keeping them (training)."""
+        self.unet.enable_gradient_checkpointing()
+
+    def disable_gradient_checkpointing(self) -> None:
+        self.unet.disable_gradient_checkpointing()
 
     @classmethod
     def from_components(cls, base_pipe: Any, image_encoder: Any, config: MMDiffConfig) -> "MMDiffModel":
@@ -157,7 +193,7 @@ class MMDiffModel(nn.Module):
             raise ValueError(f"{s} subject slots, more than max_subjects={self.config.max_subjects}")
         # every slot is encoded, padded ones zeroed after: a batch may have no valid subject (subject dropout),
         # and data-parallel ranks must all use every trainable parameter for the gradient reduction
-        pixels = subject_pixel_values.flatten(0, 1).to(self.device, self.image_encoder.vision_model.dtype)
+        pixels = subject_pixel_values.flatten(0, 1).to(self.device, self.image_encoder.dtype)
         cls_embeds, patches = self.image_encoder(pixels)
         if self.config.portrait:
             if face_embeds is None:
@@ -182,13 +218,13 @@ class MMDiffModel(nn.Module):
         """
         hidden, pooled = [], None
         is_xl = len(self.text_encoders) == 2
-        for encoder, fusion, ids in zip(self.text_encoders, self.text_fusions, input_ids):
+        for encoder, ids in zip(self.text_encoders, input_ids):
             ids = ids.to(self.device)
             if cls_embeds is None:
                 out = encoder(ids, output_hidden_states=is_xl)
             else:
-                with fused_word_embeddings(encoder, fusion, subject_token_index.to(self.device),
-                                           subject_valid.to(self.device), cls_embeds):
+                with fused_word_embeddings(subject_token_index.to(self.device), subject_valid.to(self.device),
+                                           cls_embeds):
                     out = encoder(ids, output_hidden_states=is_xl)
             hidden.append(out.hidden_states[-2] if is_xl else out[0])
             if is_xl:
@@ -205,8 +241,9 @@ class MMDiffModel(nn.Module):
         """Denoising loss + weighted attention constraint on one batch (keys: see docs/DESIGN.md / README).
 
         Noise, timesteps and the in-mask choice come from torch's global RNG. Returns "loss",
-        "denoise_loss", "attention_loss", "inside_share/<down|mid|up>" (a metric, NaN without a subject)
-        and "attention_maps" [B, S, h, w] (detached, for logging).
+        "denoise_loss", "attention_loss", "inside_share/<down|mid|up>" (a metric, NaN without a subject),
+        and the detached maps (for logging) of the subject tokens, "attention_maps", and of the class
+        words, "text_attention_maps", both [B, S, h, w].
         """
         cfg = self.config
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -214,6 +251,7 @@ class MMDiffModel(nn.Module):
         pixels = batch["pixel_values"].to(self.vae.dtype)
         with torch.no_grad():
             latents = self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
+        latents = latents.to(self.unet.conv_in.weight.dtype)  # an fp16 base keeps a force_upcast VAE in fp32
         noise = torch.randn_like(latents)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   device=self.device)
@@ -236,15 +274,11 @@ class MMDiffModel(nn.Module):
             time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], target_size], dim=1)
             added = {"text_embeds": pooled, "time_ids": time_ids.to(prompt_embeds.dtype)}
 
-        ctx = self.context
-        ctx.tokens, ctx.valid, ctx.scale = tokens, valid, cfg.subject_scale
-        ctx.text_index = token_index.clamp(min=0)
-        ctx.capture = bool(cfg.supervised_layers)
-        try:
-            prediction = self.unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added).sample
-            captured = list(ctx.captured)
-        finally:
-            ctx.clear()
+        conditioning = SubjectConditioning(tokens, valid, cfg.subject_scale, cfg.num_tokens, token_index.clamp(min=0),
+                                           captured={} if cfg.supervised_layers else None)
+        prediction = self.unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added,
+                               cross_attention_kwargs={"subjects": conditioning}).sample
+        captured = list((conditioning.captured or {}).values())
 
         masks = batch["subject_masks"].float()
         region = None
@@ -253,15 +287,9 @@ class MMDiffModel(nn.Module):
             region = (F.interpolate(union, size=latents.shape[-2:], mode="area") > 0).to(latents.dtype)
             region = torch.where(region.flatten(1).any(1)[:, None, None, None], region, torch.ones_like(region))
         losses = {"denoise_loss": denoise_loss(prediction, target, region)}
-        aspect = latents.shape[-1] / latents.shape[-2]
-        terms, maps, shares = [], [], {}
+        losses["attention_loss"] = self._attention_loss(captured, masks, valid, token_index, latents.shape[-2:])
+        aspect, shares = latents.shape[-1] / latents.shape[-2], {}
         for layer in captured:
-            chosen = {"text": [layer.text], "subject": [layer.subject],
-                      "both": [layer.text, layer.subject]}[cfg.attention_loss_tokens]
-            for probs in chosen:
-                layer_masks = masks_at(masks, probs.shape[2], aspect)
-                terms.append(attention_constraint(probs, layer_masks, valid, cfg.attention_loss_kind))
-            maps.append(self._as_image(layer.subject.mean(1), latents.shape[-2:]))
             subject_masks = masks_at(masks, layer.subject.shape[2], aspect)
             present = valid & (subject_masks.sum(-1) > 0)
             # NaN when no subject is present, so every batch reports the same metric names
@@ -270,11 +298,33 @@ class MMDiffModel(nn.Module):
                 else prediction.new_tensor(float("nan")))
         # the share of subject attention inside the subject's mask, per UNet part (down / mid / up): a metric
         losses.update({f"inside_share/{part}": torch.stack(values).nanmean() for part, values in shares.items()})
-        losses["attention_loss"] = torch.stack(terms).mean() if terms else prediction.new_zeros(())
         losses["loss"] = losses["denoise_loss"] + cfg.attention_loss_weight * losses["attention_loss"]
-        losses["attention_maps"] = (torch.stack(maps).mean(0) if maps
-                                    else latents.new_zeros(valid.shape[0], valid.shape[1], *latents.shape[-2:])).detach()
+        for key, form in (("attention_maps", "subject"), ("text_attention_maps", "text")):
+            maps = [self._as_image(getattr(layer, form).mean(1), latents.shape[-2:]) for layer in captured]
+            losses[key] = (torch.stack(maps).mean(0) if maps
+                           else latents.new_zeros(valid.shape[0], valid.shape[1], *latents.shape[-2:]).float()).detach()
         return losses
+
+    def _attention_loss(self, captured: list[CapturedAttention], masks: torch.Tensor, valid: torch.Tensor,
+                        token_index: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+        """The constraint, averaged over every (layer, form, subject) term that carries signal.
+
+        A term is left out (not counted as zero) when its subject is padded, has no class word (text
+        form), shares its sample with no other subject (subject form: the map is then 1/K everywhere),
+        or has vanished from the layer's mask.
+        """
+        cfg = self.config
+        who = {"text": valid & (token_index >= 0), "subject": valid & (valid.sum(1, keepdim=True) >= 2)}
+        forms = ["text", "subject"] if cfg.attention_loss_tokens == "both" else [cfg.attention_loss_tokens]
+        aspect = latent_size[1] / latent_size[0]
+        total, count = masks.new_zeros(()), masks.new_zeros(())
+        for layer in captured:
+            layer_masks = masks_at(masks, layer.subject.shape[2], aspect)
+            for form in forms:
+                term_sum, term_count = attention_constraint_sum(getattr(layer, form), layer_masks, who[form],
+                                                                cfg.attention_loss_kind)
+                total, count = total + term_sum, count + term_count
+        return total / count.clamp(min=1.0)
 
     @staticmethod
     def _as_image(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -11,14 +11,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmdiff.subject_image import square_subject_image
+
 MARKER = re.compile(r"\[([^\[\]]+)\]")
 
 
 def tokenize_with_subjects(tokenizer: Any, prompt: str, spans: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Tokenize ``prompt`` (padded to the tokenizer's max length) -> (input_ids [L], token_index [S]).
 
-    ``spans[i] = (start, end)`` locates subject i's word in ``prompt``; its token index is the first
-    token overlapping the span. Raises ValueError if a span is outside the prompt or truncated away.
+    ``spans[i] = (start, end)`` locates subject i's word in ``prompt``; its token index is the last
+    token overlapping the span (the official code and FastComposer take the word's last piece: CLIP's
+    text encoder is causal, so only the last piece has seen the whole word). Raises ValueError if a span is outside the prompt or truncated away.
     """
     encoded = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_offsets_mapping=True)
@@ -31,7 +34,7 @@ def tokenize_with_subjects(tokenizer: Any, prompt: str, spans: Sequence[tuple[in
         if not hits:
             raise ValueError(f"subject word {prompt[start:end]!r} falls beyond the tokenizer's "
                              f"{tokenizer.model_max_length} tokens in prompt {prompt!r}")
-        indices.append(hits[0])
+        indices.append(hits[-1])
     return torch.tensor(encoded["input_ids"], dtype=torch.long), torch.tensor(indices, dtype=torch.long)
 
 
@@ -85,6 +88,12 @@ def load_subject_image(image: Any, name: str) -> Image.Image:
 
 
 def subject_pixel_values(processor: Any, images: Sequence[Any]) -> torch.Tensor:
-    """Subject crops (PIL, uint8 arrays or paths) -> image-encoder input [S, 3, h, w]."""
-    loaded = [load_subject_image(image, f"subject {i}") for i, image in enumerate(images)]
-    return processor(images=loaded, return_tensors="pt").pixel_values
+    """Subject images (PIL, uint8 arrays or paths) -> image-encoder input [S, 3, h, w].
+
+    Training crops and user images alike are padded to a square with the training fill and resized to
+    the encoder's input size (:func:`mmdiff.subject_image.square_subject_image`); the processor then
+    only rescales and normalises.
+    """
+    size = processor.crop_size["height"]
+    squared = [square_subject_image(load_subject_image(image, f"subject {i}"), size) for i, image in enumerate(images)]
+    return processor(images=squared, do_resize=False, do_center_crop=False, return_tensors="pt").pixel_values

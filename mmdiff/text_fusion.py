@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,41 +23,63 @@ class TextFusion(nn.Module):
 
     The residual form makes the fused embedding equal the word embedding at initialisation, so the
     untrained model is exactly the base model (the official code replaces the embedding instead).
+    ``input_norm`` puts a LayerNorm on the MLP's 2d input, as the official fusion MLP has.
     """
 
-    def __init__(self, image_dim: int, text_dim: int):
+    def __init__(self, image_dim: int, text_dim: int, input_norm: bool = False):
         super().__init__()
         self.project = ProjectionHead(image_dim, text_dim)
-        self.fuse = nn.Sequential(nn.Linear(2 * text_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim))
+        layers = [nn.LayerNorm(2 * text_dim)] if input_norm else []
+        self.fuse = nn.Sequential(*layers, nn.Linear(2 * text_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim))
         nn.init.zeros_(self.fuse[-1].weight)
         nn.init.zeros_(self.fuse[-1].bias)
 
     def forward(self, word_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        image = self.project(image_embeds.to(word_embeds.dtype))
-        return word_embeds + self.fuse(torch.cat([word_embeds, image], dim=-1))
+        image = self.project(image_embeds.to(self.fuse[-1].weight.dtype))
+        fused = self.fuse(torch.cat([word_embeds.to(image.dtype), image], dim=-1))
+        return word_embeds + fused.to(word_embeds.dtype)
+
+
+@dataclass(frozen=True)
+class FusionRequest:
+    """Which input embeddings to fuse in one text-encoder call: token ``token_index[b, s]`` of valid slots."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    tokens: torch.Tensor
+    image_embeds: torch.Tensor  # [B, S, E]
+
+
+# The text encoder's forward has no argument for extra inputs, so the request reaches the embedding
+# hook through a context variable: each thread (and asyncio task) sees only the value it set, so
+# concurrent calls on one model never see each other's subjects.
+_REQUEST: contextvars.ContextVar[FusionRequest | None] = contextvars.ContextVar("mmdiff_fusion", default=None)
+
+
+def install_fusion(text_encoder: nn.Module, fusion: TextFusion) -> None:
+    """Hook ``fusion`` into the encoder's input embeddings; it acts only inside :func:`fused_word_embeddings`."""
+
+    def replace(_module, _inputs, embeds: torch.Tensor) -> torch.Tensor:
+        request = _REQUEST.get()
+        if request is None:
+            return embeds
+        # runs even with no valid slot (empty rows): data-parallel ranks must all use the fusion weights
+        embeds = embeds.clone()
+        image = request.image_embeds[request.rows, request.slots]
+        embeds[request.rows, request.tokens] = fusion(embeds[request.rows, request.tokens], image)
+        return embeds
+
+    text_encoder.get_input_embeddings().register_forward_hook(replace)
 
 
 @contextlib.contextmanager
-def fused_word_embeddings(
-    text_encoder: nn.Module,
-    fusion: TextFusion,
-    token_index: torch.Tensor,
-    valid: torch.Tensor,
-    image_embeds: torch.Tensor,
-) -> Iterator[None]:
-    """While active, the text encoder's input embedding of token ``token_index[b, s]`` (valid slots only)
-    is replaced by its fusion with ``image_embeds[b, s]`` (before position embeddings are added)."""
+def fused_word_embeddings(token_index: torch.Tensor, valid: torch.Tensor, image_embeds: torch.Tensor) -> Iterator[None]:
+    """While active (in this thread), every hooked text encoder's input embedding of token
+    ``token_index[b, s]`` (valid slots only) is replaced by its fusion with ``image_embeds[b, s]``
+    (before position embeddings are added)."""
     rows, slots = valid.nonzero(as_tuple=True)
-    tokens = token_index[rows, slots]
-
-    def replace(_module, _inputs, embeds: torch.Tensor) -> torch.Tensor:
-        # runs even with no valid slot (empty rows): data-parallel ranks must all use the fusion weights
-        embeds = embeds.clone()
-        embeds[rows, tokens] = fusion(embeds[rows, tokens], image_embeds[rows, slots])
-        return embeds
-
-    handle = text_encoder.get_input_embeddings().register_forward_hook(replace)
+    reset = _REQUEST.set(FusionRequest(rows, slots, token_index[rows, slots], image_embeds))
     try:
         yield
     finally:
-        handle.remove()
+        _REQUEST.reset(reset)

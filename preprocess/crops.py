@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from mmdiff.configuration import ConfigModel
+from mmdiff.subject_image import SUBJECT_FILL, square_subject_image
 
 __all__ = ["CropConfig", "SubjectCropper", "square_box"]
 
@@ -18,7 +19,7 @@ __all__ = ["CropConfig", "SubjectCropper", "square_box"]
 class CropConfig(ConfigModel):
     size: int = 224
     margin: float = 0.1  # fraction of the box's long side added on every side
-    fill: tuple[int, int, int] = (255, 255, 255)
+    fill: tuple[int, int, int] = SUBJECT_FILL  # inference pads user images with the same fill
 
 
 def square_box(box: tuple[float, float, float, float], margin: float) -> tuple[int, int, int, int]:
@@ -55,5 +56,5 @@ class SubjectCropper:
                 keep = mask[sy0:sy1, sx0:sx1]
                 target = canvas[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
                 target[keep] = region[keep]
-            crops[i] = np.asarray(Image.fromarray(canvas).resize((c.size, c.size), Image.Resampling.BICUBIC))
+            crops[i] = np.asarray(square_subject_image(Image.fromarray(canvas), c.size, c.fill))
         return crops

@@ -100,13 +100,12 @@ def test_captured_attention_matches_eager_softmax(model):
                 lambda m, args, kwargs, name=name: inputs.__setitem__(name, (args[0], kwargs["encoder_hidden_states"])),
                 with_kwargs=True))
     batch = _batch(model, [[True, True, False]])
-    ctx = model.context
     captured = {}
 
-    def keep(module, args, output, name=None):
-        captured.update({c.layer: c for c in ctx.captured})
+    def keep(module, args, kwargs, output):
+        captured.update(kwargs["cross_attention_kwargs"]["subjects"].captured)
 
-    handles.append(model.unet.register_forward_hook(keep))
+    handles.append(model.unet.register_forward_hook(keep, with_kwargs=True))
     try:
         torch.manual_seed(0)
         with torch.no_grad():

@@ -6,9 +6,11 @@ import torch
 from PIL import Image
 from skimage import data
 
-from mmdiff import MMDiffConfig, MMDiffModel, MMDiffPipeline, Subject, parse_markers, tokenize_with_subjects
+from mmdiff import (MMDiffConfig, MMDiffModel, MMDiffPipeline, Subject, parse_markers, subject_pixel_values,
+                    tokenize_with_subjects)
 from mmdiff.configuration import load_config
 from mmdiff.zoo.spec import ModelSpec
+from preprocess.crops import CropConfig, SubjectCropper
 
 GEN = dict(num_inference_steps=2, height=64, width=64, guidance_scale=5.0, output_type="np", start_step=0)
 
@@ -75,6 +77,48 @@ def test_delayed_start_differs_from_immediate(pipe):
 def test_bad_calls_say_what_is_wrong(pipe, prompt, subjects, message):
     with pytest.raises(ValueError, match=message):
         pipe(prompt, subjects, seed=0, **GEN)
+
+
+def test_start_step_at_or_past_the_step_count_is_an_error(pipe):
+    with pytest.raises(ValueError, match="start_step=2 is not below num_inference_steps=2"):
+        pipe("a dog", [Subject("dog", data.chelsea())], seed=0, **{**GEN, "start_step": 2})
+    assert pipe("a dog", [], seed=0, **{**GEN, "start_step": 2}).images.shape == (1, 64, 64, 3)
+
+
+def test_default_subject_scale_is_the_official_one():
+    assert MMDiffConfig(base_family="sd15").subject_scale == 0.8
+
+
+def test_the_fused_token_is_the_last_piece_of_the_word(pipe):
+    # CLIP's text encoder is causal: only the word's last piece has seen all of it (official, FastComposer)
+    tokenizer = pipe.model.tokenizers[0]
+    text, spans = parse_markers("a [sunflower] in a vase")
+    ids, index = tokenize_with_subjects(tokenizer, text, spans)
+    assert tokenizer.convert_ids_to_tokens(ids[: index[0] + 1].tolist())[-2:] == ["sun", "flower</w>"]
+
+
+def test_subject_images_are_padded_to_square_with_the_training_fill(pipe):
+    processor = pipe.model.image_processor
+    size = processor.crop_size["height"]
+    wide = np.zeros((size, 2 * size, 3), np.uint8)  # black, twice as wide as high
+    pixels = subject_pixel_values(processor, [wide])[0]
+    white = (1.0 - torch.tensor(processor.image_mean)) / torch.tensor(processor.image_std)
+    black = -torch.tensor(processor.image_mean) / torch.tensor(processor.image_std)
+    # top and bottom quarters are fill, the middle rows the image (bicubic blurs the border rows)
+    torch.testing.assert_close(pixels[:, 0, 0], white, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pixels[:, size // 2, size // 2], black, atol=1e-5, rtol=0)
+
+
+def test_training_crops_and_inference_images_get_the_same_encoder_input(pipe):
+    # a training crop of a subject whose mask is the whole image equals that image given at inference
+    processor = pipe.model.image_processor
+    size = processor.crop_size["height"]
+    image = data.chelsea()[:, :450]  # 300 x 450: the square pad is even on both sides
+    cropper = SubjectCropper(CropConfig(size=size, margin=0.0))
+    mask = np.ones((1, *image.shape[:2]), bool)
+    crop = cropper(Image.fromarray(image), np.array([[0, 0, image.shape[1], image.shape[0]]]), mask)[0]
+    torch.testing.assert_close(subject_pixel_values(processor, [crop]), subject_pixel_values(processor, [image]),
+                               atol=1e-6, rtol=0)
 
 
 def test_tokenize_with_subjects_finds_word_tokens(pipe):

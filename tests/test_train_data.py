@@ -150,3 +150,11 @@ def test_corrupt_samples_and_shards_are_skipped_and_reported(tmp_path):
     assert any("000001" in r["reason"] and "cannot decode" in r["reason"] for r in rejected)
     assert {r["source"] for r in rejected if "unreadable shard" in r["reason"]} == {str(folder / "shards" / "shard-000002.tar")}
     assert "000001" not in keys(batches) and len(set(keys(batches))) == 7
+
+
+def test_sdxl_crop_corner_is_in_resized_pixels():
+    # SDXL's crops_coords_top_left is the offset after the short side is scaled to the training size
+    from train.data import _center_square
+
+    square, corner = _center_square(Image.new("RGB", (400, 200)), 32, Image.BICUBIC)
+    assert square.size == (32, 32) and corner == (0, 16)  # (top, left): 100 px of 200 -> 16 of 32

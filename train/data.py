@@ -88,11 +88,13 @@ def dataset_profile(folder: str | Path) -> dict[str, Any]:
 
 
 def _center_square(image: Image.Image, size: int, resample: int) -> tuple[Image.Image, tuple[int, int]]:
-    """The centred square crop resized to ``size``, and its top-left corner in original pixels."""
+    """The centred square crop resized to ``size``, and its top-left corner in resized pixels (SDXL's
+    ``crops_coords_top_left`` convention: the crop offset after scaling the short side to ``size``)."""
     w, h = image.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
-    return image.crop((left, top, left + side, top + side)).resize((size, size), resample), (top, left)
+    corner = (round(top * size / side), round(left * size / side))
+    return image.crop((left, top, left + side, top + side)).resize((size, size), resample), corner
 
 
 class BatchBuilder:

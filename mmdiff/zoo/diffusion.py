@@ -9,6 +9,8 @@
 - ``random`` -> the real SD1.5 / SDXL architectures (configs written below) with random weights.
 
 ``spec.options``: ``prediction_type`` ("epsilon" | "v_prediction", tiny/random only).
+``spec.dtype`` applies to every component, except that under float16 a VAE whose config sets
+``force_upcast`` stays in float32 (MMDiffModel and MMDiffPipeline run it in its own dtype).
 """
 
 from __future__ import annotations
@@ -138,6 +140,9 @@ def build(spec: ModelSpec):
         )
     else:
         pipe = StableDiffusionXLPipeline.from_pretrained(spec.source, dtype=dtype)
+    if dtype == torch.float16 and pipe.vae.config.force_upcast:
+        # the VAE overflows in fp16 (SDXL's does); its config says so, and it stays in fp32
+        pipe.vae.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(spec.device)
 

@@ -1,0 +1,176 @@
+"""How MMDiffModel runs: half precision end to end, concurrent calls, activation checkpointing, the fp32
+capture from half-precision inputs, and the equivalence with a plain diffusers pipeline at zero init."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from skimage import data
+
+from mmdiff import MMDiffConfig, MMDiffModel, MMDiffPipeline, Subject
+from mmdiff.attention import SubjectConditioning, column_probabilities
+from mmdiff.configuration import load_config
+from mmdiff.zoo import save_tiny
+from mmdiff.zoo.spec import ModelSpec
+from tests.test_model_core import _batch
+
+ENCODER = ModelSpec(family="clip_vision", source="tiny")
+GEN = dict(num_inference_steps=2, height=64, width=64, guidance_scale=5.0, output_type="np", start_step=0)
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _model(family: str, dtype: str = "float32", **overrides) -> MMDiffModel:
+    config = load_config(f"configs/mmdiff/tiny_{family}.yaml", MMDiffConfig, overrides)
+    torch.manual_seed(0)
+    return MMDiffModel.from_specs(ModelSpec(family=family, source="tiny", dtype=dtype),
+                                  ModelSpec(family="clip_vision", source="tiny", dtype=dtype), config)
+
+
+def _perturb(model: MMDiffModel, seed: int = 0) -> None:
+    """Non-zero LoRA and fusion, as a trained model has them, so subjects change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.02)
+
+
+@pytest.mark.parametrize("family, dtype", [("sd15", "bfloat16"), ("sdxl", "bfloat16"), ("sdxl", "float16")])
+def test_half_precision_end_to_end(family, dtype, tmp_path):
+    model = _model(family, dtype, text_encoder_lora_rank=4)
+    half = getattr(torch, dtype)
+    assert {p.dtype for n, p in model.named_parameters() if not n.startswith("vae.")} == {half}
+    # SDXL's VAE overflows in fp16: its force_upcast config keeps it in fp32 under an fp16 base
+    assert model.vae.dtype == (torch.float32 if dtype == "float16" else half)
+    _perturb(model)
+    torch.manual_seed(0)
+    losses = model.training_loss(_batch(model, [[True, True], [True, False]]))
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and losses["attention_loss"] != 0
+    grads = [p.grad for p in model.trainable_parameters()]
+    assert all(g is not None and g.dtype == half and torch.isfinite(g).all() for g in grads)
+    model.base_spec = ModelSpec(family=family, source="tiny", dtype=dtype)
+    model.image_encoder_spec = ENCODER.model_copy(update={"dtype": dtype})
+    adapter = model.save_pretrained(tmp_path / "adapter")
+    loaded = MMDiffPipeline.from_pretrained(model.base_spec, adapter)
+    args = dict(subject_scale=1.0, seed=0, **GEN)
+    ours = MMDiffPipeline(model.eval())("a dog on the beach", [Subject("dog", data.chelsea())], **args).images
+    again = loaded("a dog on the beach", [Subject("dog", data.chelsea())], **args).images
+    assert np.isfinite(ours).all()
+    np.testing.assert_array_equal(ours, again)
+
+
+def test_capture_is_fp32_from_half_inputs():
+    # realistic cross-attention logits (std ~4 over 77 keys): bf16 q, k -> maps within 1e-2 of fp32
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 64, 40, generator=g) * 1.6, torch.randn(2, 4, 77, 40, generator=g) * 1.6
+    columns = torch.tensor([[3, 9], [5, 7]])
+    exact = torch.softmax(q @ k.transpose(-1, -2) / 40 ** 0.5, -1).gather(-1, columns[:, None, None].expand(-1, 4, 64, -1))
+    half = column_probabilities(q.bfloat16(), k.bfloat16(), columns)
+    assert half.dtype == torch.float32
+    assert (half - exact).abs().max() < 1e-2
+
+
+def test_capture_gradient_matches_autograd_of_the_softmax():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True, True, False, True, True, True]])
+    columns = torch.tensor([[0, 2, 4]])
+    assert torch.autograd.gradcheck(lambda q, k: column_probabilities(q, k, columns, mask), (q, k))
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family):
+    results = []
+    for checkpointing in (False, True):
+        model = _model(family, gradient_checkpointing=checkpointing)
+        _perturb(model)
+        assert model.unet.is_gradient_checkpointing == checkpointing
+        torch.manual_seed(0)
+        losses = model.training_loss(_batch(model, [[True, True], [True, False]]))
+        losses["loss"].backward()
+        results.append((losses["loss"].detach(), losses["attention_loss"].detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, att_a, grads_a), (loss_b, att_b, grads_b) = results
+    assert att_a != 0
+    torch.testing.assert_close(loss_b, loss_a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(att_b, att_a, atol=1e-5, rtol=0)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_concurrent_calls_with_different_subjects_equal_sequential_calls():
+    model = _model("sd15").eval()
+    _perturb(model)
+    pipe = MMDiffPipeline(model)
+    calls = {"cat": ("a dog and a cat", [Subject("dog", data.chelsea()), Subject("cat", data.coffee())]),
+             "astronaut": ("a man on the moon", [Subject("man", data.astronaut())])}
+    sequential = {name: pipe(prompt, subjects, seed=0, **{**GEN, "num_inference_steps": 4}).images
+                  for name, (prompt, subjects) in calls.items()}
+    assert np.abs(sequential["cat"] - sequential["astronaut"]).max() > 1e-3
+    for _ in range(2):
+        concurrent, errors = {}, []
+        barrier = threading.Barrier(len(calls))
+
+        def run(name, prompt, subjects):
+            try:
+                barrier.wait(timeout=60)
+                concurrent[name] = pipe(prompt, subjects, seed=0, **{**GEN, "num_inference_steps": 4}).images
+            except Exception as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(name, *call)) for name, call in calls.items()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        assert not errors and concurrent.keys() == sequential.keys()
+        for name in calls:
+            np.testing.assert_array_equal(concurrent[name], sequential[name])
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("text_encoder_lora_rank", [0, 4])
+def test_zero_init_equals_plain_diffusers_pipeline_of_the_saved_folder(family, text_encoder_lora_rank, tmp_path):
+    folder = save_tiny(family, tmp_path / "base", seed=2)
+    config = load_config(f"configs/mmdiff/tiny_{family}.yaml", MMDiffConfig,
+                         {"text_encoder_lora_rank": text_encoder_lora_rank})
+    model = MMDiffModel.from_specs(ModelSpec(family=family, source=str(folder)), ENCODER, config)
+    assert any("lora" in n and "text_encoders" in n for n, _ in model.named_parameters()) == bool(text_encoder_lora_rank)
+    plain_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    plain = plain_class.from_pretrained(folder) if family == "sdxl" else plain_class.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False)
+    plain.set_progress_bar_config(disable=True)
+    ours = MMDiffPipeline(model)("a dog on the beach", [Subject("dog", data.chelsea())], subject_scale=0.0, seed=3,
+                                 **GEN).images
+    theirs = plain("a dog on the beach", generator=torch.Generator().manual_seed(3),
+                   **{k: v for k, v in GEN.items() if k != "start_step"}).images
+    np.testing.assert_allclose(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_encoder_attention_mask_masks_the_text_keys():
+    # diffusers turns encoder_attention_mask [B, 77] into a bias over the keys; the processor must size it
+    # to the key length (it was sized to the query length, and crashed)
+    model = _model("sd15").eval()
+    _perturb(model)
+    g = torch.Generator().manual_seed(0)
+    latents, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    subjects = SubjectConditioning(torch.randn(2, 4, 32, generator=g), torch.ones(2, 1, dtype=torch.bool), 1.0, 4)
+    keep = torch.ones(2, 77, dtype=torch.bool)
+    keep[:, 10:] = False
+
+    def run(mask=None, text=text):
+        with torch.no_grad():
+            return model.unet(latents, torch.tensor([500, 500]), text, encoder_attention_mask=mask,
+                              cross_attention_kwargs={"subjects": subjects}).sample
+
+    torch.testing.assert_close(run(torch.ones(2, 77, dtype=torch.bool)), run(), atol=1e-6, rtol=0)
+    masked = run(keep)
+    assert (masked - run()).abs().max() > 1e-4
+    # masked keys do not matter: changing them leaves the output unchanged
+    other = text.clone()
+    other[:, 10:] = torch.randn(2, 67, 32, generator=g)
+    torch.testing.assert_close(run(keep, other), masked, atol=1e-6, rtol=0)
