@@ -111,18 +111,18 @@ def test_concurrent_calls_with_different_subjects_equal_sequential_calls():
     sequential = {name: pipe(prompt, subjects, seed=0, **{**GEN, "num_inference_steps": 4}).images
                   for name, (prompt, subjects) in calls.items()}
     assert np.abs(sequential["cat"] - sequential["astronaut"]).max() > 1e-3
+
+    def run(barrier, concurrent, errors, name, prompt, subjects):
+        try:
+            barrier.wait(timeout=60)
+            concurrent[name] = pipe(prompt, subjects, seed=0, **{**GEN, "num_inference_steps": 4}).images
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
     for _ in range(2):
-        concurrent, errors = {}, []
-        barrier = threading.Barrier(len(calls))
-
-        def run(name, prompt, subjects):
-            try:
-                barrier.wait(timeout=60)
-                concurrent[name] = pipe(prompt, subjects, seed=0, **{**GEN, "num_inference_steps": 4}).images
-            except Exception as exc:  # noqa: BLE001 - reported by the main thread
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(name, *call)) for name, call in calls.items()]
+        concurrent, errors, barrier = {}, [], threading.Barrier(len(calls))
+        threads = [threading.Thread(target=run, args=(barrier, concurrent, errors, name, *call))
+                   for name, call in calls.items()]
         for thread in threads:
             thread.start()
         for thread in threads:
