@@ -1,12 +1,12 @@
-"""MM-Diff cost over the base model at real SD1.5 size (random weights), CPU, 256 px.
+"""MM-Diff cost over the base model at real SD1.5 size (random weights), CPU, 256 px, batch 1 and 4.
 
-1. One denoising step (UNet call, CFG batch of 2): MM-Diff with 2 subjects vs the base UNet (LoRA
-   disabled, diffusers' default processors), same weights. Goal: ratio <= 1.10.
+1. One denoising step (UNet call, CFG: twice the batch): MM-Diff with 2 subjects vs the base UNet (LoRA
+   disabled, diffusers' default processors), same weights. Goal: ratio <= 1.05.
 2. One training step (forward + backward): with attention capture + constraint vs without. Goal:
-   ratio <= 1.15. Memory both ways: the activations autograd saves for backward (exact, counted by a
-   saved-tensors hook, parameters excluded), and the peak resident memory of one training step above
-   the built model, each mode in a fresh process (in one process the allocator reuses what the other
-   mode freed, and the figure would depend on the order).
+   ratio <= 1.10. Memory both ways: the activations autograd saves for backward (exact, counted by a
+   saved-tensors hook, parameters excluded; goal: with <= 1.05x without), and the peak resident memory
+   of one training step above the built model, each mode in a fresh process (in one process the
+   allocator reuses what the other mode freed, and the figure would depend on the order).
 Both ways are measured side by side, alternating, in one process.
 """
 
@@ -28,6 +28,8 @@ from mmdiff import MMDiffConfig, MMDiffModel
 from mmdiff.attention import SubjectConditioning
 from mmdiff.configuration import load_config
 from mmdiff.zoo.spec import ModelSpec
+
+from benchmarks.bench_activations import SavedActivations
 
 RESULTS = Path(__file__).parent / "results" / "bench_model.json"
 
@@ -51,37 +53,14 @@ class PeakRSS:
         self.thread.join()
 
 
-class SavedActivations:
-    """Bytes of the distinct storages autograd saves for backward in the block, parameters left out."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self.params and storage.data_ptr() not in self.seen:
-            self.seen.add(storage.data_ptr())
-            self.bytes += storage.nbytes()
-        return tensor
-
-    def __enter__(self):
-        self.seen, self.bytes = set(), 0
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda tensor: tensor)
-        self.hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.hooks.__exit__(*exc)
-
-
-def _batch(model: MMDiffModel, size: int, subjects: int) -> dict[str, torch.Tensor]:
+def _batch(model: MMDiffModel, size: int, subjects: int, batch: int) -> dict[str, torch.Tensor]:
     crop = model.image_encoder.vision_model.config.image_size
     return {
-        "pixel_values": torch.rand(1, 3, size, size) * 2 - 1, "input_ids": torch.randint(0, 800, (1, 77)),
-        "subject_pixel_values": torch.randn(1, subjects, 3, crop, crop),
-        "subject_token_index": torch.arange(2, 2 + 3 * subjects, 3)[None],
-        "subject_valid": torch.ones(1, subjects, dtype=torch.bool),
-        "subject_masks": (torch.rand(1, subjects, size, size) > 0.5).float(),
+        "pixel_values": torch.rand(batch, 3, size, size) * 2 - 1, "input_ids": torch.randint(0, 800, (batch, 77)),
+        "subject_pixel_values": torch.randn(batch, subjects, 3, crop, crop),
+        "subject_token_index": torch.arange(2, 2 + 3 * subjects, 3).expand(batch, -1),
+        "subject_valid": torch.ones(batch, subjects, dtype=torch.bool),
+        "subject_masks": (torch.rand(batch, subjects, size, size) > 0.5).float(),
     }
 
 
@@ -96,41 +75,33 @@ def _set_constraint(model: MMDiffModel, config: MMDiffConfig, constraint: bool) 
         update={"supervised_layers": [], "attention_loss_weight": 0.0})
 
 
-def _step_peak_rss(size: int, constraint: bool) -> int:
+def _step_peak_rss(size: int, batch_size: int, constraint: bool) -> int:
     """Peak resident bytes of one training step above the built model (run in a fresh process)."""
     model, config = _build()
     _set_constraint(model, config, constraint)
-    batch = _batch(model, size, 2)
+    batch = _batch(model, size, 2, batch_size)
     torch.manual_seed(0)
     with PeakRSS() as peak:
         model.training_loss(batch)["loss"].backward()
     return peak.peak
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--step-peak-rss", choices=["with", "without"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.step_peak_rss:  # child process of the memory measurement
-        print(json.dumps({"peak_rss": _step_peak_rss(args.size, args.step_peak_rss == "with")}))
-        return
-    model, config = _build()
+def measure(model: MMDiffModel, config: MMDiffConfig, size: int, batch_size: int, repeats: int) -> dict:
+    """Denoise and training-step times and saved activations at one batch size (both ways alternating)."""
     unet = model.unet
     mm_processors = unet.attn_processors
-    latents = torch.randn(2, 4, args.size // 8, args.size // 8)
-    text = torch.randn(2, 77, 768)
-    batch = _batch(model, args.size, 2)
+    latents = torch.randn(2 * batch_size, 4, size // 8, size // 8)
+    text = torch.randn(2 * batch_size, 77, unet.config.cross_attention_dim)
+    batch = _batch(model, size, 2, batch_size)
     with torch.no_grad():
         _, tokens = model.encode_subjects(batch["subject_pixel_values"], batch["subject_valid"])
+    subjects = SubjectConditioning(tokens.repeat(2, 1, 1), torch.ones(2 * batch_size, 2, dtype=torch.bool), 1.0,
+                                   config.num_tokens)
 
     def denoise_step(mmdiff: bool) -> float:
         if mmdiff:
             unet.enable_adapters()
             unet.set_attn_processor(dict(mm_processors))  # diffusers pops from the dict
-            subjects = SubjectConditioning(tokens.expand(2, -1, -1), torch.ones(2, 2, dtype=torch.bool), 1.0,
-                                           config.num_tokens)
             kwargs = {"cross_attention_kwargs": {"subjects": subjects}}
         else:
             unet.disable_adapters()
@@ -138,7 +109,7 @@ def main() -> None:
             kwargs = {}
         start = time.perf_counter()
         with torch.no_grad():
-            unet(latents, torch.tensor([500, 500]), text, **kwargs)
+            unet(latents, torch.full((2 * batch_size,), 500), text, **kwargs)
         return time.perf_counter() - start
 
     saved = SavedActivations(model)
@@ -160,43 +131,62 @@ def main() -> None:
 
     denoise_step(False), denoise_step(True)  # warm-up
     base_t, mm_t = [], []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         base_t.append(denoise_step(False))
         mm_t.append(denoise_step(True))
     unet.enable_adapters()
-    unet.set_attn_processor(dict(mm_processors))  # diffusers pops from the dict
+    unet.set_attn_processor(dict(mm_processors))
     # these two untimed steps are also the warm-up
     saved_bytes = {"with": train_step(True, count_saved=True), "without": train_step(False, count_saved=True)}
     with_t, without_t = [], []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         with_t.append(train_step(True))
         without_t.append(train_step(False))
-    # free this model (~6 GB) before each child builds its own; rebinding, not `del`, since the step
-    # closures above still name these variables
-    model = unet = mm_processors = tokens = None
-    peak_rss = {}
-    for mode in ("with", "without"):
-        child = subprocess.run([sys.executable, "-m", "benchmarks.bench_model", "--size", str(args.size),
-                                "--step-peak-rss", mode], capture_output=True, text=True, check=True)
-        peak_rss[mode] = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss"]
-    result = {
-        "device": "cpu", "threads": torch.get_num_threads(), "size": args.size, "repeats": args.repeats,
+    return {
         "denoise_step_s": {"base": min(base_t), "mmdiff_2_subjects": min(mm_t)},
         "denoise_ratio": min(mm_t) / min(base_t),
         "train_step_s": {"with_constraint": min(with_t), "without": min(without_t)},
         "train_ratio": min(with_t) / min(without_t),
         "train_saved_activations_mib": {"with_constraint": saved_bytes["with"] / 2**20,
                                         "without": saved_bytes["without"] / 2**20},
-        "train_step_peak_rss_mib": {"with_constraint": peak_rss["with"] / 2**20, "without": peak_rss["without"] / 2**20},
+        "saved_activations_ratio": saved_bytes["with"] / saved_bytes["without"],
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--step-peak-rss", choices=["with", "without"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.step_peak_rss:  # child process of the memory measurement
+        rss = _step_peak_rss(args.size, args.batch_sizes[0], args.step_peak_rss == "with")
+        print(json.dumps({"peak_rss": rss}))
+        return
+    model, config = _build()
+    per_batch = {b: measure(model, config, args.size, b, args.repeats) for b in args.batch_sizes}
+    model = None  # free this model (~6 GB) before each child builds its own
+    for b, result in per_batch.items():
+        peak_rss = {}
+        for mode in ("with", "without"):
+            child = subprocess.run([sys.executable, "-m", "benchmarks.bench_model", "--size", str(args.size),
+                                    "--batch-sizes", str(b), "--step-peak-rss", mode],
+                                   capture_output=True, text=True, check=True)
+            peak_rss[mode] = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss"] / 2**20
+        result["train_step_peak_rss_mib"] = {"with_constraint": peak_rss["with"], "without": peak_rss["without"]}
+    results = {"device": "cpu", "threads": torch.get_num_threads(), "size": args.size, "repeats": args.repeats,
+               "batch": {str(b): r for b, r in per_batch.items()}}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    saved_mib, rss_mib = result["train_saved_activations_mib"], result["train_step_peak_rss_mib"]
-    print(f"bench_model: denoise step {result['denoise_ratio']:.3f}x base "
-          f"({min(mm_t):.2f}s vs {min(base_t):.2f}s), train step with constraint {result['train_ratio']:.3f}x "
-          f"({result['train_step_s']['with_constraint']:.2f}s vs {result['train_step_s']['without']:.2f}s), "
-          f"saved activations {saved_mib['with_constraint']:.0f} vs {saved_mib['without']:.0f} MiB, "
-          f"step peak RSS {rss_mib['with_constraint']:.0f} vs {rss_mib['without']:.0f} MiB")
+    RESULTS.write_text(json.dumps(results, indent=2))
+    for b, r in per_batch.items():
+        saved_mib, rss_mib = r["train_saved_activations_mib"], r["train_step_peak_rss_mib"]
+        print(f"bench_model batch {b}: denoise step {r['denoise_ratio']:.3f}x base "
+              f"({r['denoise_step_s']['mmdiff_2_subjects']:.2f}s vs {r['denoise_step_s']['base']:.2f}s), "
+              f"train step with constraint {r['train_ratio']:.3f}x ({r['train_step_s']['with_constraint']:.2f}s vs "
+              f"{r['train_step_s']['without']:.2f}s), saved activations {saved_mib['with_constraint']:.0f} vs "
+              f"{saved_mib['without']:.0f} MiB ({r['saved_activations_ratio']:.3f}x), step peak RSS "
+              f"{rss_mib['with_constraint']:.0f} vs {rss_mib['without']:.0f} MiB")
 
 
 if __name__ == "__main__":

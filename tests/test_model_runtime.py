@@ -174,3 +174,32 @@ def test_encoder_attention_mask_masks_the_text_keys():
     other = text.clone()
     other[:, 10:] = torch.randn(2, 67, 32, generator=g)
     torch.testing.assert_close(run(keep, other), masked, atol=1e-6, rtol=0)
+
+
+def test_single_subject_batches_keep_only_the_constraint_terms_with_signal():
+    # With one subject the subject softmax covers only its own K tokens: their mean map is 1/K everywhere,
+    # a constant with zero gradient. That term is left out of the mean instead of diluting the others.
+    model = _model("sd15")
+    _perturb(model)
+    config = model.config
+    batch = _batch(model, [[True, False], [True, False]])
+    out = {}
+    for form in ("text", "subject", "both"):
+        model.config = config.model_copy(update={"attention_loss_tokens": form})
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        out[form] = model.training_loss(batch)["attention_loss"]
+        if form == "text":
+            out[form].backward()
+            subject_path = [p.grad for n, p in model.named_parameters()
+                            if n.split(".")[0] in ("refiner", "query_mlp", "text_fusions") and p.requires_grad]
+            assert all(g is not None for g in subject_path) and sum(g.abs().sum() for g in subject_path) > 0
+    assert out["subject"] == 0  # no term has signal: nothing to learn, nothing reported
+    torch.testing.assert_close(out["both"], out["text"], atol=1e-7, rtol=0)  # not halved by a dead term
+    # two subjects in a sample: the subject form has signal and reaches the refiner
+    model.config = config.model_copy(update={"attention_loss_tokens": "subject"})
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    loss = model.training_loss(_batch(model, [[True, True]]))["attention_loss"]
+    loss.backward()
+    assert loss != 0 and model.refiner.proj_out.weight.grad.abs().sum() > 0
