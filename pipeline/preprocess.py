@@ -18,13 +18,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
-
-if __name__ == "__main__" and not __package__:
-    # Run as a file (`ray submit infra/ray/cluster.yaml pipeline/preprocess.py`): Python puts pipeline/ first
-    # on sys.path, where this very file would shadow the top-level `preprocess` package. Use the repo root.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from mmdiff.configuration import ConfigModel, config_hash, load_config, parse_overrides
 from pipeline.config import PreprocessConfig

@@ -1,4 +1,4 @@
-"""MM-Diff training: `deepspeed train/main.py --config configs/train/<name>.yaml`.
+"""MM-Diff training: `deepspeed --module train.main --config configs/train/<name>.yaml`.
 
 Modules: config (the typed YAML), data (WebDataset shards -> batches, resumable), engine (the DeepSpeed
 loop: ZeRO, accumulation, non-finite steps, checkpoints), tracking (MLflow), export (the adapter as a

@@ -1,4 +1,4 @@
-"""Check a training config, then start `deepspeed train/main.py` on it.
+"""Check a training config, then start `deepspeed --module train.main` on it.
 
     python -m train.launch --config configs/train/demo.yaml --num_gpus 2 [--hostfile H] [KEY=VALUE ...]
     # one command per node, no ssh (Slurm, Kubernetes): every node names its rank and the first node
@@ -46,7 +46,8 @@ def command(config: str, num_gpus: int, overrides: list[str], hostfile: str | No
         cmd += ["--master_addr", master_addr]
     if master_port:
         cmd += ["--master_port", str(master_port)]
-    return cmd + [str(MAIN), "--config", config, *overrides]
+    # as a module, so the installed package (or PYTHONPATH) is imported, never a path next to a script
+    return cmd + ["--module", "train.main", "--config", config, *overrides]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ PORT="${2:-5000}"
 HOST="${MLFLOW_HOST:-127.0.0.1}"
 mkdir -p "$STORE/artifacts"
 STORE="$(cd "$STORE" && pwd)"
-# One worker and no job runner: about 0.5 GB and a few seconds to start (see docs/STACK.md).
+# One worker and no job runner: about 0.5 GB and a few seconds to start (docs/STACK.md); the team server is team_server.sh.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
 MLFLOW="${MLFLOW:-$(dirname "$0")/../../.venv/bin/mlflow}"
 exec "$MLFLOW" server --backend-store-uri "sqlite:///$STORE/mlflow.db" \

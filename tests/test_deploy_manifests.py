@@ -1,0 +1,193 @@
+"""The container and Kubernetes files, checked as far as this machine allows (no cluster, no registry, no
+KubeRay CRD schemas in any package here): the Dockerfile passes hadolint; every manifest parses and has the
+shape KubeRay's RayJob/RayService and Kubernetes' Indexed Job need; the commands they run are parsed by
+the real parsers (DeepSpeed's launcher, our config loaders) and the Serve config by Ray's own schema."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+
+from infra.k8s import rayservice
+from mmdiff.configuration import load_config, parse_overrides
+from pipeline.config import PreprocessConfig
+from train.config import load_train_config
+
+REPO = Path(__file__).resolve().parent.parent
+K8S = REPO / "infra" / "k8s"
+
+
+def documents(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
+
+
+def by_kind(name: str, kind: str) -> dict:
+    (doc,) = [d for d in documents(name) if d["kind"] == kind]
+    return doc
+
+
+def pod_specs(doc: dict) -> list[dict]:
+    """Every pod template in a Job, Deployment, RayJob or RayService."""
+    spec = doc["spec"]
+    if doc["kind"] in ("Job", "Deployment"):
+        return [spec["template"]["spec"]]
+    cluster = spec["rayClusterSpec"] if doc["kind"] == "RayJob" else spec["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([str(hadolint), "--config", str(REPO / ".hadolint.yaml"), str(REPO / "Dockerfile")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_installs_the_lock_and_the_wheel_as_a_non_root_user_without_weights():
+    text = (REPO / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    assert "ARG CUDA_BASE=nvidia/cuda:13.0.2-base-ubuntu24.04" in lines  # torch 2.14.1's wheel is CUDA 13.0
+    assert any(p.startswith("nvidia-cuda-runtime==13.0.") for p in (REPO / "requirements.lock").read_text().split())
+    assert "wget" in text  # KubeRay probes Ray pods with it
+    assert "python3.11" in text and "-r /tmp/requirements.lock" in text and "pip install --no-deps /dist/mmdiff-" in text
+    assert [line for line in lines if line.startswith("USER")][-1] == "USER 1000:1000"
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "outputs", "tests"} <= set(ignored)
+    # nothing that looks like weights is copied in
+    copies = [line for line in lines if line.startswith("COPY")]
+    assert not [c for c in copies if any(ext in c for ext in (".safetensors", ".pth", ".bin", ".onnx", "/models"))]
+
+
+def test_every_manifest_parses_and_the_kustomization_lists_them():
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    manifests = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(kustomization["resources"]) == manifests
+    assert [image["name"] for image in kustomization["images"]] == ["mmdiff"]
+    for name in manifests:
+        for doc in documents(name):
+            assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], name
+            for spec in pod_specs(doc) if doc["kind"] in ("Job", "Deployment", "RayJob", "RayService") else []:
+                volumes = {v["name"] for v in spec.get("volumes", [])}
+                for container in spec["containers"]:
+                    assert container["name"] and container["image"] == "mmdiff", (name, container)
+                    mounts = {m["name"] for m in container.get("volumeMounts", [])}
+                    assert mounts <= volumes, (name, container["name"], mounts - volumes)
+                    resources = container["resources"]
+                    # extended resources (GPUs) must have requests == limits
+                    assert resources["requests"] == resources["limits"], (name, container["name"])
+
+
+def ray_groups(cluster: dict) -> list[dict]:
+    return [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+
+
+def check_ray_cluster(cluster: dict) -> None:
+    """The RayClusterSpec fields KubeRay's CRD types: rayStartParams is map[string]string, the version is
+    the Ray in the image, replicas within min/max, and each worker's num-gpus is the GPUs its pod gets."""
+    assert cluster["rayVersion"] == ray.__version__
+    for group in ray_groups(cluster):
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), group["rayStartParams"]
+        assert group["template"]["spec"]["containers"]
+    for group in cluster["workerGroupSpecs"]:
+        assert group["groupName"] and group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        (container,) = group["template"]["spec"]["containers"]
+        limits = container["resources"]["limits"]
+        assert group["rayStartParams"]["num-gpus"] == limits["nvidia.com/gpu"]
+        assert group["rayStartParams"]["num-cpus"] == limits["cpu"]
+
+
+def test_preprocess_rayjob_runs_the_installed_command_on_a_valid_config():
+    job = by_kind("preprocess-rayjob.yaml", "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["submissionMode"] == "K8sJobMode"
+    check_ray_cluster(job["spec"]["rayClusterSpec"])
+    argv = shlex.split(job["spec"]["entrypoint"])
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts[argv[0]] == "pipeline.preprocess:main"
+    config, overrides = argv[argv.index("--config") + 1], argv[argv.index("--set") + 1:]
+    loaded = load_config(REPO / config, PreprocessConfig, parse_overrides(overrides))
+    assert str(loaded.output.path) == "/data/shards/mmdiff"
+    # the job's model stages fit the GPU workers: annotate actors x GPUs each <= GPUs of the group
+    (workers,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    gpus = workers["maxReplicas"] * int(workers["rayStartParams"]["num-gpus"])
+    cpus = workers["maxReplicas"] * int(workers["rayStartParams"]["num-cpus"])
+    stages = loaded.stages
+    assert stages.annotate.concurrency * stages.annotate.num_gpus <= gpus
+    assert stages.annotate.concurrency * stages.annotate.num_cpus + stages.load.concurrency * stages.load.num_cpus <= cpus
+
+
+def test_training_job_script_gives_deepspeed_a_valid_no_ssh_launch(tmp_path, monkeypatch):
+    """Runs the Job's own shell script with `deepspeed` swapped for a recorder, then parses what it got
+    with DeepSpeed's launcher parser and hostfile reader and loads the config with the trainer's loader."""
+    from deepspeed.launcher.runner import fetch_hostfile, parse_args
+
+    service, job = by_kind("train-job.yaml", "Service"), by_kind("train-job.yaml", "Job")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["subdomain"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {"job-name": job["metadata"]["name"]}
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert int(env["NODES"]) == spec["completions"]
+    assert env["GPUS_PER_NODE"] == container["resources"]["limits"]["nvidia.com/gpu"]
+
+    recorder = tmp_path / "deepspeed"
+    recorder.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/argv\ncp \"$2\" {tmp_path}/hostfile\n")
+    recorder.chmod(recorder.stat().st_mode | stat.S_IEXEC)
+    shell = {**os.environ, **env, "JOB_COMPLETION_INDEX": "1", "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run([*container["command"], *container["args"]], env=shell, check=True, timeout=60, cwd=tmp_path)
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv[:2] == ["--hostfile", argv[1]]
+    args = parse_args(argv)
+    assert args.no_ssh and args.node_rank == 1 and args.module and args.user_script == "train.main"
+    assert args.master_addr == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    assert args.master_port == service["spec"]["ports"][0]["port"] == container["ports"][0]["containerPort"]
+    hosts = fetch_hostfile(str(tmp_path / "hostfile"))
+    assert list(hosts.values()) == [int(env["GPUS_PER_NODE"])] * spec["completions"]
+    user = args.user_args
+    monkeypatch.chdir(REPO)  # the image's working directory holds configs/, as the repository does
+    # the shards are on the cluster's volume; everything else the config names must load here
+    config = load_train_config(user[user.index("--config") + 1], parse_overrides(user[user.index("--config") + 2:]),
+                               check_data=False)
+    assert config.mlflow.tracking_uri == env["MLFLOW_TRACKING_URI"]
+
+
+def serve_config_for_test(tmp_path: Path) -> Path:
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"applications": [{
+        "name": "mmdiff", "route_prefix": "/", "import_path": "infra.serving.app:app",
+        "deployments": [{"name": "MMDiffServer", "ray_actor_options": {"num_cpus": 1.0, "num_gpus": 0.0},
+                         "autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}]}]}))
+    return path
+
+
+def test_rayservice_embeds_the_validated_serve_config_and_sizes_workers_per_replica(tmp_path):
+    source = serve_config_for_test(tmp_path)
+    manifest = rayservice.render(source, gpus_per_replica=1)
+    assert manifest["kind"] == "RayService" and manifest["apiVersion"] == "ray.io/v1"
+    cluster = manifest["spec"]["rayClusterConfig"]
+    check_ray_cluster(cluster)
+    serve = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    (deployment,) = serve["applications"][0]["deployments"]
+    assert deployment["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1}
+    assert deployment["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4}
+    (workers,) = cluster["workerGroupSpecs"]
+    # one pod per replica, scaled by KubeRay between Serve's autoscaling bounds
+    assert (workers["minReplicas"], workers["maxReplicas"], cluster["enableInTreeAutoscaling"]) == (1, 4, True)
+    assert workers["rayStartParams"]["num-gpus"] == "1"
+    cpu_only = rayservice.render(source)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    assert "num-gpus" not in cpu_only["rayStartParams"]
+    assert "nvidia.com/gpu" not in cpu_only["template"]["spec"]["containers"][0]["resources"]["limits"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"applications": [{"name": "x", "import_path": "no_colon"}]}))
+    with pytest.raises(ValueError, match="bad.yaml: not a valid Ray Serve config"):
+        rayservice.render(bad)
