@@ -176,12 +176,18 @@ def test_console_scripts_answer_help_from_the_installed_package(venv, env, workd
     for name, process in helps.items():
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0 and out.startswith("usage:"), (name, out[-2000:], err[-2000:])
-    # what runs is the wheel's code, and each script's target takes argv
-    probe = ("import importlib, inspect, json, sys\n"
+    # what runs is the wheel's code, and each script's target is a main(argv=None) (read from the source:
+    # importing every entry module again would cost as much as the --help runs)
+    probe = ("import ast, importlib.util, json\n"
              "from importlib.metadata import entry_points\n"
+             "def takes_argv(path, name):\n"
+             "    (f,) = [n for n in ast.parse(open(path).read()).body if isinstance(n, ast.FunctionDef) and n.name == name]\n"
+             "    names, defaults = [a.arg for a in f.args.args], f.args.defaults\n"
+             "    default = dict(zip(names[len(names) - len(defaults):], defaults)).get('argv')\n"
+             "    return isinstance(default, ast.Constant) and default.value is None\n"
              "eps = [e for e in entry_points(group='console_scripts') if e.dist.name == 'mmdiff']\n"
-             "argv = lambda f: getattr(inspect.signature(f).parameters.get('argv'), 'default', 0) is None\n"
-             "print(json.dumps({e.name: [importlib.import_module(e.module).__file__, argv(e.load())] for e in eps}))\n")
+             "files = {e.name: importlib.util.find_spec(e.module).origin for e in eps}\n"
+             "print(json.dumps({e.name: [files[e.name], takes_argv(files[e.name], e.attr)] for e in eps}))\n")
     found = json.loads(run([venv / "bin" / "python", "-c", probe], cwd=workdir, env=env).stdout)
     assert set(found) >= SCRIPTS
     for name, (module_file, takes_argv) in found.items():
