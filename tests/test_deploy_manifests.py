@@ -125,9 +125,13 @@ def test_preprocess_rayjob_runs_the_installed_command_on_a_valid_config():
 
 
 def test_training_job_script_gives_deepspeed_a_valid_no_ssh_launch(tmp_path, monkeypatch):
-    """Runs the Job's own shell script with `deepspeed` swapped for a recorder, then parses what it got
-    with DeepSpeed's launcher parser and hostfile reader and loads the config with the trainer's loader."""
+    """Runs the Job's own shell script with `mmdiff-train` swapped for a recorder, hands what it got to the
+    real mmdiff-train (train.launch: config check included) with its final exec captured, and parses that
+    DeepSpeed command with DeepSpeed's own launcher parser and hostfile reader."""
     from deepspeed.launcher.runner import fetch_hostfile, parse_args
+
+    from test_train_data import write_shards
+    from train import launch
 
     service, job = by_kind("train-job.yaml", "Service"), by_kind("train-job.yaml", "Job")
     spec = job["spec"]
@@ -140,24 +144,29 @@ def test_training_job_script_gives_deepspeed_a_valid_no_ssh_launch(tmp_path, mon
     assert int(env["NODES"]) == spec["completions"]
     assert env["GPUS_PER_NODE"] == container["resources"]["limits"]["nvidia.com/gpu"]
 
-    recorder = tmp_path / "deepspeed"
-    recorder.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/argv\ncp \"$2\" {tmp_path}/hostfile\n")
+    recorder = tmp_path / "mmdiff-train"
+    recorder.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {tmp_path}/argv\n")
     recorder.chmod(recorder.stat().st_mode | stat.S_IEXEC)
     shell = {**os.environ, **env, "JOB_COMPLETION_INDEX": "1", "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run([*container["command"], *container["args"]], env=shell, check=True, timeout=60, cwd=tmp_path)
     argv = (tmp_path / "argv").read_text().splitlines()
-    assert argv[:2] == ["--hostfile", argv[1]]
-    args = parse_args(argv)
+
+    captured = []
+    monkeypatch.setattr(launch.os, "execvpe", lambda file, cmd, env: captured.append(cmd))
+    monkeypatch.chdir(REPO)  # the image's working directory holds configs/, as the repository does
+    shards = write_shards(tmp_path / "shards", num_samples=2, per_shard=2)  # the cluster's volume, stood in for
+    launch.main([*argv, f"data.shards={shards}"])
+    (command,) = captured
+    runner = command.index("deepspeed.launcher.runner")
+    args = parse_args(command[runner + 1:])
     assert args.no_ssh and args.node_rank == 1 and args.module and args.user_script == "train.main"
     assert args.master_addr == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
     assert args.master_port == service["spec"]["ports"][0]["port"] == container["ports"][0]["containerPort"]
-    hosts = fetch_hostfile(str(tmp_path / "hostfile"))
+    hosts = fetch_hostfile(args.hostfile)
+    os.remove(args.hostfile)
     assert list(hosts.values()) == [int(env["GPUS_PER_NODE"])] * spec["completions"]
     user = args.user_args
-    monkeypatch.chdir(REPO)  # the image's working directory holds configs/, as the repository does
-    # the shards are on the cluster's volume; everything else the config names must load here
-    config = load_train_config(user[user.index("--config") + 1], parse_overrides(user[user.index("--config") + 2:]),
-                               check_data=False)
+    config = load_train_config(user[user.index("--config") + 1], parse_overrides(user[user.index("--config") + 2:]))
     assert config.mlflow.tracking_uri == env["MLFLOW_TRACKING_URI"]
 
 
