@@ -2,14 +2,18 @@
 
 Each family module exposes ``build(spec)`` (real checkpoint, tiny twin or real-size random weights,
 picked by ``spec.source``) and ``save_tiny(path, seed)`` (a tiny model written in the family's real
-on-disk format, so tests exercise the real loader).
+on-disk format, so tests exercise the real loader). ``device: meta`` builds the architecture without
+allocating its weights (shapes only, for FLOP counting).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from mmdiff.zoo.spec import RANDOM, TINY, ModelSpec
 
@@ -36,7 +40,9 @@ def build(spec: ModelSpec | dict[str, Any]) -> Any:
     """Build the model a spec names; see the family module for the returned object."""
     if isinstance(spec, dict):
         spec = ModelSpec.model_validate(spec)
-    return _module(spec.family).build(spec)
+    # on "meta", parameters are created there: building on the CPU first would allocate every weight
+    with torch.device("meta") if spec.device == "meta" else contextlib.nullcontext():
+        return _module(spec.family).build(spec)
 
 
 def save_tiny(family: str, path: str | Path, seed: int = 0, **options: Any) -> Path:

@@ -11,7 +11,10 @@ and OPT language model (hidden sizes 32) and a byte-level BPE tokenizer built fr
 whose merges make the ~50 words of ``caption_words.txt`` single tokens; weights are deterministic from
 ``spec.seed``. Its generation config suppresses every other token and repeats, so the random twin writes random
 but real words ("a cat sitting on ...") that downstream phrase extraction can work with.
-``save_tiny`` writes that twin (generation config included) with ``save_pretrained``. No options.
+``random``: the real BLIP-2 OPT-2.7b architecture (ViT-g/14 at 224 px, 32-query Q-Former, OPT-2.7b) with
+random weights and the tiny twin's tokenizer; tokens beyond that tokenizer are suppressed so its random
+captions decode. ``save_tiny`` writes the tiny twin (generation config included) with ``save_pretrained``.
+No options.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ __all__ = ["Blip2Bundle", "build", "save_tiny", "TINY_IMAGE_SIZE"]
 ASSETS = Path(__file__).parent / "assets" / "blip2_tiny"
 TINY_IMAGE_SIZE = 32
 TINY_QUERY_TOKENS = 4
+# Salesforce/blip2-opt-2.7b (the vision and Q-Former sizes are transformers' Blip2Config defaults)
+OPT_2_7B = {"hidden_size": 2560, "ffn_dim": 10240, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "word_embed_proj_dim": 2560, "vocab_size": 50272, "max_position_embeddings": 2048}
+REAL_QUERY_TOKENS = 32
 
 
 class Blip2Bundle(NamedTuple):
@@ -43,10 +50,23 @@ class Blip2Bundle(NamedTuple):
     processor: Blip2Processor
 
 
-def _tiny_processor() -> Blip2Processor:
+def _tiny_processor(image_size: int = TINY_IMAGE_SIZE, query_tokens: int = TINY_QUERY_TOKENS) -> Blip2Processor:
     tokenizer = GPT2Tokenizer.from_pretrained(ASSETS)
-    image_processor = BlipImageProcessor(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
-    return Blip2Processor(image_processor, tokenizer, num_query_tokens=TINY_QUERY_TOKENS)
+    image_processor = BlipImageProcessor(size={"height": image_size, "width": image_size})
+    return Blip2Processor(image_processor, tokenizer, num_query_tokens=query_tokens)
+
+
+def _random(seed: int) -> Blip2Bundle:
+    processor = _tiny_processor(224, REAL_QUERY_TOKENS)
+    tokenizer = processor.tokenizer
+    text = OPTConfig(**OPT_2_7B, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.eos_token_id)
+    config = Blip2Config(text_config=text.to_dict(), num_query_tokens=REAL_QUERY_TOKENS,
+                         image_token_index=tokenizer.convert_tokens_to_ids(processor.image_token.content))
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    model.generation_config.suppress_tokens = list(range(len(tokenizer), OPT_2_7B["vocab_size"]))
+    return Blip2Bundle(model, processor)
 
 
 def _tiny(seed: int) -> Blip2Bundle:
@@ -76,8 +96,8 @@ def _tiny(seed: int) -> Blip2Bundle:
 
 
 def build(spec: ModelSpec) -> Blip2Bundle:
-    if spec.is_tiny:
-        bundle = _tiny(spec.seed)
+    if spec.is_tiny or spec.is_random:
+        bundle = _tiny(spec.seed) if spec.is_tiny else _random(spec.seed)
     else:
         try:
             processor = Blip2Processor.from_pretrained(spec.source)

@@ -18,7 +18,9 @@ whose text position embedding is fixed at 256 wide), deterministic from ``spec.s
 The transformers twin uses a 2-stage Swin with embed dim 16; the official twin keeps the package's
 Swin-T backbone, the smallest its registry offers. ``save_tiny(path, backend=...)`` writes the twin in the
 real format: an HF folder, or ``groundingdino.pth`` (``{"model": state_dict}``) + ``config.py`` +
-``bert/`` for the official backend.
+``bert/`` for the official backend. ``random`` (transformers backend): the real Swin-T model
+(``grounding-dino-tiny``'s architecture: transformers' ``GroundingDinoConfig`` defaults, BERT-base text
+encoder) with random weights and the tiny twin's tokenizer.
 """
 
 from __future__ import annotations
@@ -156,6 +158,11 @@ def build(spec: ModelSpec):
         return model.to(device=spec.device, dtype=getattr(torch, spec.dtype))
     if spec.is_tiny:
         bundle = _tiny_transformers(spec.seed)
+    elif spec.is_random:
+        torch.manual_seed(spec.seed)
+        bundle = GroundingDinoBundle(GroundingDinoForObjectDetection(GroundingDinoConfig()).eval(),
+                                     GroundingDinoProcessor(GroundingDinoImageProcessor(),
+                                                            BertTokenizer.from_pretrained(BERT_ASSETS)))
     else:
         try:
             bundle = GroundingDinoBundle(GroundingDinoForObjectDetection.from_pretrained(spec.source).eval(),

@@ -13,6 +13,8 @@
 ``tiny``: the same classes with a 2-layer ViT (width 32, 64 px input, patch 8) and a 32-wide prompt
 encoder and mask decoder, deterministic from ``spec.seed``. ``save_tiny(path, backend=...)`` writes an
 HF folder, or ``sam.pth`` + ``config.json`` (the architecture) for the official backend.
+``random``: the real architecture named by ``options.model_type`` (default ``vit_h``) with random weights,
+in either backend.
 """
 
 from __future__ import annotations
@@ -36,6 +38,14 @@ TINY_ARCHITECTURE = dict(
     encoder_global_attn_indexes=[1], window_size=4, prompt_embed_dim=32, decoder_mlp_dim=64, decoder_num_heads=2,
 )
 ARCHITECTURE_KEYS = tuple(TINY_ARCHITECTURE)
+# Image-encoder sizes of the released SAM models (segment-anything's build_sam registry)
+VIT_SIZES = {
+    "vit_b": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "global_attn_indexes": [2, 5, 8, 11]},
+    "vit_l": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
+              "global_attn_indexes": [5, 11, 17, 23]},
+    "vit_h": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16,
+              "global_attn_indexes": [7, 15, 23, 31]},
+}
 
 
 class SamBundle(NamedTuple):
@@ -63,6 +73,19 @@ def _tiny_transformers(seed: int) -> SamBundle:
     ))
     torch.manual_seed(seed)
     return SamBundle(SamModel(config).eval(), processor)
+
+
+def _model_type(spec: ModelSpec) -> str:
+    model_type = spec.options.get("model_type", "vit_h")
+    if model_type not in VIT_SIZES:
+        raise ValueError(f"sam: unknown model_type {model_type!r}; expected one of {sorted(VIT_SIZES)}")
+    return model_type
+
+
+def _random_transformers(spec: ModelSpec) -> SamBundle:
+    torch.manual_seed(spec.seed)
+    model = SamModel(SamConfig(vision_config=VIT_SIZES[_model_type(spec)])).eval()
+    return SamBundle(model, SamProcessor(SamImageProcessor()))
 
 
 def _official(architecture: dict) -> torch.nn.Module:
@@ -124,11 +147,16 @@ def build(spec: ModelSpec):
         if spec.is_tiny:
             torch.manual_seed(spec.seed)
             model = _official(TINY_ARCHITECTURE).eval()
+        elif spec.is_random:
+            from segment_anything import sam_model_registry
+
+            torch.manual_seed(spec.seed)
+            model = sam_model_registry[_model_type(spec)](checkpoint=None).eval()
         else:
             model = _load_official(spec)
         return model.to(device=spec.device, dtype=dtype)
-    if spec.is_tiny:
-        bundle = _tiny_transformers(spec.seed)
+    if spec.is_tiny or spec.is_random:
+        bundle = _tiny_transformers(spec.seed) if spec.is_tiny else _random_transformers(spec)
     else:
         try:
             bundle = SamBundle(SamModel.from_pretrained(spec.source).eval(), SamProcessor.from_pretrained(spec.source))
