@@ -292,10 +292,10 @@ class MMDiffModel(nn.Module):
         for layer in captured:
             subject_masks = masks_at(masks, layer.subject.shape[2], aspect)
             present = valid & (subject_masks.sum(-1) > 0)
-            # NaN when no subject is present, so every batch reports the same metric names
+            # NaN when no subject is present (the mean over none), so every batch reports the same metric
+            # names; no branch on the value, so the step also runs on shape-only (meta) tensors
             shares.setdefault(layer.layer.split(".")[0].removesuffix("_blocks").removesuffix("_block"), []).append(
-                inside_share(layer.subject.detach(), subject_masks, present) if present.any()
-                else prediction.new_tensor(float("nan")))
+                inside_share(layer.subject.detach(), subject_masks, present))
         # the share of subject attention inside the subject's mask, per UNet part (down / mid / up): a metric
         losses.update({f"inside_share/{part}": torch.stack(values).nanmean() for part, values in shares.items()})
         losses["loss"] = losses["denoise_loss"] + cfg.attention_loss_weight * losses["attention_loss"]
