@@ -268,7 +268,7 @@ def _g(flops: float) -> float:
 
 def _stage(flops_per_image: int, **extra) -> dict:
     return {"gflops_per_image": _g(flops_per_image), "images_per_s_per_h100": round(per_h100(flops_per_image), 2),
-            **extra}
+            "h100s_per_100_images_per_s": round(100 / per_h100(flops_per_image), 3), **extra}
 
 
 def main() -> None:
@@ -291,6 +291,7 @@ def main() -> None:
     # inference stages: no parameter requires grad (FlopCounterMode's module tracker would hook outputs)
     blip2 = zoo.build({"family": "blip2", "source": "random", "device": "meta"}).model.requires_grad_(False)
     caption = caption_flops(blip2, args.new_tokens, args.num_beams)
+    greedy = caption_flops(blip2, args.new_tokens, 1)["total"]
     lm_params = sum(p.numel() for p in blip2.language_model.parameters())
     decode_row_flops = caption["lm_decode"] / max(args.new_tokens - 1, 1) / args.num_beams
     # one decode step reads every language-model weight once (bf16, 2 bytes) whatever the batch: below this
@@ -298,7 +299,7 @@ def main() -> None:
     rows = 2 * lm_params / (H100_SXM["hbm_tb_per_s"] * 1e12) * MFU * H100_SXM["bf16_dense_tflops"] * 1e12 / decode_row_flops
     stages["caption_blip2_opt_2.7b"] = _stage(
         caption["total"], new_tokens=args.new_tokens, num_beams=args.num_beams, prompt_tokens=0, input_hw=[224, 224],
-        gflops={k: _g(v) for k, v in caption.items()}, language_model_params=lm_params,
+        gflops={k: _g(v) for k, v in caption.items()}, gflops_greedy_total=_g(greedy), language_model_params=lm_params,
         decode_rows_per_step_to_leave_bandwidth_bound=math.ceil(rows),
     )
     del blip2
@@ -342,6 +343,9 @@ def main() -> None:
             "forward_gflops_by_module": {k: _g(v) for k, v in flops["forward_by_module"].items()},
             "images_per_s_per_h100": {"vae_on_the_fly": round(per_h100(flops["total"]), 2),
                                       "cached_latents": round(per_h100(flops["total_cached_latents"]), 2)},
+            "h100_hours_per_million_images": {
+                "vae_on_the_fly": round(1e6 / per_h100(flops["total"]) / 3600, 2),
+                "cached_latents": round(1e6 / per_h100(flops["total_cached_latents"]) / 3600, 2)},
         }
 
     result = {
