@@ -290,19 +290,23 @@ class ScoreStage:
         rows = [{**row, **{c: math.nan for c in SCORE_COLUMNS}} for row in batch.to_dict("records")]
         cases = {i: Case.from_row(r) for i, r in enumerate(rows) if r["status"] == "ok"}
         images: dict[int, Image.Image] = {}
+        refs: dict[str, Image.Image] = {}
         for i in list(cases):
+            path = rows[i]["generated"]
             try:
-                images[i] = Image.open(rows[i]["generated"]).convert("RGB")
-            except OSError as exc:
-                rows[i] = _failed(rows[i], "unreadable_image", exc)
+                images[i] = Image.open(path).convert("RGB")
+                for path in (p for group in cases[i].references for p in group if p not in refs):
+                    refs[path] = Image.open(path).convert("RGB")
+            except OSError as exc:  # the case is recorded as failed, naming the file; the batch goes on
+                reason = "unreadable_image" if path == rows[i]["generated"] else "unreadable_reference"
+                rows[i] = _failed(rows[i], reason, exc)
                 del cases[i]
         regions: dict[int, list[tuple | None]] = {}
         multi = [i for i in cases if cases[i].kind == "multi"]
         if multi:
             words = [MARKER.findall(cases[i].prompt) for i in multi]
             regions = dict(zip(multi, self.locator.locate([images[i] for i in multi], words)))
-        ref_paths = sorted({p for c in cases.values() for refs in c.references for p in refs})
-        refs = {p: Image.open(p).convert("RGB") for p in ref_paths}
+        ref_paths = sorted({p for c in cases.values() for group in c.references for p in group})
         order = list(cases)
         crops = [(i, s, crop(images[i], box)) for i in multi for s, box in enumerate(regions[i]) if box is not None]
         clip_rows = self.clip.image_embeds([images[i] for i in order] + [refs[p] for p in ref_paths])

@@ -172,3 +172,25 @@ def test_every_command_answers_help(job, capsys):
     with pytest.raises(SystemExit) as exit_info:
         importlib.import_module(f"evaluation.{job}").main(["--help"])
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_a_bad_reference_fails_its_cases_only(tmp_path):
+    import pandas as pd
+
+    from evaluation.benchmark import Case
+    from evaluation.evaluate import ScoreStage
+
+    good, bad, generated = tmp_path / "good.png", tmp_path / "bad.jpg", tmp_path / "generated.png"
+    photo("chelsea", 64).save(good)
+    bad.write_bytes(b"not an image")
+    photo("coffee", 64).save(generated)
+    cases = [Case("single/cat/p00/s0", "single", "a [cat]", ["cat"], [str(good)], [[str(good)]], 0),
+             Case("single/cup/p00/s0", "single", "a [cup]", ["cup"], [str(bad)], [[str(bad)]], 0)]
+    rows = [{**c.row(), "status": "ok", "reason": "", "detail": "", "generate_s": 0.1, "generated": str(generated)}
+            for c in cases]
+    stage = ScoreStage({"clip": {"family": "clip", "source": "tiny"}, "dino": {"family": "dino", "source": "tiny"}})
+    out = stage(pd.DataFrame(rows)).set_index("case_id")
+    assert out.loc["single/cat/p00/s0", "status"] == "ok" and np.isfinite(out.loc["single/cat/p00/s0", "dino"])
+    failed = out.loc["single/cup/p00/s0"]
+    assert failed["status"] == "failed" and failed["reason"] == "unreadable_reference"
+    assert str(bad) in failed["detail"]
