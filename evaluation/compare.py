@@ -88,7 +88,7 @@ def collect(client, run_ids: list[str], workdir: Path) -> list[RunRecord]:
         curves = {}
         for key in run.data.metrics:
             history = client.get_metric_history(run_id, key)
-            if len(history) > 1:
+            if len({m.step for m in history}) > 1:  # a re-evaluation logs again at step 0: not a curve
                 curves[key] = sorted((m.step, m.value) for m in history)
         folder = workdir / run_id
         folder.mkdir(parents=True, exist_ok=True)
@@ -224,7 +224,8 @@ def render_html(records: list[RunRecord], curves: Image.Image | None) -> str:
 
 
 def render_png(records: list[RunRecord], curves: Image.Image | None, side: int = 128) -> Image.Image:
-    """Curves on top, then the sample grid (one row per shared case, one column per run)."""
+    """Curves on top, then the sample grid (one row per shared case: its subjects' references, then one
+    column per run)."""
     from PIL import ImageDraw
 
     shared = _shared_cases(records)
@@ -242,6 +243,10 @@ def render_png(records: list[RunRecord], curves: Image.Image | None, side: int =
         y = top + title_h + i * (side + 4)
         draw.text((4, y + 4), case_id[:40], fill="black")
         draw.text((4, y + 20), str(records[0].cases[case_id]["prompt"])[:40], fill="#444")
+        for k, reference in enumerate(records[0].cases[case_id]["references"]):
+            thumbnail = reference.copy()
+            thumbnail.thumbnail((side // 2 + 8, side // 2 + 8))
+            canvas.paste(thumbnail, (4 + k * (side // 2 + 12), y + 40))
         for j, record in enumerate(records):
             canvas.paste(record.cases[case_id]["picture"].resize((side, side), Image.NEAREST), (label_w + j * side, y))
     return canvas
