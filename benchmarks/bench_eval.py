@@ -2,13 +2,14 @@
 stages in a plain loop, in one run, on CPU; and the share of stage time spent generating vs scoring.
 
 Same registered model, same benchmark (the demo set from scikit-image photos, ``--seeds`` seeds per
-prompt), same stage settings (batch sizes, one intra-op thread per 0.5-CPU stage). Both times are the
-whole job (model and metric-model loading, generation, scoring, the result table), Ray's own start-up
-excluded. Metric models: CLIP ViT-B/32 and DINO ViT-S/16 architectures with random weights (the real
+prompt), same stage settings (batch sizes, one intra-op thread per 0.5-CPU stage); the Ray job runs one
+generation actor and ``--score-actors`` scoring actors (0.5 CPU each), where the loop runs one of each in
+turn. Both times are the whole job (model and metric-model loading, generation, scoring, the result
+table), Ray's own start-up excluded. Metric models: CLIP ViT-B/32 and DINO ViT-S/16 architectures with random weights (the real
 scoring cost); the generator is the tiny SD1.5 twin (``--base random`` uses the real SD1.5 architecture,
 far too slow for this 2-core machine at any useful size).
 
-    python -m benchmarks.bench_eval [--seeds 4] [--base tiny|random]
+    python -m benchmarks.bench_eval [--seeds 8] [--score-actors 2] [--base tiny|random]
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def register(root: Path, base: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt (10 generated images each)")
+    parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt (10 generated images each)")
+    parser.add_argument("--score-actors", type=int, default=2, help="scoring actors (scoring is the heavier stage)")
     parser.add_argument("--base", choices=("tiny", "random"), default="tiny")
     args = parser.parse_args()
     import ray
@@ -64,7 +66,8 @@ def main() -> None:
             return load_evaluation_config(ROOT / "configs/eval/demo.yaml", {
                 "benchmark.dreambench": str(tmp / "bench/dataset"), "benchmark.portraits.folder": str(tmp / "bench/portraits"),
                 "benchmark.seeds": list(range(args.seeds)), "generation.steps": 10, "output_dir": str(tmp / name),
-                "metrics.clip.source": "random", "metrics.dino.source": "random", "progress": False})
+                "metrics.clip.source": "random", "metrics.dino.source": "random", "progress": False,
+                "score.concurrency": args.score_actors})
 
         timings = {}
         loop_start = time.perf_counter()
@@ -84,7 +87,7 @@ def main() -> None:
         "images_scored": rows, "images_generated": int(loop.summary["images_scored"]), "device": "cpu", "cores": 2,
         "machine": platform.processor() or platform.machine(), "base_model": args.base,
         "metric_models": "clip ViT-B/32 + dino ViT-S/16 (random weights), tiny insightface + grounding_dino",
-        "generation_steps": 10, "loop_seconds": timings["loop"], "ray_seconds": timings["ray"],
+        "generation_steps": 10, "score_actors": args.score_actors, "loop_seconds": timings["loop"], "ray_seconds": timings["ray"],
         "loop_images_per_s": rows / timings["loop"], "ray_images_per_s": rows / timings["ray"],
         "ray_vs_loop": timings["loop"] / timings["ray"],
         "generate_share": loop.summary["generate_seconds"] / stage, "score_share": loop.summary["score_seconds"] / stage,
