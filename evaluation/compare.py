@@ -151,7 +151,8 @@ def _metric_rows(records: list[RunRecord]) -> list[tuple[str, list[float | None]
         values = [r.metrics.get(key) for r in records]
         present = [(v, i) for i, v in enumerate(values) if v is not None and np.isfinite(v)]
         best = None
-        if len(present) > 1 and len({round(v, 4) for v, _ in present}) > 1:  # a difference the table shows
+        ranked = key.startswith("eval.") or "loss" in key  # others (lr, step times, counters) have no "better"
+        if ranked and len(present) > 1 and len({round(v, 4) for v, _ in present}) > 1:  # a difference shown
             best = (min if lower_is_better(key) else max)(present)[1]
         rows.append((key, values, best))
     return rows
@@ -183,8 +184,8 @@ def render_html(records: list[RunRecord], curves: Image.Image | None) -> str:
              "<table><tr><th>run</th><th>id</th><th>status</th></tr>"]
     parts += [f"<tr><td class='key'>{e(r.name)}</td><td class='key'>{e(r.run_id)}</td><td>{e(r.status)}</td></tr>"
               for r in records]
-    parts.append("</table><h2>Metrics</h2><p class='note'>Last logged value; best of each row in green "
-                 "(lower is better for losses, collapse, leakage, failures and times).</p>"
+    parts.append("</table><h2>Metrics</h2><p class='note'>Last logged value; the best evaluation figure and "
+                 "loss of each row in green (lower is better for losses, collapse, leakage, failures and times).</p>"
                  f"<table id='metrics'><tr><th>metric</th>{head}</tr>")
     for key, values, best in _metric_rows(records):
         cells = "".join(f"<td class='{'best' if i == best else ''}'>{'—' if v is None else f'{v:.4f}'}</td>"
