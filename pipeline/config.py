@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from mmdiff.configuration import ConfigModel
 from preprocess.annotate import AnnotateConfig
 from preprocess.image_io import ImageConfig
 
-__all__ = ["InputConfig", "OutputConfig", "StageConfig", "StagesConfig", "RayConfig", "PreprocessConfig"]
+__all__ = ["InputConfig", "OutputConfig", "StageConfig", "AnnotateStageConfig", "StagesConfig", "RayConfig",
+           "PreprocessConfig"]
 
 
 class InputConfig(ConfigModel):
@@ -38,6 +39,9 @@ class InputConfig(ConfigModel):
 class OutputConfig(ConfigModel):
     path: str
     shard_size: int = 256  # inputs per partition; shard k holds the accepted samples of partition k
+    # the job holds <out>/lock.json while it runs, refreshed every lease_seconds / 4; another job takes
+    # the folder over only when the lease is older than this (or its driver is gone from this host)
+    lease_seconds: float = 120.0
 
 
 class StageConfig(ConfigModel):
@@ -47,11 +51,21 @@ class StageConfig(ConfigModel):
     concurrency: int = 1  # actors (model stages) or parallel tasks (load stage)
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    # a batch whose worker process died (segfault, out of memory, killed) is retried this many times
+    # (Ray's max_retries / max_task_retries); then its inputs are retried one by one and the one whose
+    # worker still dies is rejected as worker_crash
+    crash_retries: int = Field(default=2, ge=0)
+
+
+class AnnotateStageConfig(StageConfig):
+    # "module:Class" replacing the built-in operator (Annotator, or AnnotationImporter for annotated
+    # inputs); built once per actor as Class(config: PreprocessConfig), called like the one it replaces
+    operator: str | None = None
 
 
 class StagesConfig(ConfigModel):
     load: StageConfig = StageConfig(batch_size=16, num_cpus=0.25)
-    annotate: StageConfig = StageConfig()
+    annotate: AnnotateStageConfig = AnnotateStageConfig()
 
 
 class RayConfig(ConfigModel):

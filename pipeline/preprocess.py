@@ -6,6 +6,8 @@ runs on an embedded Ray (or on the cluster named by RAY_ADDRESS, as under ``ray 
 Exactly once: inputs are cut into key-sorted partitions; a partition is finished when its shard, rejects
 file and index are on disk and the index verifies. A rerun skips finished partitions and redoes the
 others from scratch, so an interrupted job resumes to the same shard set an uninterrupted one writes.
+One input never stops the job: an exception on it is its reject; a batch whose worker process keeps
+dying is retried input by input and the input whose worker still dies is rejected as ``worker_crash``.
 """
 
 from __future__ import annotations
@@ -17,17 +19,22 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mmdiff.configuration import ConfigModel, config_hash, load_config, parse_overrides
 from pipeline.config import PreprocessConfig
 from pipeline.contact_sheet import contact_sheet
-from pipeline.inputs import InputRecord, assign_partitions, list_inputs
+from pipeline.inputs import InputRecord, Listing, Skip, assign_partitions, list_inputs
+from pipeline.lock import OutputLock, OutputLocked
 from pipeline.shards import ShardLayout, finalize_partition, reject_counts, write_json_atomic
-from pipeline.stages import SampleStage, load_batch
+from pipeline.stages import RECORD_FIELDS, SampleStage, load_batch
 
-__all__ = ["JobSummary", "run_job", "content_hash", "main"]
+__all__ = ["JobSummary", "EmptyInputError", "run_job", "content_hash", "main"]
+
+
+class EmptyInputError(ValueError):
+    """The listing found no input at all (the message says what it saw instead)."""
 
 
 class _Content(ConfigModel):
@@ -39,29 +46,39 @@ class _Content(ConfigModel):
     shard_size: int
     image: Any
     annotate: Any
+    operator: str | None
+    batch_size: int | None  # models see fixed batches of this size; batched inference is not bit-exact
 
 
 def content_hash(config: PreprocessConfig) -> str:
+    # The importer treats every input on its own, so its output does not depend on the batch size.
+    batch_size = None if config.input.annotated and not config.stages.annotate.operator else config.stages.annotate.batch_size
     return config_hash(_Content(input_kind=config.input.kind, annotated=config.input.annotated,
                                 extensions=config.input.extensions,
                                 shard_size=config.output.shard_size, image=config.image.model_dump(mode="json"),
-                                annotate=config.annotate.model_dump(mode="json")))
+                                annotate=config.annotate.model_dump(mode="json"),
+                                operator=config.stages.annotate.operator, batch_size=batch_size))
 
 
 @dataclass
 class JobSummary:
+    seen: int
     inputs: int
     written: int
     rejected: dict[str, int]
+    skipped: dict[str, int]
     shards: int
     processed_now: int  # inputs processed by this run (the rest were in partitions finished earlier)
     seconds: float
     images_per_second: float
+    notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         rejected = ", ".join(f"{k}={v}" for k, v in self.rejected.items()) or "none"
-        return (f"preprocess: {self.inputs} inputs -> {self.written} written, {sum(self.rejected.values())} "
-                f"rejected ({rejected}); {self.shards} shards; {self.processed_now} processed in "
+        skipped = ", ".join(f"{k}={v}" for k, v in self.skipped.items()) or "none"
+        return (f"preprocess: {self.seen} seen, {self.inputs} inputs -> {self.written} written, "
+                f"{sum(self.rejected.values())} rejected ({rejected}); {sum(self.skipped.values())} skipped "
+                f"({skipped}); {self.shards} shards; {self.processed_now} processed in "
                 f"{self.seconds:.1f} s = {self.images_per_second:.2f} images/s")
 
 
@@ -69,10 +86,13 @@ def _reject_row(record: InputRecord, reason: str, detail: str) -> dict[str, Any]
     return {"key": record.key, "source": record.source, "reason": reason, "detail": detail}
 
 
-def _plan(config: PreprocessConfig, records: list[InputRecord], chash: str) -> dict[str, Any]:
-    listing = "\n".join(f"{r.key}\t{r.partition}\t{r.duplicate}" for r in records)
-    return {"config_hash": chash, "inputs": len(records), "partitions": records[-1].partition + 1 if records else 0,
-            "listing_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+def _plan(records: list[InputRecord], skipped: list[Skip], chash: str) -> dict[str, Any]:
+    listing = "\n".join(f"{r.key}\t{r.partition}\t{r.reason}" for r in records)
+    skips = "\n".join(f"{s.source}\t{s.reason}" for s in skipped)
+    return {"config_hash": chash, "inputs": len(records), "skipped": len(skipped),
+            "partitions": records[-1].partition + 1 if records else 0,
+            "listing_sha256": hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest(),
+            "skipped_sha256": hashlib.sha256(skips.encode("utf-8", "surrogateescape")).hexdigest()}
 
 
 def _init_ray(config: PreprocessConfig) -> None:
@@ -87,40 +107,70 @@ def _init_ray(config: PreprocessConfig) -> None:
         ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False)
 
 
-def _dataset(config: PreprocessConfig, records: list[InputRecord], chash: str):
+def fixed_batches(records: list[InputRecord], batch_size: int) -> list[dict[str, Any]]:
+    """Dataset rows: per partition, its inputs in key order cut into batches of ``batch_size``. The
+    composition depends only on the listing and the batch size, never on timing or concurrency."""
+    by_partition: dict[int, list[InputRecord]] = {}
+    for record in records:
+        by_partition.setdefault(record.partition, []).append(record)
+    rows = []
+    for partition, members in sorted(by_partition.items()):
+        for start in range(0, len(members), batch_size):
+            chunk = members[start : start + batch_size]
+            rows.append({"batch": f"{partition}:{chunk[0].key}", "partition": partition,
+                         "inputs": json.dumps([{k: getattr(r, k) for k in RECORD_FIELDS} for r in chunk])})
+    return rows
+
+
+def _dataset(config: PreprocessConfig, rows: list[dict[str, Any]], chash: str):
     import ray
 
     load, annotate = config.stages.load, config.stages.annotate
-    rows = [{k: v for k, v in asdict(r).items() if k not in ("duplicate", "order")} for r in records]
-    blocks = max(1, min(len(rows) // max(1, load.batch_size), 200))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    context = ray.data.DataContext.get_current()
+    # A block whose worker died more than crash_retries times is dropped here, not fatal: the driver
+    # sees its inputs missing and narrows them down (run_job).
+    context.max_errored_blocks = -1
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 1000)))
     ds = ds.map_batches(load_batch, fn_kwargs={"image": config.image}, batch_format="pandas",
-                        batch_size=load.batch_size, compute=ray.data.TaskPoolStrategy(size=load.concurrency),
-                        num_cpus=load.num_cpus)
-    # Ray Data restarts a dead actor and retries its batch (max_restarts/max_task_retries default to -1
-    # for actor pools); staging by batch keys + the driver's dedupe keep that exactly once.
+                        batch_size=max(1, load.batch_size // annotate.batch_size),
+                        compute=ray.data.TaskPoolStrategy(size=load.concurrency), num_cpus=load.num_cpus,
+                        max_retries=load.crash_retries)
+    # A dead actor is always replaced (it holds only models); the batch it held is retried crash_retries times.
     return ds.map_batches(
         SampleStage, fn_constructor_kwargs={"config": config, "content_hash": chash}, batch_format="pandas",
-        batch_size=annotate.batch_size, compute=ray.data.ActorPoolStrategy(size=annotate.concurrency),
+        batch_size=1, compute=ray.data.ActorPoolStrategy(size=annotate.concurrency),
         num_cpus=annotate.num_cpus, num_gpus=annotate.num_gpus,
+        max_restarts=-1, max_task_retries=annotate.crash_retries,
     )
 
 
 def run_job(config: PreprocessConfig) -> JobSummary:
     """Run (or resume) the job ``config`` describes; returns the summary also written to manifest.json."""
+    layout = ShardLayout(config.output.path)
+    with OutputLock(layout.lock, config.output.lease_seconds) as lock:
+        return _run_locked(config, layout, lock)
+
+
+def _run_locked(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock) -> JobSummary:
     from tqdm import tqdm
 
     started = time.perf_counter()
-    layout = ShardLayout(config.output.path)
     chash = content_hash(config)
-    records = assign_partitions(list_inputs(config.input), config.output.shard_size)
-    plan = _plan(config, records, chash)
+    listing = list_inputs(config.input)
+    if not listing.inputs:
+        reasons = reject_counts([s.row() for s in listing.skipped])
+        raise EmptyInputError(f"input.path {config.input.path} holds no input ({config.input.kind}): "
+                              f"{listing.seen} entries seen, skipped by reason: {reasons or 'none'}")
+    records = assign_partitions(listing.inputs, config.output.shard_size)
+    plan = _plan(records, listing.skipped, chash)
     if layout.plan.is_file():
         previous = json.loads(layout.plan.read_text(encoding="utf-8"))
         if previous != plan:
-            raise RuntimeError(f"{layout.root} holds the output of a different job (plan.json: config or inputs "
-                               "changed); use a new output.path")
+            changed = sorted(k for k in plan if previous.get(k) != plan[k])
+            raise RuntimeError(f"{layout.root} holds the output of a different job (plan.json differs in {changed}: "
+                               "the settings that decide the bytes, or the inputs, changed); use a new output.path")
     write_json_atomic(layout.plan, plan)
+    layout.write_skipped([s.row() for s in listing.skipped])
 
     partitions: dict[int, list[InputRecord]] = {}
     for record in records:
@@ -128,14 +178,14 @@ def run_job(config: PreprocessConfig) -> JobSummary:
     pending = {k: v for k, v in partitions.items() if not layout.is_finished(k)}
     for partition in pending:
         shutil.rmtree(layout.staging_dir(partition), ignore_errors=True)  # a half-staged earlier attempt
-    todo = [r for rs in pending.values() for r in rs if not r.duplicate]
-    expected = {k: {r.key for r in rs if not r.duplicate} for k, rs in pending.items()}
+    todo = [r for rs in pending.values() for r in rs if not r.reason]
+    expected = {k: {r.key for r in rs if not r.reason} for k, rs in pending.items()}
     outcomes: dict[int, dict[str, dict[str, Any]]] = {k: {} for k in pending}
 
     def finish(partition: int) -> None:
+        lock.check()
         rows = outcomes.pop(partition)
-        rejects = [_reject_row(r, "duplicate_key", f"key {r.key} already used by an earlier input")
-                   for r in pending[partition] if r.duplicate]
+        rejects = [_reject_row(r, r.reason, r.detail) for r in pending[partition] if r.reason]
         rejects += [{k: row[k] for k in ("key", "source", "reason", "detail")} for row in rows.values()
                     if row["status"] != "ok"]
         finalize_partition(layout, partition, [k for k, row in rows.items() if row["status"] == "ok"], rejects)
@@ -148,45 +198,67 @@ def run_job(config: PreprocessConfig) -> JobSummary:
 
         ray.data.DataContext.get_current().enable_progress_bars = False  # one bar: ours, counting images
         bar = tqdm(total=len(todo), desc="preprocess", unit="img", disable=not config.progress, file=sys.stderr)
-        for batch in _dataset(config, todo, chash).iter_batches(batch_size=None, batch_format="pandas"):
-            for row in batch.to_dict("records"):
-                partition = int(row["partition"])
-                if partition not in outcomes or row["key"] in outcomes[partition]:
-                    continue  # a retried batch reported again: already counted
-                outcomes[partition][row["key"]] = row
-                bar.update(1)
-                if len(outcomes[partition]) == len(expected[partition]):
-                    finish(partition)
+        # First pass in fixed batches; then whatever a dying worker took down, one input per batch.
+        batches = fixed_batches(todo, config.stages.annotate.batch_size)
+        for attempt in ("batches", "one by one"):
+            for batch in _dataset(config, batches, chash).iter_batches(batch_size=None, batch_format="pandas"):
+                for row in batch.to_dict("records"):
+                    partition = int(row["partition"])
+                    if partition not in outcomes or row["key"] in outcomes[partition]:
+                        continue  # a retried batch reported again: already counted
+                    outcomes[partition][row["key"]] = row
+                    bar.update(1)
+                    if len(outcomes[partition]) == len(expected[partition]):
+                        finish(partition)
+            missing = [r for r in todo if r.partition in outcomes and r.key not in outcomes[r.partition]]
+            if not missing:
+                break
+            batches = fixed_batches(missing, 1)
+        for record in missing:
+            retries = config.stages.annotate.crash_retries
+            outcomes[record.partition][record.key] = {
+                **_reject_row(record, "worker_crash", f"{record.source}: the worker process died on this input "
+                              f"alone {retries + 1} time(s) (first in its batch, then by itself); see the Ray "
+                              "worker logs for the signal"), "status": "rejected"}
+            bar.update(1)
+        for partition in list(outcomes):
+            finish(partition)
         bar.close()
-    if outcomes:
-        lost = {k: sorted(expected[k] - set(v))[:5] for k, v in outcomes.items()}
-        raise RuntimeError(f"inputs never came back from the pipeline (partition: first keys): {lost}")
     shutil.rmtree(layout.staging, ignore_errors=True)
-    summary = _write_manifest(config, layout, chash, records, len(todo), time.perf_counter() - started)
+    summary = _write_manifest(config, layout, chash, records, listing, len(todo), time.perf_counter() - started)
     if config.qa_samples and summary.written:
-        contact_sheet(layout.root, layout.root / "contact_sheet.png", config.qa_samples)
+        try:
+            contact_sheet(layout.root, layout.root / "contact_sheet.png", config.qa_samples)
+        except Exception as exc:  # noqa: BLE001 - the QA picture never fails a finished job
+            summary.notes.append(f"contact sheet not drawn: {type(exc).__name__}: {exc}")
+    if lock.taken_over:
+        summary.notes.append(lock.taken_over)
     return summary
 
 
 def _write_manifest(config: PreprocessConfig, layout: ShardLayout, chash: str, records: list[InputRecord],
-                    processed: int, seconds: float) -> JobSummary:
+                    listing: Listing, processed: int, seconds: float) -> JobSummary:
     indexes = layout.finished_indexes()
     rejects = layout.all_rejects()
     written = sum(len(i["samples"]) for i in indexes)
     counts = reject_counts(rejects)
-    if written + len(rejects) != len(records):
-        raise RuntimeError(f"accounting error: {len(records)} inputs != {written} written + {len(rejects)} rejected")
+    skipped = reject_counts([s.row() for s in listing.skipped])
+    if written + len(rejects) != len(records) or len(records) + len(listing.skipped) != listing.seen:
+        raise RuntimeError(f"accounting error: {listing.seen} seen, {len(records)} inputs != {written} written + "
+                           f"{len(rejects)} rejected, {len(listing.skipped)} skipped")
     manifest = {
-        "inputs": len(records), "written": written, "rejected": counts,
+        "seen": listing.seen, "inputs": len(records), "written": written, "rejected": counts, "skipped": skipped,
         "shards": [{"shard": i["shard"], "samples": len(i["samples"]), "sha256": i["sha256"]} for i in indexes],
         "config": config.model_dump(mode="json"), "config_hash": chash,
         "models": {name: data.get("model") for name in ("caption", "detect", "segment", "faces")
                    if (data := getattr(config.annotate, name)) is not None},
     }
     manifest["manifest_hash"] = hashlib.sha256(json.dumps(
-        {k: manifest[k] for k in ("inputs", "written", "rejected", "shards", "config_hash")}, sort_keys=True
+        {k: manifest[k] for k in ("seen", "inputs", "written", "rejected", "skipped", "shards", "config_hash")},
+        sort_keys=True
     ).encode()).hexdigest()[:16]
-    summary = JobSummary(inputs=len(records), written=written, rejected=counts, shards=len(indexes),
+    summary = JobSummary(seen=listing.seen, inputs=len(records), written=written, rejected=counts, skipped=skipped,
+                         shards=len(indexes),
                          processed_now=processed, seconds=seconds,
                          images_per_second=processed / seconds if seconds > 0 else 0.0)
     manifest["last_run"] = asdict(summary)
@@ -200,8 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     args = parser.parse_args(argv)
     config = load_config(args.config, PreprocessConfig, parse_overrides(args.set))
-    summary = run_job(config)
+    try:
+        summary = run_job(config)
+    except (OutputLocked, EmptyInputError) as exc:
+        print(f"preprocess: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     print(summary.line(), flush=True)
+    for note in summary.notes:
+        print(f"preprocess: {note}", flush=True)
     return 0
 
 

@@ -5,8 +5,10 @@
 <out>/shards/shard-000003.tar            WebDataset tar, samples sorted by key, byte-reproducible
 <out>/shards/shard-000003.index.json     {"shard", "partition", "samples", "bytes", "sha256"}: written last
 <out>/rejects/part-000003.jsonl          {"key", "source", "reason", "detail"} per rejected input
+<out>/skipped.jsonl                      {"source", "reason", "detail"} per entry the listing saw that is no input
 <out>/plan.json                          which job this folder belongs to (resume refuses another job)
-<out>/manifest.json                      counts by reason, shards, config, model ids, manifest hash
+<out>/lock.json                          the lease of the job running in this folder (pipeline.lock)
+<out>/manifest.json                      seen, written, rejected and skipped by reason, shards, config, hashes
 ```
 """
 
@@ -38,6 +40,8 @@ class ShardLayout:
         self.staging = self.root / "staging"
         self.plan = self.root / "plan.json"
         self.manifest = self.root / "manifest.json"
+        self.lock = self.root / "lock.json"
+        self.skipped = self.root / "skipped.jsonl"
 
     def shard(self, partition: int) -> Path:
         return self.shards / f"shard-{partition:06d}.tar"
@@ -65,6 +69,9 @@ class ShardLayout:
     def finished_indexes(self) -> list[dict[str, Any]]:
         return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(self.shards.glob("shard-*.index.json"))]
 
+    def write_skipped(self, rows: list[dict[str, Any]]) -> None:
+        _write_atomic(self.skipped, _jsonl(sorted(rows, key=lambda r: (r["source"], r["reason"]))))
+
     def all_rejects(self) -> list[dict[str, Any]]:
         rows = []
         for path in sorted(self.rejects.glob("part-*.jsonl")):
@@ -81,6 +88,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _jsonl(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode("utf-8", "surrogateescape")
 
 
 def _sha256(data: bytes) -> str:
@@ -128,8 +139,7 @@ def finalize_partition(layout: ShardLayout, partition: int, written: list[str],
         raise RuntimeError(f"partition {partition}: staged samples missing for keys {missing[:5]}")
     data = _tar_bytes([staged[key] for key in sorted(set(written))])
     _write_atomic(layout.shard(partition), data)
-    lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in sorted(rejects, key=lambda r: (r["key"], r["source"]))]
-    _write_atomic(layout.rejects_file(partition), ("".join(line + "\n" for line in lines)).encode("utf-8"))
+    _write_atomic(layout.rejects_file(partition), _jsonl(sorted(rejects, key=lambda r: (r["key"], r["source"]))))
     index = {"shard": layout.shard(partition).name, "partition": partition, "samples": sorted(set(written)),
              "rejected": len(rejects), "bytes": len(data), "sha256": _sha256(data)}
     write_json_atomic(layout.index(partition), index)

@@ -23,7 +23,7 @@ from preprocess.filters import EntityFilter, FilterConfig
 from preprocess.phrases import PhraseConfig, PhraseExtractor
 from preprocess.sample import Entity, Sample
 
-__all__ = ["AnnotateConfig", "Rejection", "Annotator", "build_operator", "round_box"]
+__all__ = ["AnnotateConfig", "Rejection", "Annotator", "build_operator", "round_box", "box_masks"]
 
 
 class AnnotateConfig(ConfigModel):
@@ -69,12 +69,13 @@ def round_box(box: Any) -> tuple[float, float, float, float]:
     return tuple(round(float(v), 2) for v in box)  # type: ignore[return-value]
 
 
-def _box_masks(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def box_masks(boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """bool [k, H, W]: True inside each (pixel-rounded outward) box."""
     width, height = size
     out = np.zeros((len(boxes), height, width), bool)
     for j, (x0, y0, x1, y1) in enumerate(boxes):
-        out[j, int(np.floor(y0)) : int(np.ceil(y1)), int(np.floor(x0)) : int(np.ceil(x1))] = True
+        top, left = max(0, int(np.floor(y0))), max(0, int(np.floor(x0)))  # clamped: a negative start would wrap
+        out[j, top : max(top, int(np.ceil(y1))), left : max(left, int(np.ceil(x1)))] = True
     return out
 
 
@@ -139,7 +140,7 @@ class Annotator:
         masks_of = {}
         for i, mask in zip(todo, masks):
             # SAM can spill past its box prompt; the entity is what lies inside its box.
-            mask = np.asarray(mask, bool) & _box_masks(boxes_of[i], images[i].size)
+            mask = np.asarray(mask, bool) & box_masks(boxes_of[i], images[i].size)
             empty = [kept_of[i][j].phrase.text for j in range(len(mask)) if not mask[j].any()]
             if empty:
                 results[i] = Rejection("empty_mask", f"segmentation is empty for {empty}")

@@ -74,6 +74,8 @@ class EntityFilter:
             y0, y1 = max(0.0, min(y0, y1)), min(float(height), max(y0, y1))
             if det.score < c.box_threshold or (x1 - x0) * (y1 - y0) < c.min_box_fraction * width * height:
                 continue
+            if min(x1 - x0, y1 - y0) < 1.0:  # a sub-pixel sliver: no mask pixel can be trusted to it
+                continue
             candidates.append((index, (x0, y0, x1, y1), float(det.score)))
         if not candidates:
             return FilterResult([], "no_entities", f"no detection passed the filters (phrases: "

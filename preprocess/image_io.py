@@ -3,7 +3,11 @@
 Every input either becomes a clean RGB image (EXIF orientation applied, alpha composited onto a fill
 colour, long side capped) or an :class:`ImageRejected` error whose ``reason`` is a short stable code
 that the pipeline counts (``empty_file``, ``not_an_image``, ``truncated``, ``too_many_pixels``,
-``too_small``, ``bad_aspect_ratio``, ``unreadable``).
+``over_decode_budget``, ``too_small``, ``bad_aspect_ratio``, ``unreadable``).
+
+:func:`check_decode_budget` is the header-only guard (also used by serving): it reads an image's header
+and refuses, before any pixel is decoded, an image whose decoded size (pixels x channels x bytes per
+channel) exceeds a byte budget, so a 141 KB 16-bit 8000x8000 PNG cannot cost gigabytes.
 """
 
 from __future__ import annotations
@@ -11,19 +15,25 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mmdiff.configuration import ConfigModel
 
-__all__ = ["ImageConfig", "ImageRejected", "LoadedImage", "ImageLoader", "load_image", "to_rgb"]
+__all__ = ["ImageConfig", "ImageRejected", "ImageHeader", "LoadedImage", "ImageLoader", "check_decode_budget",
+           "load_image", "to_rgb"]
 
 
 class ImageConfig(ConfigModel):
     """Validation limits and normalisation of input images."""
 
     max_pixels: int = 64_000_000  # declared width x height above this is a decompression bomb
+    # declared width x height x channels x bytes per channel above this is refused before decoding
+    # (8-bit RGB at max_pixels fits; 16-bit RGB at 8000x8000 does not)
+    max_decoded_bytes: int = 256 * 2**20
     min_side: int = 32  # shorter side below this (after EXIF rotation) is rejected
     max_aspect_ratio: float = 4.0  # long / short side above this is rejected
     max_side: int = 1024  # images are resized so their long side is at most this
@@ -40,6 +50,74 @@ class ImageRejected(ValueError):
         self.detail = detail
 
 
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header declares, before any pixel is decoded."""
+
+    format: str
+    mode: str  # PIL mode the decoder will produce
+    width: int
+    height: int
+    channels: int
+    bytes_per_channel: int
+
+    @property
+    def decoded_bytes(self) -> int:
+        return self.width * self.height * self.channels * self.bytes_per_channel
+
+
+def _bytes_per_channel(image: Image.Image) -> int:
+    if image.mode in ("I", "F", "I;32", "I;32B"):
+        return 4
+    if image.mode.startswith("I;16"):
+        return 2
+    raw = image.tile[0].args if image.tile else None  # e.g. "RGB;16B": the file's samples are 16-bit
+    raw = raw[0] if isinstance(raw, tuple) else raw
+    return 2 if isinstance(raw, str) and ";16" in raw else 1
+
+
+def _open(data: bytes | str | Path | BinaryIO, source: str) -> Image.Image:
+    """Open (header only) or raise ImageRejected; nothing is decoded."""
+    if isinstance(data, (bytes, bytearray)):
+        if not data:
+            raise ImageRejected(source, "empty_file", "0 bytes")
+        data = io.BytesIO(data)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (then errors) on large images; we enforce our own limits from the header.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(data)
+    except UnidentifiedImageError:
+        raise ImageRejected(source, "not_an_image", "no image format recognised") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(source, "too_many_pixels", str(exc)) from None
+    except OSError as exc:  # the file ends inside its header
+        raise ImageRejected(source, "truncated", f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a property of this input
+        raise ImageRejected(source, "unreadable", f"{type(exc).__name__}: {exc}") from None
+
+
+def _header(opened: Image.Image) -> ImageHeader:
+    return ImageHeader(format=opened.format or "", mode=opened.mode, width=opened.width, height=opened.height,
+                       channels=len(opened.getbands()), bytes_per_channel=_bytes_per_channel(opened))
+
+
+def _check_budget(header: ImageHeader, max_bytes: int, source: str) -> None:
+    if header.decoded_bytes > max_bytes:
+        raise ImageRejected(source, "over_decode_budget", (
+            f"declared {header.width}x{header.height} {header.format} {header.mode}, {header.channels} channel(s) "
+            f"x {8 * header.bytes_per_channel} bit = {header.decoded_bytes} bytes decoded > budget {max_bytes}"))
+
+
+def check_decode_budget(data: bytes | str | Path | BinaryIO, max_bytes: int, source: str = "image") -> ImageHeader:
+    """Read only the header of ``data`` (bytes, a path or a binary file) and return what it declares;
+    raise :class:`ImageRejected` (``over_decode_budget``, ``not_an_image``, ``truncated``, ...) naming
+    ``source`` when it is not an image or decoding it would take more than ``max_bytes``."""
+    header = _header(_open(data, source))
+    _check_budget(header, max_bytes, source)
+    return header
+
+
 @dataclass
 class LoadedImage:
     image: Image.Image  # RGB, at most max_side on its long side
@@ -47,16 +125,20 @@ class LoadedImage:
     original_mode: str
 
 
+_SIXTEEN_TO_EIGHT = np.rint(np.arange(65536) * (255.0 / 65535.0)).astype(np.uint8)
+
+
 def to_rgb(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB deterministically (alpha composited onto ``fill``)."""
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16/32-bit grey: scale the full-range integer values to 8 bits rather than clipping them.
+    if image.mode.startswith("I;16"):
+        # 16-bit grey: scale the full range to 8 bits (a lookup table: no float copy of a large image).
+        return Image.fromarray(_SIXTEEN_TO_EIGHT[np.asarray(image)], "L").convert("RGB")
+    if image.mode in ("I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 1.0
-        if image.mode == "I" and array.max(initial=0) > 65535:
-            scale = 255.0 / array.max()
+        top = array.max(initial=0)
+        scale = 255.0 / (top if top > 65535 else 65535.0) if top > 255 else 1.0
         grey = np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
@@ -70,24 +152,12 @@ def to_rgb(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
 
 def load_image(data: bytes, source: str, config: ImageConfig) -> LoadedImage:
     """Decode ``data`` (the bytes of file ``source``) into a validated RGB image, or raise ImageRejected."""
-    if not data:
-        raise ImageRejected(source, "empty_file", "0 bytes")
-    try:
-        with warnings.catch_warnings():
-            # Pillow warns (then errors) on large images; we enforce our own limit from the header.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageRejected(source, "not_an_image", "no image format recognised") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageRejected(source, "too_many_pixels", str(exc)) from None
-    except OSError as exc:  # the file ends inside its header
-        raise ImageRejected(source, "truncated", f"{type(exc).__name__}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a property of this input
-        raise ImageRejected(source, "unreadable", f"{type(exc).__name__}: {exc}") from None
-    width, height = opened.size  # from the header only; nothing is decoded yet
-    if width * height > config.max_pixels:
-        raise ImageRejected(source, "too_many_pixels", f"declared {width}x{height} > {config.max_pixels} pixels")
+    opened = _open(data, source)
+    header = _header(opened)
+    if header.width * header.height > config.max_pixels:
+        raise ImageRejected(source, "too_many_pixels",
+                            f"declared {header.width}x{header.height} > {config.max_pixels} pixels")
+    _check_budget(header, config.max_decoded_bytes, source)
     mode = opened.mode
     try:
         with warnings.catch_warnings():

@@ -76,6 +76,10 @@ class Sample:
         if self.faces is not None and self.faces.shape[0] != n:
             raise ValueError(f"sample {self.key}: faces shape {self.faces.shape} has not {n} rows")
         for entity in self.entities:
+            x0, y0, x1, y1 = entity.box
+            if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+                raise ValueError(f"sample {self.key}: entity {entity.word!r} box {list(entity.box)} is empty, "
+                                 f"inverted or outside the {w}x{h} image")
             if self.caption[entity.start : entity.end] != entity.word:
                 raise ValueError(
                     f"sample {self.key}: entity word {entity.word!r} is not at caption"

@@ -7,6 +7,7 @@ determinism, and a model actor killed mid-job: every input ends in exactly one s
 import io
 import json
 import shutil
+import os
 import signal
 import threading
 import time
@@ -50,10 +51,16 @@ def output_files(root: Path) -> dict[str, bytes]:
 
 
 # -- end to end with tiny models ------------------------------------------------------------------
-def test_tiny_models_on_real_photos(ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(ray_session, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("tiny")
     write_caption_shard(tmp_path / "in" / "shard-0.tar")
     cfg = config("test_tiny", **{"input.path": str(tmp_path / "in"), "output.path": str(tmp_path / "out")})
-    summary = run_job(cfg)
+    return tmp_path, cfg, run_job(cfg)
+
+
+def test_tiny_models_on_real_photos(tiny_run):
+    tmp_path, cfg, summary = tiny_run
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert summary.inputs == manifest["inputs"] == 7
     assert summary.written + sum(summary.rejected.values()) == 7 and summary.written >= 3
@@ -79,6 +86,22 @@ def test_tiny_models_on_real_photos(ray_session, tmp_path):
     assert index["sha256"] and set(index["samples"]) <= {r["__key__"] for r in raw}
     sheet = Image.open(tmp_path / "out" / "contact_sheet.png")
     assert sheet.width == 4 * 256 and np.asarray(sheet).std() > 10
+
+
+def test_model_shards_do_not_depend_on_concurrency_and_batch_size_is_part_of_the_job(tiny_run, tmp_path):
+    """README: with models, bytes are fixed by the inputs and the content settings, annotate batch size
+    included (models see fixed batches), whatever the concurrency; a resume with another batch size is refused."""
+    first, cfg, _ = tiny_run
+    again = cfg.model_copy(update={"output": cfg.output.model_copy(update={"path": str(tmp_path / "out")}),
+                                   "stages": cfg.stages.model_copy(update={
+                                       "annotate": cfg.stages.annotate.model_copy(update={"concurrency": 2}),
+                                       "load": cfg.stages.load.model_copy(update={"concurrency": 2, "batch_size": 1})})})
+    run_job(again)
+    assert output_files(tmp_path / "out") == output_files(first / "out")
+    other_batch = config("test_tiny", **{"input.path": str(first / "in"), "output.path": str(first / "out"),
+                                          "stages.annotate.batch_size": 2})
+    with pytest.raises(RuntimeError, match="different job"):
+        run_job(other_batch)
 
 
 # -- bad inputs -----------------------------------------------------------------------------------
@@ -110,6 +133,7 @@ def write_odd_inputs(folder: Path) -> list[str]:
     """Every kind of awkward input, annotated where it is a usable image; returns the listing order."""
     from tests.test_image_io import png_header_only
 
+
     base = photo("chelsea").resize((120, 80))
     exif = Image.Exif()
     exif[0x0112] = 6  # EXIF: rotate 90 degrees to display
@@ -131,16 +155,18 @@ def write_odd_inputs(folder: Path) -> list[str]:
         annotate(folder / name, size)
     for name, data in bad.items():
         (folder / name).write_bytes(data)
-    return [*good, *bad, "cmyk.jpg", "gone.jpg"]  # cmyk listed twice: a duplicate key; gone.jpg never existed
+    return [*good, *bad, "./cmyk.jpg", "gone.jpg"]  # cmyk listed twice (one input, one skip); gone.jpg never existed
 
 
 def test_bad_inputs_are_each_written_or_rejected_once(uninterrupted):
     summary = json.loads((uninterrupted / "manifest.json").read_text())
     assert summary["inputs"] == INPUTS == summary["written"] + sum(summary["rejected"].values())
+    assert summary["seen"] == INPUTS + 1 and summary["skipped"] == {"duplicate": 1}
     layout = ShardLayout(uninterrupted)
-    reasons = {r["source"]: r["reason"] for r in layout.all_rejects() if r["reason"] != "duplicate_key"}
+    reasons = {r["source"]: r["reason"] for r in layout.all_rejects()}
     assert reasons == BAD
-    assert [d["source"] for d in layout.all_rejects() if d["reason"] == "duplicate_key"] == ["cmyk.jpg"]
+    skipped = [json.loads(line) for line in layout.skipped.read_text().splitlines()]
+    assert [(s["source"].split(":", 2)[2], s["reason"]) for s in skipped] == [("./cmyk.jpg", "duplicate")]
     samples = {s.meta["source"]: s for s in read_samples(uninterrupted)}
     assert set(GOOD_ODD) <= set(samples) and len(samples) == summary["written"] == 12 + len(GOOD_ODD)
     assert samples["rotated.jpg"].image.size == (80, 120)  # portrait after EXIF rotation
@@ -151,7 +177,7 @@ def test_bad_inputs_are_each_written_or_rejected_once(uninterrupted):
 
 
 # -- resume, determinism, fault -------------------------------------------------------------------
-INPUTS = 12 + len(GOOD_ODD) + len(BAD) + 1
+INPUTS = 12 + len(GOOD_ODD) + len(BAD)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +227,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(ray_session, annota
         path.unlink()
     cfg = import_config(annotated_inputs, out)
     summary = run_job(cfg)
-    redo = [r for r in assign_partitions(list_inputs(cfg.input), 4) if r.partition in (1, 2, 5) and not r.duplicate]
+    redo = [r for r in assign_partitions(list_inputs(cfg.input).inputs, 4) if r.partition in (1, 2, 5) and not r.reason]
     assert summary.processed_now == len(redo) and summary.inputs == INPUTS
     assert output_files(out) == output_files(uninterrupted)
     assert not layout.staging.exists()
@@ -213,10 +239,11 @@ def test_a_different_job_cannot_reuse_an_output_folder(ray_session, annotated_in
 
 
 def test_killed_model_actor_still_accounts_every_input_once(ray_session, annotated_inputs, uninterrupted, tmp_path):
-    """Also checks determinism: other batch sizes than the uninterrupted run, same bytes."""
+    """Also checks determinism: other batch sizes and concurrency than the uninterrupted run, same bytes."""
     import psutil
 
-    cfg = import_config(annotated_inputs, tmp_path, **{"stages.annotate.batch_size": 1, "stages.load.batch_size": 1})
+    cfg = import_config(annotated_inputs, tmp_path, **{"stages.annotate.batch_size": 1, "stages.load.batch_size": 1,
+                                                       "stages.annotate.concurrency": 2, "stages.load.concurrency": 2})
     killed: list[int] = []
 
     def kill_once_work_has_started() -> None:
@@ -241,3 +268,132 @@ def test_killed_model_actor_still_accounts_every_input_once(ray_session, annotat
     assert killed, "the job finished before an actor could be killed"
     assert summary.inputs == INPUTS and summary.written == 12 + len(GOOD_ODD)
     assert output_files(tmp_path) == output_files(uninterrupted)
+
+
+# -- dirty data: a corpus of awkward inputs, injected failures, the output lock ---------------------
+def build_corpus(root: Path) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """Every kind of awkward input in one annotated folder. Returns the expected reject reason per source
+    (``ok`` = written), the expected skip reason per source, and the list-file lines for the list job."""
+    from tests.annotation_layouts import write_fastcomposer, write_mmdiff
+    from tests.test_pipeline_inputs import malform, png_header
+
+    root.mkdir(parents=True)
+    expected: dict[str, str] = {}
+    for path in write_mmdiff(root / "mmdiff") + write_fastcomposer(root / "fastcomposer", first=100):
+        expected[path.relative_to(root).as_posix()] = "ok"
+    skipped = {"fastcomposer/image_ids.txt": "unsupported_extension"}
+    for path in [*root.rglob("*.json"), *root.rglob("*.npy")]:
+        skipped[path.relative_to(root).as_posix()] = "annotation_file"
+    odd = {name: "ok" for name in write_odd_inputs(root)[:-2]}  # good odd images and bad images (no 'gone')
+    odd.update(BAD)
+    odd.pop("gone.jpg")
+    expected.update(odd)
+    for name in GOOD_ODD:
+        for suffix in (".json", ".npy"):
+            skipped[name.rsplit(".", 1)[0] + suffix] = "annotation_file"
+    (root / "deep16.png").write_bytes(png_header(8000, 8000, 16, 2))
+    expected["deep16.png"] = "over_decode_budget"
+    malformed = {"caption_null": "bad_annotation", "box_none": "bad_annotation", "box_inverted": "bad_annotation",
+                 "box_row_first": "mask_outside_box", "map_pickled": "bad_annotation", "map_missing": "missing_annotation",
+                 "id_absent_from_map": "empty_mask"}
+    for n, (case, reason) in enumerate(malformed.items()):
+        path = write_mmdiff(root / "malformed" / case, first=200 + 10 * n)[1]  # the square astronaut
+        for other in path.parent.glob("*"):
+            if other.stem != path.stem:
+                for sibling in other.parent.glob(f"{other.stem}.*"):
+                    sibling.unlink()
+        malform(path, case, root)
+        expected[path.relative_to(root).as_posix()] = reason
+        for sidecar in (".json", ".npy"):
+            if path.with_suffix(sidecar).exists():
+                skipped[path.with_suffix(sidecar).relative_to(root).as_posix()] = "annotation_file"
+    for fault, reason in (("raise", "import_error"), ("exit", "worker_crash"), ("segv", "worker_crash")):
+        source = write_mmdiff(root / "faults", first=300)[0]
+        for sidecar in (".jpg", ".json", ".npy"):
+            source.with_suffix(sidecar).rename(root / "faults" / f"{fault}{sidecar}")
+        expected[f"faults/{fault}.jpg"] = reason
+        skipped.update({f"faults/{fault}.json": "annotation_file", f"faults/{fault}.npy": "annotation_file"})
+    for leftover in (root / "faults").rglob("*"):
+        if leftover.is_file() and leftover.parent != root / "faults":
+            leftover.unlink()
+    (root / "anim.gif").write_bytes(b"GIF89a" + b"\0" * 20)
+    (root / "folder.jpg").mkdir()
+    os.symlink(root / "nowhere.jpg", root / "dangling.jpg")
+    os.symlink("loop_b.jpg", root / "loop_a.jpg")
+    os.symlink("loop_a.jpg", root / "loop_b.jpg")
+    os.symlink(root, root / "mmdiff" / "up")
+    os.symlink(root / "cmyk.jpg", root / "alias.jpg")
+    os.symlink(root / "cmyk.json", root / "alias.json")
+    os.mkfifo(root / "fifo.jpg")
+    skipped.update({"anim.gif": "unsupported_extension", "folder.jpg": "not_a_file", "dangling.jpg": "dangling_symlink",
+                    "loop_a.jpg": "symlink_loop", "loop_b.jpg": "symlink_loop", "mmdiff/up": "symlink_loop",
+                    "alias.jpg": "duplicate", "alias.json": "duplicate", "fifo.jpg": "not_a_file"})
+    lines = [s for s, reason in expected.items() if reason != "worker_crash"]
+    lines += ["./cmyk.jpg", str(root / "rgba.png"), "", "# a comment", "never_written.jpg", "folder.jpg", "anim.gif"]
+    return expected, skipped, lines
+
+
+def outcome_by_source(root: Path) -> dict[str, str]:
+    written = {s.meta["source"]: "ok" for s in read_samples(root)}
+    rejected = {r["source"]: r["reason"] for r in ShardLayout(root).all_rejects()}
+    assert not set(written) & set(rejected)
+    return {**written, **rejected}
+
+
+def test_dirty_corpus_as_folder_and_list_jobs_with_injected_failures(ray_session, tmp_path):
+    """Over 25 kinds of awkward input, an operator that raises on one input and kills its own worker on two
+    others, a second job refused while the first holds the folder, and a dead driver's lease taken over."""
+    import socket
+
+    from pipeline.lock import OutputLocked
+    from pipeline.preprocess import main
+
+    expected, skipped, lines = build_corpus(tmp_path / "corpus")
+    args = ["--config", str(CONFIGS / "import_fastcomposer.yaml"), "--set", "progress=false", "qa_samples=4",
+            "output.shard_size=8", "stages.annotate.batch_size=3", "stages.annotate.crash_retries=0",
+            "stages.load.crash_retries=1", "stages.annotate.operator=tests.faults:FaultyImporter"]
+    folder_out = tmp_path / "folder_out"
+    codes: list[int] = []
+    job = threading.Thread(target=lambda: codes.append(main(
+        [*args, f"input.path={tmp_path / 'corpus'}", f"output.path={folder_out}"])))
+    started = time.monotonic()
+    job.start()
+    deadline = time.monotonic() + 60
+    while not (folder_out / "lock.json").exists() and time.monotonic() < deadline and job.is_alive():
+        time.sleep(0.05)
+    with pytest.raises(OutputLocked, match="in use by job"):
+        run_job(import_config(tmp_path / "corpus", folder_out, **{"input.kind": "folder"}))
+    job.join(timeout=900)
+    assert not job.is_alive() and codes == [0], "the folder job did not finish in 900 s"
+    folder_seconds = time.monotonic() - started
+    manifest = json.loads((folder_out / "manifest.json").read_text())
+    assert outcome_by_source(folder_out) == expected
+    got_skips = {r["source"]: r["reason"] for r in map(json.loads, (folder_out / "skipped.jsonl").read_text().splitlines())}
+    assert got_skips == skipped
+    assert manifest["seen"] == len(expected) + len(skipped) == manifest["written"] + sum(manifest["rejected"].values()) + sum(manifest["skipped"].values())
+    assert len(set(expected.values()) | set(skipped.values())) >= 20 and len(expected) + len(skipped) >= 60
+    details = {r["source"]: r["detail"] for r in ShardLayout(folder_out).all_rejects()}
+    assert "faults/raise.jpg" in details["faults/raise.jpg"] and "RuntimeError: injected failure" in details["faults/raise.jpg"]
+    assert "stage annotate" in details["faults/raise.jpg"] and "faults/exit.jpg" in details["faults/exit.jpg"]
+    assert (folder_out / "contact_sheet.png").is_file() and not (folder_out / "lock.json").exists()
+    print(f"folder job: {folder_seconds:.0f} s")
+
+    # the same files as a list (crashers left out), into a folder whose driver died holding the lease
+    (tmp_path / "corpus" / "inputs.txt").write_text("\n".join(lines), encoding="utf-8")
+    list_out = tmp_path / "list_out"
+    list_out.mkdir()
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    (list_out / "lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": dead, "job_id": "killed",
+                                                    "started": 0, "heartbeat": time.time()}))
+    assert main([*args, "input.kind=list", f"input.path={tmp_path / 'corpus' / 'inputs.txt'}",
+                 f"output.path={list_out}"]) == 0
+    listed = {s: r for s, r in expected.items() if r != "worker_crash"}
+    listed["never_written.jpg"] = "missing_file"
+    assert outcome_by_source(list_out) == listed
+    manifest = json.loads((list_out / "manifest.json").read_text())
+    assert manifest["skipped"] == {"duplicate": 2, "not_a_file": 1, "unsupported_extension": 1}
+    assert manifest["seen"] == len(listed) + 4 and not (list_out / "lock.json").exists()
+    assert not (tmp_path / "corpus" / "UNPICKLED").exists()  # the pickled map was never unpickled
