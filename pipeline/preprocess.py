@@ -198,9 +198,9 @@ def _run_locked(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock)
 
         ray.data.DataContext.get_current().enable_progress_bars = False  # one bar: ours, counting images
         bar = tqdm(total=len(todo), desc="preprocess", unit="img", disable=not config.progress, file=sys.stderr)
-        # First pass in fixed batches; then whatever a dying worker took down, one input per batch.
-        batches = fixed_batches(todo, config.stages.annotate.batch_size)
-        for attempt in ("batches", "one by one"):
+
+        def collect(batches: list[dict[str, Any]]) -> list[InputRecord]:
+            """Run the batches; return the inputs that never came back (their worker kept dying)."""
             for batch in _dataset(config, batches, chash).iter_batches(batch_size=None, batch_format="pandas"):
                 for row in batch.to_dict("records"):
                     partition = int(row["partition"])
@@ -210,10 +210,12 @@ def _run_locked(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock)
                     bar.update(1)
                     if len(outcomes[partition]) == len(expected[partition]):
                         finish(partition)
-            missing = [r for r in todo if r.partition in outcomes and r.key not in outcomes[r.partition]]
-            if not missing:
-                break
-            batches = fixed_batches(missing, 1)
+            return [r for r in todo if r.partition in outcomes and r.key not in outcomes[r.partition]]
+
+        # First in fixed batches; then whatever a dying worker took down, one input per batch.
+        missing = collect(fixed_batches(todo, config.stages.annotate.batch_size))
+        if missing:
+            missing = collect(fixed_batches(missing, 1))
         for record in missing:
             retries = config.stages.annotate.crash_retries
             outcomes[record.partition][record.key] = {

@@ -311,3 +311,17 @@ def test_only_one_of_two_jobs_started_at_once_gets_the_folder(tmp_path):
     for thread in threads:
         thread.join(timeout=30)
     assert sorted(outcomes) == ["ran", "refused"] and not path.exists()
+
+
+def test_an_empty_input_is_a_clear_error_and_leaves_the_output_folder_usable(tmp_path):
+    from mmdiff.configuration import load_config
+    from pipeline.config import PreprocessConfig
+    from pipeline.preprocess import EmptyInputError, run_job
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "readme.txt").write_text("no images here")
+    config = load_config(Path(__file__).resolve().parents[1] / "configs/preprocess/import_fastcomposer.yaml",
+                         PreprocessConfig, {"input.path": str(tmp_path / "in"), "output.path": str(tmp_path / "out")})
+    with pytest.raises(EmptyInputError, match=r"holds no input .*1 entries seen.*unsupported_extension"):
+        run_job(config)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # no plan.json, no lock.json
