@@ -122,7 +122,9 @@ def fixed_batches(records: list[InputRecord], batch_size: int) -> list[dict[str,
     return rows
 
 
-def _dataset(config: PreprocessConfig, rows: list[dict[str, Any]], chash: str):
+def _dataset(config: PreprocessConfig, rows: list[dict[str, Any]], chash: str, alone: bool = False):
+    """The two stages over ``rows``; ``alone``: each actor holds one batch at a time, so a worker that
+    dies takes no other input's batch with it (Ray Data otherwise queues several per actor)."""
     import ray
 
     load, annotate = config.stages.load, config.stages.annotate
@@ -138,7 +140,8 @@ def _dataset(config: PreprocessConfig, rows: list[dict[str, Any]], chash: str):
     # A dead actor is always replaced (it holds only models); the batch it held is retried crash_retries times.
     return ds.map_batches(
         SampleStage, fn_constructor_kwargs={"config": config, "content_hash": chash}, batch_format="pandas",
-        batch_size=1, compute=ray.data.ActorPoolStrategy(size=annotate.concurrency),
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=annotate.concurrency, max_tasks_in_flight_per_actor=1 if alone else None),
         num_cpus=annotate.num_cpus, num_gpus=annotate.num_gpus,
         max_restarts=-1, max_task_retries=annotate.crash_retries,
     )
@@ -199,9 +202,9 @@ def _run_locked(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock)
         ray.data.DataContext.get_current().enable_progress_bars = False  # one bar: ours, counting images
         bar = tqdm(total=len(todo), desc="preprocess", unit="img", disable=not config.progress, file=sys.stderr)
 
-        def collect(batches: list[dict[str, Any]]) -> list[InputRecord]:
+        def collect(batches: list[dict[str, Any]], alone: bool = False) -> list[InputRecord]:
             """Run the batches; return the inputs that never came back (their worker kept dying)."""
-            for batch in _dataset(config, batches, chash).iter_batches(batch_size=None, batch_format="pandas"):
+            for batch in _dataset(config, batches, chash, alone).iter_batches(batch_size=None, batch_format="pandas"):
                 for row in batch.to_dict("records"):
                     partition = int(row["partition"])
                     if partition not in outcomes or row["key"] in outcomes[partition]:
@@ -215,13 +218,13 @@ def _run_locked(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock)
         # First in fixed batches; then whatever a dying worker took down, one input per batch.
         missing = collect(fixed_batches(todo, config.stages.annotate.batch_size))
         if missing:
-            missing = collect(fixed_batches(missing, 1))
+            missing = collect(fixed_batches(missing, 1), alone=True)
         for record in missing:
             retries = config.stages.annotate.crash_retries
             outcomes[record.partition][record.key] = {
-                **_reject_row(record, "worker_crash", f"{record.source}: the worker process died on this input "
-                              f"alone {retries + 1} time(s) (first in its batch, then by itself); see the Ray "
-                              "worker logs for the signal"), "status": "rejected"}
+                **_reject_row(record, "worker_crash", f"{record.source}: a worker process died on this input "
+                              f"alone {retries + 1} time(s) after dying on its batch; see the Ray worker logs "
+                              "for the signal"), "status": "rejected"}
             bar.update(1)
         for partition in list(outcomes):
             finish(partition)
