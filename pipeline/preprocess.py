@@ -209,7 +209,7 @@ def _run_locked(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock)
                     partition = int(row["partition"])
                     if partition not in outcomes or row["key"] in outcomes[partition]:
                         continue  # a retried batch reported again: already counted
-                    outcomes[partition][row["key"]] = row
+                    outcomes[partition][row["key"]] = {**row, **json.loads(row["outcome"])}
                     bar.update(1)
                     if len(outcomes[partition]) == len(expected[partition]):
                         finish(partition)

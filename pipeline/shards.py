@@ -91,7 +91,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> bytes:
-    return "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows).encode("utf-8", "surrogateescape")
+    # ASCII JSON: a file name that is not UTF-8 (a lone surrogate here) still makes a valid line
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode("ascii")
 
 
 def _sha256(data: bytes) -> str:

@@ -5,7 +5,9 @@ A row is one *fixed batch*: the inputs the driver grouped together (``batch``, `
 never by timing, so the models always see the same groups and the shards get the same bytes whatever
 the concurrency. The load stage adds each input's pixels and status; the sample stage runs the operator
 once per fixed batch, stages finished samples on shared storage and returns one small row per input
-(``key``, ``partition``, ``source``, ``status`` = ``ok`` or ``rejected`` with ``reason``/``detail``).
+(``key``, ``partition``, ``status`` = ``ok`` or ``rejected``, and ``outcome``: JSON of ``source``,
+``reason`` and ``detail``; text from file names travels as JSON, which holds any name, even one that is
+not UTF-8).
 
 One input never takes its batch down: an exception on an input becomes that input's reject (the batch
 is retried one input at a time to find it), and a worker process that dies is handled by the driver.
@@ -29,7 +31,7 @@ from preprocess.image_io import ImageConfig, ImageRejected, load_image
 
 __all__ = ["load_batch", "SampleStage", "RESULT_COLUMNS", "RECORD_FIELDS", "error_detail"]
 
-RESULT_COLUMNS = ["key", "partition", "source", "status", "reason", "detail"]
+RESULT_COLUMNS = ["key", "partition", "status", "outcome"]
 RECORD_FIELDS = ("key", "source", "path", "offset", "size", "caption", "annotation", "partition")
 
 
@@ -153,5 +155,6 @@ class SampleStage:
                     row.update(status="rejected", reason="encode_failed", detail=error_detail(row["source"], "encode", exc))
             if staged:
                 stage_samples(self.layout, int(fixed["partition"]), staged)
-            out += [{c: r[c] for c in RESULT_COLUMNS} for r in rows]
+            out += [{"key": r["key"], "partition": r["partition"], "status": r["status"],
+                     "outcome": json.dumps({k: r[k] for k in ("source", "reason", "detail")})} for r in rows]
         return pd.DataFrame(out, columns=RESULT_COLUMNS)

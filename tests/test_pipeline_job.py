@@ -291,6 +291,11 @@ def build_corpus(root: Path) -> tuple[dict[str, str], dict[str, str], list[str]]
     for name in GOOD_ODD:
         for suffix in (".json", ".npy"):
             skipped[name.rsplit(".", 1)[0] + suffix] = "annotation_file"
+    latin1 = os.fsdecode(b"caf\xe9")  # a file name that is not UTF-8 (Latin-1 bytes), as old archives have
+    for suffix in (".jpg", ".json", ".npy"):
+        shutil.copy(root / f"grey{suffix}", root / f"{latin1}{suffix}")
+    expected[f"{latin1}.jpg"] = "ok"
+    skipped.update({f"{latin1}.json": "annotation_file", f"{latin1}.npy": "annotation_file"})
     (root / "deep16.png").write_bytes(png_header(8000, 8000, 16, 2))
     expected["deep16.png"] = "over_decode_budget"
     malformed = {"caption_null": "bad_annotation", "box_none": "bad_annotation", "box_inverted": "bad_annotation",
@@ -379,7 +384,7 @@ def test_dirty_corpus_as_folder_and_list_jobs_with_injected_failures(ray_session
     print(f"folder job: {folder_seconds:.0f} s")
 
     # the same files as a list (crashers left out), into a folder whose driver died holding the lease
-    (tmp_path / "corpus" / "inputs.txt").write_text("\n".join(lines), encoding="utf-8")
+    (tmp_path / "corpus" / "inputs.txt").write_text("\n".join(lines), encoding="utf-8", errors="surrogateescape")
     list_out = tmp_path / "list_out"
     list_out.mkdir()
     dead = os.fork()
