@@ -61,6 +61,10 @@ def test_boxes_are_clipped_and_tiny_boxes_dropped():
     result = FILTER(phrases, [Det((-20, -5, 500, 200), 0.9, 0)], SIZE)
     assert result.entities[0].box == (0.0, 0.0, 400.0, 200.0)
     assert FILTER(phrases, [Det((0, 0, 5, 5), 0.9, 0)], SIZE).reason == "no_entities"
+    # a sub-pixel sliver (SAM cannot take it) is dropped even when the size filter is off
+    no_size_filter = EntityFilter(FilterConfig(box_threshold=0.0, min_box_fraction=0.0))
+    assert no_size_filter(phrases, [Det((100.2, 10, 100.6, 190), 0.9, 0)], SIZE).reason == "no_entities"
+    assert no_size_filter(phrases, [Det((100.2, 10, 101.2, 190), 0.9, 0)], SIZE).accepted
 
 
 def test_square_box_is_centred_and_grown_by_the_margin():
