@@ -1,23 +1,33 @@
-"""Serving: a registered model answers image requests over HTTP through the Ray Serve deployment."""
+"""Serving: the registered model is self-contained, `mlflow models serve` answers, and the Ray Serve
+application answers real HTTP on loopback (PNG, named 4xx, batching, alias roll-out without drops)."""
 
 import base64
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
+import threading
+import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from skimage import data
 
-from mmdiff import MMDiffConfig, MMDiffModel
-from mmdiff.configuration import load_config
-from train.config import TrainConfig
-from train.export import register_model
+from benchmarks.bench_serving import register_tiny_versions
+from train.export import LOCK
 
-CONFIG = "configs/train/tiny_test.yaml"
+NAME = "mmdiff-serving"
+REPO = Path(__file__).resolve().parents[1]
+GOOD = {"prompt": "a [cat] on a beach", "num_inference_steps": 2, "seed": 1}
+pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:
@@ -26,58 +36,232 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+def b64(image: np.ndarray | Image.Image, fmt: str = "JPEG") -> str:
+    buffer = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def http(url: str, body: bytes | dict | None = None, timeout: float = 120) -> tuple[int, dict[str, str], bytes]:
+    payload = json.dumps(body).encode() if isinstance(body, dict) else body
+    request = urllib.request.Request(url, payload, {"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        return error.code, dict(error.headers), error.read()
+
+
+def wait_until(check, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"{what} within {seconds} s")
+
+
+def outside_env(tracking_uri: str, folder: Path) -> dict[str, str]:
+    """The environment of a process that cannot import this repository: no PYTHONPATH to it, and a
+    sitecustomize that switches off the editable install, so ``mmdiff`` can only come from the model."""
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if not type(f).__module__.startswith('__editable__')]\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    path = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # the venv's scripts (uvicorn), as activated
+    return {**env, "PYTHONPATH": str(folder), "PATH": path, "MLFLOW_TRACKING_URI": tracking_uri}
 
 
 @pytest.fixture(scope="module")
-def registered_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving")
-    config = load_config(CONFIG, TrainConfig, {"output_dir": str(root), "mlflow.registered_model": "mmdiff-serving"})
-    model = MMDiffModel.from_specs(config.model.base, config.model.image_encoder, load_config(config.model.mmdiff, MMDiffConfig))
-    model.save_pretrained(root / "adapter")
+def registry(tmp_path_factory):
+    """Two trained-looking versions of one model (non-zero LoRA, so subjects matter); champion -> 1."""
+    return register_tiny_versions(tmp_path_factory.mktemp("serving"), NAME, seeds=(1, 2))
+
+
+def test_registered_model_ships_code_pins_and_signature(registry, tmp_path):
     import mlflow
 
-    mlflow.set_tracking_uri(config.tracking_uri)
-    run_id = mlflow.MlflowClient().create_run(mlflow.set_experiment("serving").experiment_id).info.run_id
-    version = register_model(config, root / "adapter", run_id, "no-data")
-    return config.tracking_uri, f"models:/mmdiff-serving/{version.version}"
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", tracking_uri=registry,
+                                                     dst_path=str(tmp_path / "model")))
+    pins = dict(line.split("==") for line in LOCK.read_text().split() if "==" in line)
+    required = (local / "requirements.txt").read_text().split()
+    assert {"torch", "diffusers", "transformers", "mlflow"} <= {r.split("==")[0] for r in required}
+    assert all(pins[r.split("==")[0]] == r.split("==")[1] for r in required)  # pinned as locked
+    signature = yaml.safe_load((local / "MLmodel").read_text())["signature"]
+    assert [c["name"] for c in json.loads(signature["inputs"])][:2] == ["prompt", "subjects"]
+    assert json.loads(signature["outputs"]) == [{"type": "string", "name": "image", "required": True}]
+    assert (local / "code/mmdiff/pipeline.py").is_file() and (local / "code/preprocess/image_io.py").is_file()
+    assert json.loads((local / "artifacts/base_model.json").read_text())["family"] == "sd15"
 
 
-@pytest.mark.slow
-def test_served_model_generates_and_rejects_bad_requests(registered_model, monkeypatch):
+def test_mlflow_models_serve_answers_outside_the_repository(registry, tmp_path):
+    """`mlflow models serve` from a temporary folder, in a process that cannot see this repository."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{NAME}@champion",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
+        cwd=tmp_path, env=outside_env(registry, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def pinged():
+            if server.poll() is not None:
+                raise AssertionError(f"mlflow models serve exited: {server.stderr.read()[-3000:]!r}")
+            try:
+                return http(f"{url}/ping", timeout=5)[0] == 200
+            except OSError:
+                return False
+
+        wait_until(pinged, 240, "mlflow models serve did not answer /ping")
+        row = {**GOOD, "subjects": [b64(data.chelsea())]}
+        status, _, body = http(f"{url}/invocations", {"dataframe_records": [row]})
+        assert status == 200, body[:2000]
+        image = Image.open(io.BytesIO(base64.b64decode(json.loads(body)["predictions"][0]["image"])))
+        assert image.format == "PNG" and image.size == (64, 64)
+        status, _, body = http(f"{url}/invocations", {"dataframe_records": [{**row, "prompt": "a [cat] and a [dog]"}]})
+        assert status == 400 and b"row 0: prompt" in body, body[:2000]
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+
+
+# -- the Ray Serve application --------------------------------------------------------------------------
+LIMITS = {"max_body_bytes": 2**20, "max_image_bytes": 2**18, "max_steps": 20}
+
+
+@pytest.fixture(scope="module")
+def service(registry):
+    """One Serve instance on loopback for all the HTTP tests below (Serve start costs seconds)."""
     import ray
     from ray import serve
 
     from infra.serving.app import build_app
 
-    tracking_uri, model_uri = registered_model
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)  # the replica resolves models:/ through it
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}})
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": registry}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"model_uri": model_uri, "num_cpus": 0.5}), name="mmdiff", route_prefix="/")
-        buffer = io.BytesIO()
-        Image.fromarray(data.chelsea()).save(buffer, format="JPEG")
-        subject = base64.b64encode(buffer.getvalue()).decode()
-        url = f"http://127.0.0.1:{port}/"
-
-        status, answer = post(url, {"prompt": "a [cat] on a beach", "subjects": [subject],
-                                    "num_inference_steps": 2, "seed": 1})
-        assert status == 200 and answer["model_uri"] == model_uri
-        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["image"]))))
-        assert image.shape == (64, 64, 3) and image.std() > 0
-
-        status, answer = post(url, {"prompt": "a [dog] on a beach", "subjects": []})
-        assert status == 400 and "subject" in answer["error"]
-        status, answer = post(url, {"subjects": [subject]})
-        assert status == 400 and "prompt" in answer["error"]
+        serve.run(build_app({"model_uri": f"models:/{NAME}@champion", "poll_interval_s": 0.5, "num_cpus": 0.5,
+                             "batch_wait_timeout_s": 0.2, "limits": LIMITS}), name="mmdiff", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def pixels(body: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(body))
+    assert image.format == "PNG"
+    return np.asarray(image).astype(np.int16)
+
+
+def test_serving_health_readiness_and_a_png(service):
+    assert http(f"{service}/healthz")[0] == 200
+    status, _, body = http(f"{service}/readyz")
+    assert status == 200 and json.loads(body)["version"] == "1"
+    status, headers, body = http(f"{service}/generate", {**GOOD, "subjects": [b64(data.chelsea())]})
+    assert status == 200 and headers["content-type"] == "image/png", body[:500]
+    assert headers["x-model-version"] == "1"
+    image = pixels(body)
+    assert image.shape == (64, 64, 3) and image.std() > 0
+
+
+def bomb() -> str:
+    """A real PNG whose header declares 6000x6000 pixels (36 M, over the budget) in a few KB."""
+    return b64(Image.new("L", (6000, 6000)), "PNG")
+
+
+BAD = {
+    "oversized body": (lambda: {**GOOD, "subjects": ["A" * 2**20]}, 413, "body"),
+    "bomb image": (lambda: {**GOOD, "subjects": [bomb()]}, 422, "subjects[0]"),
+    "non-image": (lambda: {**GOOD, "subjects": [base64.b64encode(b"%PDF-1.4 not an image").decode()]}, 422,
+                  "subjects[0]"),
+    "not base64": (lambda: {**GOOD, "subjects": ["***"]}, 422, "subjects[0]"),
+    "image bytes": (lambda: {**GOOD, "subjects": ["A" * 400_000]}, 413, "subjects[0]"),
+    "too many subjects": (lambda: {**GOOD, "prompt": "[a] [b] [c] [d]", "subjects": [b64(data.chelsea())] * 4},
+                          422, "subjects"),
+    "prompt too long": (lambda: {**GOOD, "prompt": "a [cat] " + "on a sunny beach " * 30,
+                                 "subjects": [b64(data.chelsea())]}, 422, "prompt"),
+    "marker mismatch": (lambda: {**GOOD, "prompt": "a [cat] and a [dog]", "subjects": [b64(data.chelsea())]},
+                        422, "prompt"),
+    "bad option": (lambda: {**GOOD, "num_inference_steps": 500, "subjects": [b64(data.chelsea())]}, 422,
+                   "num_inference_steps"),
+    "bad type": (lambda: {**GOOD, "guidance_scale": "high", "subjects": [b64(data.chelsea())]}, 422,
+                 "guidance_scale"),
+    "bad size": (lambda: {**GOOD, "height": 100, "subjects": [b64(data.chelsea())]}, 422, "height"),
+    "unknown option": (lambda: {**GOOD, "strength": 1, "subjects": [b64(data.chelsea())]}, 422, "strength"),
+    "not JSON": (lambda: b"{prompt: ", 422, "body"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_serving_bad_requests_get_a_4xx_naming_the_field(service, kind):
+    make, status, field = BAD[kind]
+    got, headers, body = http(f"{service}/generate", make())
+    assert got == status, body[:500]
+    answer = json.loads(body)
+    assert answer["field"] == field and answer["error"], answer
+    assert "Traceback" not in answer["error"]
+
+
+def test_serving_concurrent_requests_match_sequential(service):
+    photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.immunohistochemistry(),
+              np.ascontiguousarray(data.coffee()[:, ::-1])]
+    requests = [{**GOOD, "seed": i, "subjects": [b64(p)]} for i, p in enumerate(photos)]
+    sequential = [http(f"{service}/generate", r) for r in requests]
+    with ThreadPoolExecutor(len(requests)) as pool:
+        concurrent = list(pool.map(lambda r: http(f"{service}/generate", r), requests))
+    assert all(s == 200 for s, _, _ in sequential + concurrent)
+    assert max(int(h["x-batch-size"]) for _, h, _ in concurrent) > 1  # they did share pipeline calls
+    for (_, _, alone), (_, _, together) in zip(sequential, concurrent):
+        assert np.abs(pixels(alone) - pixels(together)).max() <= 1
+    assert np.abs(pixels(sequential[0][2]) - pixels(sequential[1][2])).max() > 1  # subjects matter
+
+
+def test_serving_follows_the_alias_without_dropping_requests(service, registry):
+    import mlflow
+
+    request = {**GOOD, "subjects": [b64(data.chelsea())]}
+    answers: list[tuple[int, str, bytes]] = []
+    stop = threading.Event()
+
+    def client():
+        for _ in range(400):  # bounded; stops once the new version has answered a few times
+            status, headers, body = http(f"{service}/generate", request)
+            answers.append((status, headers.get("x-model-version", ""), body))
+            if stop.is_set():
+                return
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    wait_until(lambda: len(answers) >= 2, 120, "no answers before the alias move")
+    mlflow.MlflowClient(registry).set_registered_model_alias(NAME, "champion", "2")
+    try:
+        wait_until(lambda: sum(v == "2" for _, v, _ in answers) >= 3, 180, "version 2 did not answer")
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    assert [s for s, _, _ in answers] == [200] * len(answers)  # nothing failed during the switch
+    versions = [v for _, v, _ in answers]
+    switch = versions.index("2")
+    assert set(versions[:switch]) == {"1"} and set(versions[switch:]) == {"2"}  # the next requests: version 2
+    old, new = pixels(answers[0][2]), pixels(answers[-1][2])
+    assert np.abs(old - new).max() > 1
+    status, _, body = http(f"{service}/readyz")
+    assert json.loads(body)["version"] == "2"
+
+
+def test_serve_config_yaml_is_what_serve_build_writes(tmp_path):
+    from click.testing import CliRunner
+    from ray.serve.scripts import build  # the `serve build` command itself, run in this process
+
+    out = tmp_path / "built.yaml"
+    result = CliRunner().invoke(build, ["infra.serving.app:app", "-d", str(REPO), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    built = yaml.safe_load(out.read_text())
+    shipped = yaml.safe_load((REPO / "infra/serving/serve_config.yaml").read_text())
+    assert shipped["applications"][0]["deployments"] == built["applications"][0]["deployments"]
+    assert shipped["applications"][0]["import_path"] == "infra.serving.app:app"

@@ -1,9 +1,17 @@
-"""Export: the trainable weights as the safetensors adapter, logged and registered as a pyfunc model."""
+"""Export: the trainable weights as the safetensors adapter, logged and registered as a pyfunc model.
+
+The registered model is self-contained: it ships the code it imports (``mmdiff`` and preprocessing's image
+check) as ``code_paths``, pins its pip requirements from ``requirements.lock``, declares an input/output
+signature, and stores the base model spec as an artifact. It loads in any process with those packages.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -13,9 +21,60 @@ import torch.distributed as dist
 
 from train.config import TrainConfig
 
-__all__ = ["save_adapter", "register_model"]
+__all__ = ["save_adapter", "register_model", "inference_requirements", "model_signature"]
 
 PYFUNC_MODEL = Path(__file__).with_name("pyfunc_model.py")
+REPO = Path(__file__).resolve().parents[1]
+LOCK = REPO / "requirements.lock"
+# what train/pyfunc_model.py and the code it ships import at inference time (distribution names)
+INFERENCE_PACKAGES = ("mlflow", "torch", "diffusers", "transformers", "accelerate", "peft", "safetensors",
+                      "numpy", "pillow", "pandas", "pydantic", "PyYAML")
+# shipped code: whole packages, or single modules of a package (kept at their import path)
+CODE = ("mmdiff", "preprocess/image_io.py")
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def inference_requirements(lock: Path = LOCK) -> list[str]:
+    """``name==version`` for each inference package, from the lock (or, without one, as installed)."""
+    if lock.is_file():
+        pins = dict(line.split("==", 1) for line in lock.read_text().split() if "==" in line)
+        pins = {_canonical(name): version for name, version in pins.items()}
+    else:  # an installed wheel: the environment was built from the lock
+        pins = {_canonical(n): importlib.metadata.version(n) for n in INFERENCE_PACKAGES}
+    missing = [n for n in INFERENCE_PACKAGES if _canonical(n) not in pins]
+    if missing:
+        raise ValueError(f"{lock}: no pin for inference package(s) {missing}")
+    return [f"{name}=={pins[_canonical(name)]}" for name in INFERENCE_PACKAGES]
+
+
+def model_signature() -> Any:
+    """The pyfunc signature: one column per GenerateRequest field (optional where it has a default)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    from train.pyfunc_model import GenerateRequest
+
+    kinds = {str: "string", int: "long", float: "double", list[str]: Array("string")}
+    columns = []
+    for name, field in GenerateRequest.model_fields.items():
+        kind = next(v for k, v in kinds.items() if field.annotation == k or field.annotation == k | None)
+        columns.append(ColSpec(kind, name, required=field.is_required()))
+    return ModelSignature(inputs=Schema(columns), outputs=Schema([ColSpec("string", "image")]))
+
+
+def _stage_code(root: Path) -> list[str]:
+    """Copy CODE under ``root`` keeping import paths (no caches); returns the top-level folders."""
+    for entry in CODE:
+        source, target = REPO / entry, root / entry
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return sorted({str(root / Path(entry).parts[0]) for entry in CODE})
 
 
 def save_adapter(engine: Any, out_dir: str | Path) -> Path | None:
@@ -48,8 +107,10 @@ def register_model(config: TrainConfig, adapter_dir: str | Path, run_id: str, da
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_MODEL),
                 artifacts={"adapter": str(adapter_dir), "base_model": str(base_spec)},
-                # the serving environment is this repository's; no requirement inference (slow, offline)
-                pip_requirements=[], registered_model_name=name,
+                code_paths=_stage_code(Path(tmp) / "code"), signature=model_signature(),
+                # the keys load_model(model_config=...) may override (pyfunc_model.py); empty = the spec's
+                model_config={"device": "", "dtype": "", "limits": {}},
+                pip_requirements=inference_requirements(), registered_model_name=name,
             )
     client = mlflow.MlflowClient(config.tracking_uri)
     version = client.get_model_version(name, info.registered_model_version)

@@ -10,6 +10,8 @@ path or ``skimage:<name>`` (a photo shipped with scikit-image), once per subject
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 from pathlib import Path
 
 import mlflow
@@ -37,12 +39,12 @@ def load_subject(ref: str) -> Image.Image:
 
 def generate(model_uri: str, prompt: str, subjects: list[Image.Image], seed: int = 0, steps: int = 30,
              guidance_scale: float = 7.5) -> Image.Image:
-    from train.pyfunc_model import decode_image, encode_image
+    from train.pyfunc_model import encode_image
 
     model = mlflow.pyfunc.load_model(model_uri)
     frame = pd.DataFrame([{"prompt": prompt, "subjects": [encode_image(s) for s in subjects], "seed": seed,
                            "num_inference_steps": steps, "guidance_scale": guidance_scale}])
-    return decode_image(model.predict(frame)["image"][0])
+    return Image.open(io.BytesIO(base64.b64decode(model.predict(frame)["image"][0])))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,51 +1,224 @@
-"""Ray Serve deployment of a registered MM-Diff model.
+"""Ray Serve application: a registered MM-Diff model behind a batched, bounded HTTP API that follows an alias.
 
-    serve run infra.serving.app:build_app model_uri=models:/mmdiff-demo/latest num_gpus=1
+    serve run infra.serving.app:build_app model_uri=models:/mmdiff@champion tracking_uri=http://mlflow:5000
+    serve deploy infra/serving/serve_config.yaml        # the same application, from the checked-in config
+    mmdiff-serve --model-uri models:/mmdiff@champion    # infra/serving/cli.py
 
-POST / with JSON {"prompt": "...", "subjects": [<base64 image>, ...], "seed": 0, "num_inference_steps": 30,
-"guidance_scale": 7.5} answers {"image": <base64 PNG>}. The model is loaded through MLflow's pyfunc
-flavour, so what is served is exactly what the registry holds (the safetensors adapter + base spec).
+Routes: ``POST /generate`` with JSON ``{"prompt": "a [cat] on a beach", "subjects": [<base64 image>],
+"seed": 0, "num_inference_steps": 30, "guidance_scale": 7.5, "height": 512, "width": 512}`` answers
+``image/png`` (headers ``x-model-name``, ``x-model-version``); ``GET /healthz`` (the process answers) and
+``GET /readyz`` (a model is loaded: name, version, last alias check).
+
+- Every request is checked before it is queued: body bytes (413), then the schema and limits of
+  :class:`train.pyfunc_model.ServingLimits` (subjects, image bytes, the image header's decode budget,
+  prompt tokens, marks vs images, steps, size), each refusal a 4xx JSON ``{"field", "error"}``. A 5xx
+  says only ``internal error`` and a request id; the traceback goes to the replica's log.
+- ``serve.batch`` gathers concurrent requests; requests that agree on steps, guidance, size and number of
+  subjects run as one pipeline call (``MMDiffPyfunc.generate``), in a worker thread, one batch at a time.
+- ``model_uri`` ``models:/<name>@<alias>`` is followed: every ``poll_interval_s`` the replica resolves the
+  alias; a new version is loaded beside the old one and swapped in between batches, so no request is
+  dropped. Changing ``user_config`` (``serve deploy``) reconfigures running replicas in place.
 """
 
-from __future__ import annotations
-
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
 from ray import serve
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+
+from mmdiff.configuration import ConfigModel
+from train.pyfunc_model import PreparedRequest, RequestError, ServingLimits
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(title="mmdiff", description="MM-Diff personalised generation from a registered model")
 
 
-@serve.deployment(max_ongoing_requests=4)
-class MMDiffService:
-    def __init__(self, model_uri: str) -> None:
-        import mlflow
+class ServingConfig(ConfigModel):
+    """The deployment's ``user_config``: what to serve and how; changing it reconfigures replicas in place."""
 
-        self.model_uri = model_uri
-        self.model = mlflow.pyfunc.load_model(model_uri)
+    model_uri: str = "models:/mmdiff@champion"  # models:/<name>@<alias> is followed; anything else is fixed
+    poll_interval_s: float = 10.0  # how often the alias is resolved
+    device: str | None = None  # None: the base spec's device
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.05  # how long a batch waits to fill once its first request is queued
+    limits: ServingLimits = ServingLimits()
 
-    async def __call__(self, request: Request) -> JSONResponse:
-        import pandas as pd
 
+@dataclass(frozen=True)
+class LoadedModel:
+    uri: str  # the concrete models:/<name>/<version> (or other URI) that was loaded
+    name: str
+    version: str
+    model: Any  # train.pyfunc_model.MMDiffPyfunc
+
+
+def error(status: int, field: str, message: str) -> JSONResponse:
+    return JSONResponse({"field": field, "error": message}, status_code=status)
+
+
+def resolve(model_uri: str) -> tuple[str, str, str]:
+    """``models:/name@alias`` -> (models:/name/version, name, version); other URIs are returned as they are."""
+    import mlflow
+
+    if model_uri.startswith("models:/") and "@" in model_uri:
+        name, alias = model_uri.removeprefix("models:/").split("@", 1)
+        version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
+        return f"models:/{name}/{version}", name, str(version)
+    if model_uri.startswith("models:/") and model_uri.count("/") == 2:
+        name, version = model_uri.removeprefix("models:/").split("/")
+        return model_uri, name, version
+    return model_uri, model_uri, ""
+
+
+def load(model_uri: str, config: ServingConfig) -> LoadedModel:
+    import mlflow
+
+    uri, name, version = resolve(model_uri)
+    settings = {"limits": config.limits.model_dump(mode="json"), **({"device": config.device} if config.device else {})}
+    pyfunc = mlflow.pyfunc.load_model(uri, model_config=settings)
+    logger.info("loaded %s", uri)
+    return LoadedModel(uri, name, version, pyfunc.unwrap_python_model())
+
+
+# replicas follow the load: about one full batch in flight per replica
+AUTOSCALING = {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8,
+               "upscale_delay_s": 10, "downscale_delay_s": 300}
+
+
+@serve.deployment(
+    max_ongoing_requests=16,  # >= max_batch_size, so a batch can fill
+    max_queued_requests=64,  # beyond this the proxy answers 503 instead of queueing without bound
+    autoscaling_config=AUTOSCALING,
+    health_check_period_s=10,
+    user_config=ServingConfig().model_dump(mode="json"),
+)
+@serve.ingress(api)
+class MMDiffServer:
+    def __init__(self) -> None:
+        self.config: ServingConfig | None = None
+        self.loaded: LoadedModel | None = None
+        self.last_check: dict[str, Any] = {}
+        self.reload_lock = asyncio.Lock()
+        self.watcher: asyncio.Task | None = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this after __init__ and on every user_config change; requests go on meanwhile."""
+        config = ServingConfig.model_validate(user_config)
+        previous, self.config = self.config, config
+        self.generate_batch.set_max_batch_size(config.max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        if previous is None or (previous.model_uri, previous.device, previous.limits) != (
+                config.model_uri, config.device, config.limits):
+            async with self.reload_lock:
+                self.loaded = await asyncio.to_thread(load, config.model_uri, config)
+        if self.watcher is None and "@" in config.model_uri:
+            self.watcher = asyncio.get_running_loop().create_task(self.follow_alias())
+
+    async def follow_alias(self) -> None:
+        """Resolve the alias periodically; load a new version beside the old one, then swap."""
+        while True:
+            await asyncio.sleep(self.config.poll_interval_s)
+            config = self.config
+            if "@" not in config.model_uri:
+                continue
+            try:
+                uri, _, version = await asyncio.to_thread(resolve, config.model_uri)
+                if uri != self.loaded.uri:
+                    async with self.reload_lock:
+                        self.loaded = await asyncio.to_thread(load, uri, config)
+                self.last_check = {"ok": True, "alias_version": version}
+            except Exception as exc:  # noqa: BLE001 - a registry outage must not stop serving the loaded model
+                logger.warning("alias check of %s failed: %s", config.model_uri, exc)
+                self.last_check = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    def check_health(self) -> None:
+        if self.loaded is None:
+            raise RuntimeError("no model loaded")
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        if self.loaded is None:
+            return JSONResponse({"ready": False}, status_code=503)
+        loaded = self.loaded
+        return JSONResponse({"ready": True, "model_uri": self.config.model_uri, "loaded_uri": loaded.uri,
+                             "name": loaded.name, "version": loaded.version, "alias_check": self.last_check})
+
+    @api.post("/generate", response_class=Response,
+              responses={200: {"content": {"image/png": {}}}, 413: {}, 422: {}, 500: {}, 503: {}})
+    async def generate(self, request: Request) -> Response:
+        loaded, limits = self.loaded, self.config.limits
+        if loaded is None:
+            return error(503, "model", "no model loaded yet")
+        request_id = uuid.uuid4().hex[:12]
         try:
-            body = await request.json()
-        except ValueError:
-            return JSONResponse({"error": "request body is not JSON"}, status_code=400)
-        if not isinstance(body, dict) or "prompt" not in body or "subjects" not in body:
-            return JSONResponse({"error": "JSON body needs 'prompt' and 'subjects'"}, status_code=400)
-        try:
-            result = self.model.predict(pd.DataFrame([body]))
-        except ValueError as exc:  # bad calls (word not in prompt, unreadable image) are the client's fault
-            return JSONResponse({"error": str(exc)}, status_code=400)
-        return JSONResponse({"image": result["image"][0], "model_uri": self.model_uri})
+            body = await read_body(request, limits.max_body_bytes)
+            prepared = await asyncio.to_thread(lambda: loaded.model.prepare(loaded.model.parse(body)))
+            png, served, batch_size = await self.generate_batch(prepared)
+        except RequestError as exc:
+            return error(exc.status, exc.field, exc.message)
+        except Exception:  # noqa: BLE001 - logged with its traceback here, never sent to the client
+            logger.exception("request %s failed", request_id)
+            return error(500, "", f"internal error (request {request_id})")
+        return Response(png, media_type="image/png",
+                        headers={"x-model-name": served.name, "x-model-version": served.version,
+                                 "x-batch-size": str(batch_size)})
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def generate_batch(self, requests: list[PreparedRequest]) -> list[tuple[bytes, LoadedModel, int]]:
+        loaded = self.loaded  # one version per batch; a swap takes effect from the next batch
+        results = await asyncio.to_thread(encode_results, loaded.model, requests)
+        return [(result, loaded, len(requests)) for result in results]
+
+
+def encode_results(model: Any, requests: list[PreparedRequest]) -> list[bytes]:
+    """Generate and PNG-encode (in a worker thread); a request whose generation failed raises."""
+    import io
+
+    out = []
+    for result in model.generate(requests):
+        if isinstance(result, Exception):
+            raise result
+        buffer = io.BytesIO()
+        result.save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (field ``body``) as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError("body", f"{declared} bytes, at most {limit} bytes", status=413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError("body", f"more than {limit} bytes", status=413)
+    return bytes(body)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """``serve run`` entry: args model_uri (required), num_gpus, num_cpus, num_replicas."""
-    if "model_uri" not in args:
-        raise ValueError("serving needs model_uri=models:/<name>/<version or alias>")
-    options = {
-        "num_replicas": int(args.get("num_replicas", 1)),
-        "ray_actor_options": {"num_cpus": float(args.get("num_cpus", 1)), "num_gpus": float(args.get("num_gpus", 0))},
-    }
-    return MMDiffService.options(**options).bind(args["model_uri"])
+    """``serve run`` entry. args: the :class:`ServingConfig` keys (model_uri, poll_interval_s, device,
+    max_batch_size, batch_wait_timeout_s, limits) and tracking_uri, num_cpus, num_gpus, min_replicas,
+    max_replicas."""
+    config = ServingConfig.model_validate({k: args[k] for k in ServingConfig.model_fields if k in args})
+    actor = {"num_cpus": float(args.get("num_cpus", 1)), "num_gpus": float(args.get("num_gpus", 0))}
+    if args.get("tracking_uri"):  # the replicas resolve models:/ URIs through it
+        actor["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": str(args["tracking_uri"])}}
+    autoscaling = {**AUTOSCALING, **{k: int(args[k]) for k in ("min_replicas", "max_replicas") if k in args}}
+    autoscaling["initial_replicas"] = autoscaling["min_replicas"]
+    return MMDiffServer.options(ray_actor_options=actor, user_config=config.model_dump(mode="json"),
+                                max_ongoing_requests=max(16, 2 * config.max_batch_size),
+                                autoscaling_config=autoscaling).bind()
+
+
+app = build_app({})  # the default application, what `serve build infra.serving.app:app` writes out
