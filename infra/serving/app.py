@@ -21,6 +21,7 @@ Routes: ``POST /generate`` with JSON ``{"prompt": "a [cat] on a beach", "subject
 """
 
 import asyncio
+import io
 import logging
 import uuid
 from dataclasses import dataclass
@@ -83,6 +84,34 @@ def load(model_uri: str, config: ServingConfig) -> LoadedModel:
     pyfunc = mlflow.pyfunc.load_model(uri, model_config=settings)
     logger.info("loaded %s", uri)
     return LoadedModel(uri, name, version, pyfunc.unwrap_python_model())
+
+
+# (defined before the deployment: serve.ingress freezes the routes, and the globals they see, when applied)
+def encode_results(model: Any, requests: list[PreparedRequest]) -> list[bytes | Exception]:
+    """Generate and PNG-encode (in a worker thread); a request whose generation failed gets its exception,
+    the others their images."""
+    out: list[bytes | Exception] = []
+    for result in model.generate(requests):
+        if isinstance(result, Exception):
+            out.append(result)
+            continue
+        buffer = io.BytesIO()
+        result.save(buffer, format="PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (field ``body``) as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise RequestError("body", f"{declared} bytes, at most {limit} bytes", status=413)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError("body", f"more than {limit} bytes", status=413)
+    return bytes(body)
 
 
 # replicas follow the load: about one full batch in flight per replica
@@ -163,6 +192,8 @@ class MMDiffServer:
             body = await read_body(request, limits.max_body_bytes)
             prepared = await asyncio.to_thread(lambda: loaded.model.prepare(loaded.model.parse(body)))
             png, served, batch_size = await self.generate_batch(prepared)
+            if isinstance(png, Exception):
+                raise png
         except RequestError as exc:
             return error(exc.status, exc.field, exc.message)
         except Exception:  # noqa: BLE001 - logged with its traceback here, never sent to the client
@@ -173,37 +204,10 @@ class MMDiffServer:
                                  "x-batch-size": str(batch_size)})
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def generate_batch(self, requests: list[PreparedRequest]) -> list[tuple[bytes, LoadedModel, int]]:
+    async def generate_batch(self, requests: list[PreparedRequest]) -> list[tuple[bytes | Exception, LoadedModel, int]]:
         loaded = self.loaded  # one version per batch; a swap takes effect from the next batch
         results = await asyncio.to_thread(encode_results, loaded.model, requests)
         return [(result, loaded, len(requests)) for result in results]
-
-
-def encode_results(model: Any, requests: list[PreparedRequest]) -> list[bytes]:
-    """Generate and PNG-encode (in a worker thread); a request whose generation failed raises."""
-    import io
-
-    out = []
-    for result in model.generate(requests):
-        if isinstance(result, Exception):
-            raise result
-        buffer = io.BytesIO()
-        result.save(buffer, format="PNG")
-        out.append(buffer.getvalue())
-    return out
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (field ``body``) as soon as it passes ``limit`` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError("body", f"{declared} bytes, at most {limit} bytes", status=413)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise RequestError("body", f"more than {limit} bytes", status=413)
-    return bytes(body)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
