@@ -50,12 +50,12 @@ def register_tiny_versions(root: Path, name: str, seeds: tuple[int, ...] = (1,))
     experiment = client.create_experiment(name, artifact_location=str(root / "artifacts"))
     mlflow.set_tracking_uri(config.tracking_uri)
     for seed in seeds:
-        torch.manual_seed(seed)
         model = MMDiffModel.from_specs(config.model.base, config.model.image_encoder,
                                        load_config(REPO / config.model.mmdiff, MMDiffConfig))
+        generator = torch.Generator().manual_seed(seed)  # after the build: the zoo seeds the global RNG
         with torch.no_grad():
             for p in model.trainable_parameters():
-                p.add_(torch.randn_like(p) * 0.05)
+                p.add_(torch.randn(p.shape, generator=generator).to(p.dtype) * 0.05)
         model.save_pretrained(root / f"adapter{seed}")
         register_model(config, root / f"adapter{seed}", client.create_run(experiment).info.run_id, "bench")
     client.set_registered_model_alias(name, "champion", "1")

@@ -210,7 +210,7 @@ def test_serving_bad_requests_get_a_4xx_naming_the_field(service, kind):
 def test_serving_concurrent_requests_match_sequential(service):
     photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.immunohistochemistry(),
               np.ascontiguousarray(data.coffee()[:, ::-1])]
-    requests = [{**GOOD, "seed": i, "subjects": [b64(p)]} for i, p in enumerate(photos)]
+    requests = [{**GOOD, "subjects": [b64(p)]} for p in photos]  # one seed: only the subjects differ
     sequential = [http(f"{service}/generate", r) for r in requests]
     with ThreadPoolExecutor(len(requests)) as pool:
         concurrent = list(pool.map(lambda r: http(f"{service}/generate", r), requests))
@@ -218,7 +218,7 @@ def test_serving_concurrent_requests_match_sequential(service):
     assert max(int(h["x-batch-size"]) for _, h, _ in concurrent) > 1  # they did share pipeline calls
     for (_, _, alone), (_, _, together) in zip(sequential, concurrent):
         assert np.abs(pixels(alone) - pixels(together)).max() <= 1
-    assert np.abs(pixels(sequential[0][2]) - pixels(sequential[1][2])).max() > 1  # subjects matter
+    assert min(np.abs(pixels(sequential[0][2]) - pixels(other)).max() for _, _, other in sequential[1:]) > 1
 
 
 def test_serving_follows_the_alias_without_dropping_requests(service, registry):

@@ -169,6 +169,9 @@ def encode_image(image: Image.Image) -> str:
 
 
 class MMDiffPyfunc(mlflow.pyfunc.PythonModel):
+    # MLflow loads this file under a generated module name: callers catch the errors of the loaded copy
+    RequestError = RequestError
+
     def load_context(self, context):
         from mmdiff import MMDiffPipeline
         from mmdiff.zoo.spec import ModelSpec

@@ -194,7 +194,7 @@ class MMDiffServer:
             png, served, batch_size = await self.generate_batch(prepared)
             if isinstance(png, Exception):
                 raise png
-        except RequestError as exc:
+        except (RequestError, loaded.model.RequestError) as exc:  # the model's code is its own module
             return error(exc.status, exc.field, exc.message)
         except Exception:  # noqa: BLE001 - logged with its traceback here, never sent to the client
             logger.exception("request %s failed", request_id)
