@@ -85,7 +85,7 @@ def post(url: str, body: dict) -> tuple[int, dict[str, str], float]:
 def bad_requests(good: dict) -> list[dict]:
     """One of each kind the service must refuse with a 4xx."""
     bomb = io.BytesIO()
-    Image.new("L", (6000, 6000)).save(bomb, format="PNG")
+    Image.new("RGB", (6000, 6000)).save(bomb, format="PNG")
     return [
         {**good, "num_inference_steps": 10_000},
         {**good, "subjects": [base64.b64encode(bomb.getvalue()).decode()]},

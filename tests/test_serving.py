@@ -170,40 +170,40 @@ def test_serving_health_readiness_and_a_png(service):
 
 
 def bomb() -> str:
-    """A real PNG whose header declares 6000x6000 pixels (36 M, over the budget) in a few KB."""
-    return b64(Image.new("L", (6000, 6000)), "PNG")
+    """A real PNG whose header declares 6000x6000 RGB (108 MB decoded, over the budget) in ~100 KB."""
+    return b64(Image.new("RGB", (6000, 6000)), "PNG")
 
 
 BAD = {
-    "oversized body": (lambda: {**GOOD, "subjects": ["A" * 2**20]}, 413, "body"),
-    "bomb image": (lambda: {**GOOD, "subjects": [bomb()]}, 422, "subjects[0]"),
+    "oversized body": (lambda: {**GOOD, "subjects": ["A" * 2**20]}, 413, "body", ""),
+    "bomb image": (lambda: {**GOOD, "subjects": [bomb()]}, 422, "subjects[0]", "over_decode_budget"),
     "non-image": (lambda: {**GOOD, "subjects": [base64.b64encode(b"%PDF-1.4 not an image").decode()]}, 422,
-                  "subjects[0]"),
-    "not base64": (lambda: {**GOOD, "subjects": ["***"]}, 422, "subjects[0]"),
-    "image bytes": (lambda: {**GOOD, "subjects": ["A" * 400_000]}, 413, "subjects[0]"),
+                  "subjects[0]", "not_an_image"),
+    "not base64": (lambda: {**GOOD, "subjects": ["***"]}, 422, "subjects[0]", ""),
+    "image bytes": (lambda: {**GOOD, "subjects": ["A" * 400_000]}, 413, "subjects[0]", ""),
     "too many subjects": (lambda: {**GOOD, "prompt": "[a] [b] [c] [d]", "subjects": [b64(data.chelsea())] * 4},
-                          422, "subjects"),
+                          422, "subjects", ""),
     "prompt too long": (lambda: {**GOOD, "prompt": "a [cat] " + "on a sunny beach " * 30,
-                                 "subjects": [b64(data.chelsea())]}, 422, "prompt"),
+                                 "subjects": [b64(data.chelsea())]}, 422, "prompt", "tokens"),
     "marker mismatch": (lambda: {**GOOD, "prompt": "a [cat] and a [dog]", "subjects": [b64(data.chelsea())]},
-                        422, "prompt"),
+                        422, "prompt", ""),
     "bad option": (lambda: {**GOOD, "num_inference_steps": 500, "subjects": [b64(data.chelsea())]}, 422,
-                   "num_inference_steps"),
+                   "num_inference_steps", ""),
     "bad type": (lambda: {**GOOD, "guidance_scale": "high", "subjects": [b64(data.chelsea())]}, 422,
-                 "guidance_scale"),
-    "bad size": (lambda: {**GOOD, "height": 100, "subjects": [b64(data.chelsea())]}, 422, "height"),
-    "unknown option": (lambda: {**GOOD, "strength": 1, "subjects": [b64(data.chelsea())]}, 422, "strength"),
-    "not JSON": (lambda: b"{prompt: ", 422, "body"),
+                 "guidance_scale", ""),
+    "bad size": (lambda: {**GOOD, "height": 100, "subjects": [b64(data.chelsea())]}, 422, "height", ""),
+    "unknown option": (lambda: {**GOOD, "strength": 1, "subjects": [b64(data.chelsea())]}, 422, "strength", ""),
+    "not JSON": (lambda: b"{prompt: ", 422, "body", ""),
 }
 
 
 @pytest.mark.parametrize("kind", list(BAD))
 def test_serving_bad_requests_get_a_4xx_naming_the_field(service, kind):
-    make, status, field = BAD[kind]
+    make, status, field, reason = BAD[kind]
     got, headers, body = http(f"{service}/generate", make())
     assert got == status, body[:500]
     answer = json.loads(body)
-    assert answer["field"] == field and answer["error"], answer
+    assert answer["field"] == field and answer["error"] and reason in answer["error"], answer
     assert "Traceback" not in answer["error"]
 
 

@@ -51,8 +51,9 @@ class ServingLimits(ConfigModel):
     min_side: int = 64  # generated height/width bounds, multiples of 8
     max_side: int = 1024
     max_guidance_scale: float = 30.0
-    # the header check of preprocessing: declared size beyond this budget is refused before decoding
-    image: ImageConfig = ImageConfig(max_pixels=4096 * 4096)
+    # preprocessing's header check: an image whose declared decoded size (pixels x channels x bytes per
+    # channel) is over this budget is refused before decoding; 8-bit RGB 4096x4096 fits
+    image: ImageConfig = ImageConfig(max_decoded_bytes=4096 * 4096 * 3)
 
 
 class RequestError(ValueError):
