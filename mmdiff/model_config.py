@@ -37,7 +37,7 @@ class MMDiffConfig(ConfigModel):
     start_step: int = Field(10, ge=0)  # denoising step at which subject conditioning starts (inference)
     supervised_layers: list[str] = Field(default_factory=lambda: list(FASTCOMPOSER_LAYERS))
     attention_loss_kind: Literal["balanced_l1", "mask_nll"] = "balanced_l1"
-    attention_loss_tokens: Literal["text", "subject", "both"] = "both"
+    attention_loss_tokens: Literal["text", "subject", "both"] = "text"  # chosen by the learning check (docs/MODEL.md)
     attention_loss_weight: float = Field(1e-3, ge=0)
     denoise_in_mask_prob: float = Field(0.0, ge=0, le=1)
     portrait: bool = False  # queries from a 512-d ArcFace embedding instead of the CLIP CLS embedding

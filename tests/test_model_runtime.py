@@ -203,3 +203,29 @@ def test_single_subject_batches_keep_only_the_constraint_terms_with_signal():
     loss = model.training_loss(_batch(model, [[True, True]]))["attention_loss"]
     loss.backward()
     assert loss != 0 and model.refiner.proj_out.weight.grad.abs().sum() > 0
+
+
+def test_partial_clip_fine_tuning_keeps_a_frozen_copy_for_the_patch_tokens(tmp_path):
+    model = _model("sd15", image_encoder_trainable_layers=2)  # the tiny CLIP has 2 layers
+    encoder = model.image_encoder
+    trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("patch_model.") or "embeddings" in n or "pre_layrnorm" in n
+                                 for n in trainable)
+    torch.manual_seed(0)
+    model.training_loss(_batch(model, [[True, True]]))["loss"].backward()
+    assert all(p.grad is not None for n, p in encoder.named_parameters() if n in trainable)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        cls_before, patches_before = encoder(pixels)
+        for n, p in encoder.named_parameters():
+            if n in trainable:
+                p.add_(torch.randn_like(p) * 0.05)
+        cls_after, patches_after = encoder(pixels)
+    assert (cls_after - cls_before).abs().max() > 1e-3
+    torch.testing.assert_close(patches_after, patches_before, atol=0, rtol=0)  # the refiner reads the frozen copy
+    model.base_spec, model.image_encoder_spec = ModelSpec(family="sd15", source="tiny"), ENCODER
+    loaded = MMDiffModel.from_pretrained(model.base_spec, model.save_pretrained(tmp_path / "adapter"))
+    with torch.no_grad():
+        cls_loaded, patches_loaded = loaded.image_encoder(pixels)
+    torch.testing.assert_close(cls_loaded, cls_after, atol=0, rtol=0)
+    torch.testing.assert_close(patches_loaded, patches_before, atol=0, rtol=0)
