@@ -241,7 +241,8 @@ class MMDiffModel(nn.Module):
         """Denoising loss + weighted attention constraint on one batch (keys: see docs/DESIGN.md / README).
 
         Noise, timesteps and the in-mask choice come from torch's global RNG. Returns "loss",
-        "denoise_loss", "attention_loss", "inside_share/<down|mid|up>" (a metric, NaN without a subject),
+        "denoise_loss", "attention_loss", "inside_share/<down|mid|up>" (a metric of the supervised map,
+        NaN without a subject),
         and the detached maps (for logging) of the subject tokens, "attention_maps", and of the class
         words, "text_attention_maps", both [B, S, h, w].
         """
@@ -288,15 +289,18 @@ class MMDiffModel(nn.Module):
             region = torch.where(region.flatten(1).any(1)[:, None, None, None], region, torch.ones_like(region))
         losses = {"denoise_loss": denoise_loss(prediction, target, region)}
         losses["attention_loss"] = self._attention_loss(captured, masks, valid, token_index, latents.shape[-2:])
+        # the metric follows the supervised map: the class word's, unless only the subject tokens are supervised
+        form = "subject" if cfg.attention_loss_tokens == "subject" else "text"
+        measured = valid if form == "subject" else valid & (token_index >= 0)
         aspect, shares = latents.shape[-1] / latents.shape[-2], {}
         for layer in captured:
             subject_masks = masks_at(masks, layer.subject.shape[2], aspect)
-            present = valid & (subject_masks.sum(-1) > 0)
+            present = measured & (subject_masks.sum(-1) > 0)
             # NaN when no subject is present (the mean over none), so every batch reports the same metric
             # names; no branch on the value, so the step also runs on shape-only (meta) tensors
             shares.setdefault(layer.layer.split(".")[0].removesuffix("_blocks").removesuffix("_block"), []).append(
-                inside_share(layer.subject.detach(), subject_masks, present))
-        # the share of subject attention inside the subject's mask, per UNet part (down / mid / up): a metric
+                inside_share(getattr(layer, form).detach(), subject_masks, present))
+        # the share of the supervised attention inside the subject's mask, per UNet part (down / mid / up)
         losses.update({f"inside_share/{part}": torch.stack(values).nanmean() for part, values in shares.items()})
         losses["loss"] = losses["denoise_loss"] + cfg.attention_loss_weight * losses["attention_loss"]
         for key, form in (("attention_maps", "subject"), ("text_attention_maps", "text")):
