@@ -265,3 +265,12 @@ def test_serve_config_yaml_is_what_serve_build_writes(tmp_path):
     shipped = yaml.safe_load((REPO / "infra/serving/serve_config.yaml").read_text())
     assert shipped["applications"][0]["deployments"] == built["applications"][0]["deployments"]
     assert shipped["applications"][0]["import_path"] == "infra.serving.app:app"
+
+
+def test_serve_cli_refuses_to_start_without_a_tracking_uri(monkeypatch, capsys):
+    from infra.serving.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(SystemExit) as stopped:
+        main(["--model-uri", "models:/mmdiff@champion"])
+    assert stopped.value.code == 2 and "--tracking-uri" in capsys.readouterr().err
