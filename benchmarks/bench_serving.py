@@ -1,14 +1,14 @@
 """Serving latency and throughput over real HTTP on loopback: batched vs unbatched, bad requests mixed in.
 
-    python -m benchmarks.bench_serving [--clients 8] [--requests 12] [--steps 4] [--time-limit 300]
+    python -m benchmarks.bench_serving [--clients 8] [--requests 6] [--rounds 3] [--steps 4] [--time-limit 300]
 
 A tiny MM-Diff model is registered in a temporary MLflow registry and served by the Ray Serve application
-(infra/serving/app.py) on 127.0.0.1. The same deployment is measured twice in this one run, reconfigured
-in place between the two: ``max_batch_size`` 8 (batched) and 1 (unbatched). Each of ``--clients`` threads
-sends ``--requests`` good requests (its own subject photo and seed); after every ``--bad-every``-th good
-request it sends one bad request (the kinds cycle) and then a good request, which must answer 200. A run
-stops at its request count or its time limit, whichever comes first. Latency percentiles are those of the
-good requests in the batched run. Writes benchmarks/results/bench_serving.json.
+(infra/serving/app.py) on 127.0.0.1. The same deployment is measured in this one run in alternating rounds,
+reconfigured in place between them: ``max_batch_size`` 8 (batched) and 1 (unbatched). In each round each of
+``--clients`` threads sends ``--requests`` good requests (its own subject photo and seeds); after every
+``--bad-every``-th good request it sends one bad request (the kinds cycle) and then a good request, which
+must answer 200. A round stops at its request count or its share of the time limit, whichever comes first.
+Latency percentiles are those of the good requests in the batched rounds. Writes benchmarks/results/bench_serving.json.
 """
 
 from __future__ import annotations
@@ -139,23 +139,35 @@ def run_load(url: str, clients: int, requests: int, bad_every: int, steps: int, 
         thread.start()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - start
-    return {"good_requests": len(latencies), "bad_requests_refused": bad_answered[0], "failed_requests": len(failures),
-            "failures": failures[:10], "elapsed_s": round(elapsed, 3),
+    return {"latencies": latencies, "batch_sizes": batch_sizes, "failures": failures,
+            "bad_refused": bad_answered[0], "elapsed_s": time.perf_counter() - start}
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """One mode's figures over its rounds: throughput = good answers / time spent in the rounds."""
+    latencies = [x for r in rounds for x in r["latencies"]]
+    failures = [x for r in rounds for x in r["failures"]]
+    elapsed = sum(r["elapsed_s"] for r in rounds)
+
+    def percentile(q: float) -> float | None:
+        return round(float(np.percentile(latencies, q)), 4) if latencies else None
+
+    return {"good_requests": len(latencies), "bad_requests_refused": sum(r["bad_refused"] for r in rounds),
+            "failed_requests": len(failures), "failures": failures[:10], "elapsed_s": round(elapsed, 3),
             "requests_per_s": round(len(latencies) / elapsed, 3),
-            "p50_s": round(float(np.percentile(latencies, 50)), 4) if latencies else None,
-            "p95_s": round(float(np.percentile(latencies, 95)), 4) if latencies else None,
-            "p99_s": round(float(np.percentile(latencies, 99)), 4) if latencies else None,
-            "mean_batch_size": round(float(np.mean(batch_sizes)), 2) if batch_sizes else None}
+            "p50_s": percentile(50), "p95_s": percentile(95), "p99_s": percentile(99),
+            "mean_batch_size": round(float(np.mean([x for r in rounds for x in r["batch_sizes"]])), 2)
+            if latencies else None}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=12, help="good requests per client and mode")
+    parser.add_argument("--requests", type=int, default=6, help="good requests per client, mode and round")
+    parser.add_argument("--rounds", type=int, default=3, help="batched/unbatched rounds, alternating")
     parser.add_argument("--bad-every", type=int, default=4, help="a bad request after every N good ones")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per request")
-    parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per mode")
+    parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per mode (all its rounds)")
     parser.add_argument("--out", default=str(RESULTS / "bench_serving.json"))
     args = parser.parse_args(argv)
 
@@ -173,14 +185,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             url = f"http://127.0.0.1:{port}/generate"
-            modes = {}
-            for mode, batch_size in (("batched", 8), ("unbatched", 1)):
-                # the same deployment, reconfigured in place (user_config), so only the batch size differs
-                serve.run(build_app({"model_uri": f"models:/{NAME}@champion", "max_batch_size": batch_size,
-                                     "poll_interval_s": 3600, "num_cpus": 1}), name="bench", route_prefix="/")
-                run_load(url, 2, 2, 10**6, args.steps, 60)  # warm-up, not counted
-                modes[mode] = run_load(url, args.clients, args.requests, args.bad_every, args.steps, args.time_limit)
-                print(f"{mode}: {json.dumps(modes[mode])}", flush=True)
+            rounds: dict[str, list[dict]] = {"batched": [], "unbatched": []}
+            for index in range(args.rounds):  # alternate the modes, so a change in machine load hits both
+                for mode, batch_size in (("batched", 8), ("unbatched", 1)):
+                    # the same deployment, reconfigured in place (user_config): only the batch size differs
+                    serve.run(build_app({"model_uri": f"models:/{NAME}@champion", "max_batch_size": batch_size,
+                                         "poll_interval_s": 3600, "num_cpus": 1}), name="bench", route_prefix="/")
+                    if index == 0:
+                        run_load(url, 2, 2, 10**6, args.steps, 60)  # warm-up, not counted
+                    rounds[mode].append(run_load(url, args.clients, args.requests, args.bad_every, args.steps,
+                                                 args.time_limit / args.rounds))
+                    print(f"round {index} {mode}: {len(rounds[mode][-1]['latencies'])} answers in "
+                          f"{rounds[mode][-1]['elapsed_s']:.1f} s", flush=True)
+            modes = {mode: summarize(r) for mode, r in rounds.items()}
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -190,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         "requests_per_s": batched["requests_per_s"],
         "batched_vs_unbatched_throughput": round(batched["requests_per_s"] / unbatched["requests_per_s"], 3),
         "failed_requests": batched["failed_requests"] + unbatched["failed_requests"],
-        "clients": args.clients, "requests_per_client": args.requests, "bad_every": args.bad_every,
+        "clients": args.clients, "requests_per_client_and_round": args.requests, "rounds": args.rounds,
+        "bad_every": args.bad_every,
         "steps": args.steps, "model": "tiny SD1.5 twin, 64 px, CPU, 1 replica (num_cpus=1)",
         "modes": modes,
     }
