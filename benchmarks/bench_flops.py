@@ -12,7 +12,8 @@ SDPA path while counting: the CPU's fused SDPA kernel has no FLOP formula and wo
 Models are built on the meta device (shapes, no weights: BLIP-2 alone would be 15 GB in fp32), except
 Grounding DINO, whose text-mask step reads token values, which meta tensors do not have; it runs for real
 in fp32 (172 M parameters). The insightface models are ONNX graphs; they are counted from the graphs'
-Conv/Gemm/MatMul shapes when ``--face-pack`` names a model-pack folder.
+Conv/Gemm/MatMul shapes when ``--face-pack`` names a model-pack folder. Without one, the ArcFace R50
+recogniser is counted from its layer shapes (:class:`ArcFaceR50Convs`) and the detector is not counted.
 
 The images/s figures are FLOP-derived upper bounds, not measured GPU throughput: no GPU was used.
 Writes benchmarks/results/bench_flops.json and prints one line per figure.
@@ -36,8 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 RESULTS = Path(__file__).parent / "results" / "bench_flops.json"
 META = torch.device("meta")
 
-# NVIDIA H100 SXM5: BF16 Tensor Core 1,979 TFLOPS with 2:4 sparsity, half of it dense; HBM3 3.35 TB/s
-# (NVIDIA H100 Tensor Core GPU datasheet; 989.4 dense in the Hopper architecture whitepaper's table).
+# NVIDIA H100 SXM5 (NVIDIA H100 Tensor Core GPU datasheet): BF16 Tensor Core 1,979 TFLOPS with 2:4
+# sparsity (1978.9 unrounded), half of it dense; HBM3 3.35 TB/s.
 H100_SXM = {"gpu": "NVIDIA H100 SXM5 80GB", "bf16_dense_tflops": 989.4, "hbm_tb_per_s": 3.35,
             "source": "NVIDIA H100 Tensor Core GPU datasheet (1,979 TFLOPS BF16 with sparsity; dense is half)"}
 MFU = 0.4
@@ -189,6 +190,36 @@ def segment_flops_transformers(model, boxes: int) -> dict[str, int]:
             "total": encoder.get_total_flops() + decoder}
 
 
+class ArcFaceR50Convs(torch.nn.Module):
+    """The convolutions and fc of ArcFace R50 (buffalo_l's ``w600k_r50.onnx``): IResNet-50 as insightface's
+    arcface_torch defines it, 4 stages of [3, 4, 14, 3] basic blocks, widths 64-512, each block a 3x3 conv
+    then a 3x3 conv at the stage's stride (2 in the first block), a 1x1 shortcut conv in each stage's first
+    block, and a 512*7*7 -> 512 fc on 112 px crops. BatchNorm and PReLU are left out: they carry no counted
+    FLOPs. A shape model for counting only, not a usable recogniser."""
+
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.stem = conv(3, 64, 3, padding=1, bias=False)
+        self.blocks, self.shortcuts, width = torch.nn.ModuleList(), torch.nn.ModuleDict(), 64
+        for blocks, planes in zip((3, 4, 14, 3), (64, 128, 256, 512)):
+            for block in range(blocks):
+                stride = 2 if block == 0 else 1
+                self.blocks.append(torch.nn.Sequential(conv(width, planes, 3, padding=1, bias=False),
+                                                       conv(planes, planes, 3, stride, padding=1, bias=False)))
+                if block == 0:
+                    self.shortcuts[str(len(self.blocks) - 1)] = conv(width, planes, 1, stride, bias=False)
+                width = planes
+        self.fc = torch.nn.Linear(512 * 7 * 7, 512)
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        x = self.stem(crops)
+        for index, block in enumerate(self.blocks):
+            shortcut = self.shortcuts[str(index)](x) if str(index) in self.shortcuts else x
+            x = block(x) + shortcut
+        return self.fc(x.flatten(1))
+
+
 def face_flops(pack: Path, det_size: int) -> dict:
     """Each ONNX file of an insightface pack: the detector at ``det_size`` square, recognisers per face crop."""
     import onnx
@@ -320,17 +351,21 @@ def main() -> None:
     stages["detect_grounding_dino_swin_t"] = _stage(detect["flops"], source_hw=list(image_hw), input_hw=detect["input_hw"],
                                                     prompt=detect["prompt"], text_tokens=detect["text_tokens"])
 
+    with torch.device(META):
+        recogniser = count(ArcFaceR50Convs().requires_grad_(False), _zeros(1, 3, 112, 112))
+    stages["faces_insightface"] = {
+        "recogniser_arcface_r50_gflops_per_face": _g(recogniser),
+        "recogniser_faces_per_s_per_h100": round(per_h100(recogniser), 1),
+        "recogniser_counted_from": "ArcFaceR50Convs, the layer shapes of arcface_torch's iresnet50",
+        "detector_counted": False,
+        "detector_reason": "buffalo_l's detector det_10g.onnx (SCRFD-10G) is not available offline here and its "
+                           "architecture was not rebuilt; rerun with --face-pack <buffalo_l folder> to count every "
+                           "graph of the pack (onnx_flops)",
+    }
     if args.face_pack:
         files = face_flops(args.face_pack, args.det_size)
         stages["faces_insightface"] = {"pack": str(args.face_pack), "det_size": args.det_size,
                                        "files": {k: {**v, "gflops": _g(v.pop("flops"))} for k, v in files.items()}}
-    else:
-        stages["faces_insightface"] = {
-            "counted": False,
-            "reason": "insightface models are ONNX files (buffalo_l: SCRFD-10G detector det_10g.onnx, ArcFace R50 "
-                      "w600k_r50.onnx); neither they nor their torch architectures are available offline here. "
-                      "Rerun with --face-pack <buffalo_l folder> to count them from the graphs (onnx_flops).",
-        }
 
     train = {}
     for family, size in (("sd15", 512), ("sdxl", 1024)):
@@ -370,8 +405,13 @@ def main() -> None:
         g, ips = entry["gflops_per_image"], entry["images_per_s_per_h100"]
         print(f"bench_flops: train {name}: {g['total']:.0f} GFLOP/image fwd+bwd ({g['total_cached_latents']:.0f} with cached "
               f"latents) -> {ips['vae_on_the_fly']:.1f} ({ips['cached_latents']:.1f}) images/s per H100 at {MFU:.0%} MFU")
-    if "counted" in stages["faces_insightface"]:
-        print("bench_flops: faces_insightface: not counted (no insightface pack here; pass --face-pack)")
+    faces = stages["faces_insightface"]
+    if "files" in faces:
+        for name, entry in faces["files"].items():
+            print(f"bench_flops: faces_insightface {name}: {entry['gflops']:.1f} GFLOP per call at {entry['input_shape']}")
+    else:
+        print(f"bench_flops: faces_insightface: ArcFace R50 {faces['recogniser_arcface_r50_gflops_per_face']:.1f} "
+              "GFLOP per face; the SCRFD-10G detector is not counted (no insightface pack here; pass --face-pack)")
 
 
 if __name__ == "__main__":

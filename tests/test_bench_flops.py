@@ -16,6 +16,7 @@ from benchmarks.bench_flops import (
     count,
     onnx_flops,
     segment_flops_official,
+    segment_flops_transformers,
     training_batch,
     training_flops,
 )
@@ -87,3 +88,14 @@ def test_onnx_graph_counter_matches_flop_counter_on_the_exported_models(tmp_path
     assert onnx_flops(folder / "det_tiny.onnx", det_shape) == count(detector, torch.zeros(det_shape)) > 0
     # the recogniser's batch dimension is dynamic in the graph; the counter fixes it to the given shape
     assert onnx_flops(folder / "rec_tiny.onnx", (4, 3, 112, 112)) == count(recogniser, torch.zeros(4, 3, 112, 112)) > 0
+
+
+@pytest.mark.parametrize("model_type", ["vit_b", "vit_l", "vit_h"])
+def test_random_sam_is_the_released_architecture_in_both_backends(model_type):
+    """The transformers sizes in the zoo against segment-anything's own registry, built on meta."""
+    spec = {"family": "sam", "source": "random", "device": "meta", "options": {"model_type": model_type}}
+    official = zoo.build({**spec, "backend": "official"}).requires_grad_(False)
+    ported = zoo.build(spec).model.requires_grad_(False)
+    assert (sum(p.numel() for p in ported.vision_encoder.parameters())
+            == sum(p.numel() for p in official.image_encoder.parameters()))
+    assert segment_flops_transformers(ported, boxes=1) == segment_flops_official(official, boxes=1)
