@@ -5,6 +5,7 @@ the real parsers (DeepSpeed's launcher, our config loaders) and the Serve config
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import stat
@@ -200,3 +201,31 @@ def test_rayservice_embeds_the_validated_serve_config_and_sizes_workers_per_repl
     bad.write_text(yaml.safe_dump({"applications": [{"name": "x", "import_path": "no_colon"}]}))
     with pytest.raises(ValueError, match="bad.yaml: not a valid Ray Serve config"):
         rayservice.render(bad)
+
+
+def test_shipped_rayservice_is_generated_from_the_shipped_serve_config(tmp_path, monkeypatch):
+    shipped = (K8S / "serve-rayservice.yaml").read_text()
+    command = shlex.split(shipped.splitlines()[0].split("`")[1])
+    assert command[:3] == ["python", "-m", "infra.k8s.rayservice"]
+    args = command[3:command.index("--out")]
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "rayservice.yaml"
+    rayservice.main([*args, "--out", str(out)])
+    assert yaml.safe_load(out.read_text()) == yaml.safe_load(shipped), f"rerun: {shlex.join(command)}"
+    check_ray_cluster(yaml.safe_load(shipped)["spec"]["rayClusterConfig"])
+    serve = yaml.safe_load(yaml.safe_load(shipped)["spec"]["serveConfigV2"])
+    for app in serve["applications"]:
+        assert importlib.util.find_spec(app["import_path"].split(":")[0]), app["import_path"]
+
+
+def test_jobs_and_serving_point_at_the_shipped_mlflow_service():
+    service = by_kind("mlflow.yaml", "Service")
+    uri = f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    (container,) = by_kind("train-job.yaml", "Job")["spec"]["template"]["spec"]["containers"]
+    assert {e["name"]: e["value"] for e in container["env"]}["MLFLOW_TRACKING_URI"] == uri
+    rayservice_doc = by_kind("serve-rayservice.yaml", "RayService")
+    for spec in pod_specs(rayservice_doc):
+        for c in spec["containers"]:
+            assert {e["name"]: e["value"] for e in c["env"]}["MLFLOW_TRACKING_URI"] == uri
+    for app in yaml.safe_load(rayservice_doc["spec"]["serveConfigV2"])["applications"]:
+        assert app.get("runtime_env", {}).get("env_vars", {}).get("MLFLOW_TRACKING_URI", uri) == uri

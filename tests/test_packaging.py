@@ -35,7 +35,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 # Every entry point the README documents; each target is a main(argv=None).
 SCRIPTS = {"mmdiff-preprocess", "mmdiff-train", "mmdiff-generate", "mmdiff-benchmark", "mmdiff-evaluate",
-           "mmdiff-compare", "mmdiff-promote"}
+           "mmdiff-compare", "mmdiff-promote", "mmdiff-serve"}
 pytestmark = pytest.mark.slow
 
 
