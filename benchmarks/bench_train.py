@@ -1,5 +1,7 @@
 """Training step time and peak memory per rank: plain DDP vs DeepSpeed ZeRO-2 (and ZeRO-3), 2 CPU ranks.
 
+ZeRO-3 builds the frozen base partitioned across the ranks (train/partitioned.py), as training does.
+
     python -m benchmarks.bench_train [--size tiny|sd15] [--steps 5] [--modes ddp zero2 zero3]
 
 Every mode runs the same model (tiny twin, or real SD1.5 + ViT-L/14 sizes with random weights and the
@@ -51,7 +53,7 @@ def _batch(model, resolution: int, batch_size: int) -> dict[str, torch.Tensor]:
 
 def worker(mode: str, size: str, steps: int, out: str, resolution: int | None) -> None:
     import torch.distributed as dist
-    from mmdiff import MMDiffConfig, MMDiffModel
+    from mmdiff import MMDiffConfig, MMDiffModel, zoo
     from mmdiff.configuration import load_config
     from mmdiff.zoo.spec import ModelSpec
     from train.engine import TrainingObjective
@@ -59,13 +61,28 @@ def worker(mode: str, size: str, steps: int, out: str, resolution: int | None) -
     base, encoder, mmdiff_yaml, default_resolution = SIZES[size]
     resolution = resolution or default_resolution
     config = load_config(REPO / mmdiff_yaml, MMDiffConfig) if mmdiff_yaml else MMDiffConfig(base_family="sd15")
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                 "zero_optimization": {"stage": int(mode[-1]) if mode != "ddp" else 0},
+                 "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1}
+    base_spec, encoder_spec = ModelSpec(family="sd15", source=base), ModelSpec(family="clip_vision", source=encoder)
+    if mode == "ddp":
+        dist.init_process_group("gloo")
+    else:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
-    model = MMDiffModel.from_specs(ModelSpec(family="sd15", source=base), ModelSpec(family="clip_vision", source=encoder), config)
+    if mode == "zero3":  # as train/run.py builds it: the frozen base partitioned while it is built
+        from train.partitioned import partitioned_base
+
+        pipe, vision = partitioned_base(base_spec, encoder_spec, ds_config)
+    else:
+        pipe, vision = zoo.build(base_spec), zoo.build(encoder_spec)
+    model = MMDiffModel(pipe, vision, config, base_spec, encoder_spec)
     batch = _batch(model, resolution, batch_size=1)
     objective = TrainingObjective(model)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
     if mode == "ddp":
-        dist.init_process_group("gloo")
         ddp = torch.nn.parallel.DistributedDataParallel(objective)
 
         def step() -> None:
@@ -73,13 +90,7 @@ def worker(mode: str, size: str, steps: int, out: str, resolution: int | None) -
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     else:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-        engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, config={
-            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": int(mode[-1])}, "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**31 - 1})
+        engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, config=ds_config)
 
         def step() -> None:
             loss = engine(batch)["loss"]
@@ -97,8 +108,8 @@ def worker(mode: str, size: str, steps: int, out: str, resolution: int | None) -
         times.append(time.perf_counter() - started)
     result = {"mode": mode, "rank": dist.get_rank(), "step_s": sorted(times[1:])[len(times[1:]) // 2],
               "rss_after_init_mb": rss_after_init, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "trainable_params": sum(p.numel() for p in model.trainable_parameters()),
-              "all_params": sum(p.numel() for p in model.parameters())}
+              "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.trainable_parameters()),
+              "all_params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
     Path(out, f"{mode}-rank{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import random
 import tarfile
 from pathlib import Path
 
@@ -32,25 +33,29 @@ PHOTOS = [  # (skimage photo, caption, subject word)
 ]
 
 
-def make_sample(index: int, size: int = 64, crop: int = 32) -> Sample:
+def make_sample(index: int, size: int | tuple[int, int] = 64, crop: int = 32) -> Sample:
+    """Photo ``index`` at ``size`` (side, or (height, width)), its subject's box and the box as mask."""
     name, caption, word = PHOTOS[index % len(PHOTOS)]
-    image = Image.fromarray(getattr(skdata, name)()).convert("RGB").resize((size, size))
+    h, w = (size, size) if isinstance(size, int) else size
+    image = Image.fromarray(getattr(skdata, name)()).convert("RGB").resize((w, h))
     start = caption.index(word)
-    box = (size * 0.2, size * 0.15, size * 0.8, size * 0.9)
-    mask = np.zeros((1, size, size), bool)
+    box = (w * 0.2, h * 0.15, w * 0.8, h * 0.9)
+    mask = np.zeros((1, h, w), bool)
     mask[0, int(box[1]):int(box[3]), int(box[0]):int(box[2])] = True
     crops = np.asarray(image.crop(tuple(int(v) for v in box)).resize((crop, crop)))[None]
     entity = Entity(word, word, start, start + len(word), start, start + len(word), box, 0.9)
     return Sample(f"{index:06d}", image, caption, [entity], mask, crops, meta={"source": name})
 
 
-def write_shards(folder: Path, num_samples: int = 8, per_shard: int = 4) -> Path:
-    """The preprocessing output layout (shards/*.tar + manifest.json) from real photos."""
+def write_shards(folder: Path, num_samples: int = 8, per_shard: int = 4,
+                 sizes: list[tuple[int, int]] | None = None) -> Path:
+    """The preprocessing output layout (shards/*.tar + manifest.json) from real photos; ``sizes``
+    (height, width) are cycled over the samples (default: 64 x 64)."""
     (folder / "shards").mkdir(parents=True, exist_ok=True)
     for shard in range(0, num_samples, per_shard):
         with tarfile.open(folder / "shards" / f"shard-{shard // per_shard:06d}.tar", "w") as tar:
             for index in range(shard, min(shard + per_shard, num_samples)):
-                members = make_sample(index).to_wds()
+                members = make_sample(index, sizes[index % len(sizes)] if sizes else 64).to_wds()
                 key = members.pop("__key__")
                 for ext, payload in members.items():
                     info = tarfile.TarInfo(f"{key}.{ext}")
@@ -117,19 +122,61 @@ def test_ranks_read_disjoint_shards(tmp_path):
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 8
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_from_a_position_repeats_the_same_batches(tmp_path, num_workers):
-    folder = write_shards(tmp_path)
-    source, data = stream(folder)
-    batches = list(itertools.islice(make_loader(source, num_workers), 7))
+# aspect buckets: samples wait in unfilled buckets across batches, and the resumed stream refills them
+@pytest.mark.parametrize(("num_workers", "buckets"), [(0, False), (2, False), (0, True)], ids=["0w", "2w", "bucket"])
+def test_resume_from_a_position_repeats_the_same_batches(tmp_path, num_workers, buckets):
+    sizes = [(64, 64), (40, 100), (64, 64), (100, 40), (80, 48)] if buckets else None
+    folder = write_shards(tmp_path, num_samples=12, sizes=sizes)
+    source, data = stream(folder, aspect_buckets=buckets, bucket_step=8)
+    batches = list(itertools.islice(make_loader(source, num_workers), 10))
     positions = {}
     for b in batches[:3]:
-        positions[b["reader"]["worker"]] = ReaderPosition(b["reader"]["epoch"], b["reader"]["offset"])
+        positions[b["reader"]["worker"]] = ReaderPosition.of_batch(b)
+    if buckets:
+        assert any(b["reader"]["pending"] for b in batches[:3])  # something was waiting at the cut
     resumed = ShardStream(folder, data, source.builder, seed=7, positions=positions,
                           first_worker=3 % max(1, num_workers))
-    again = list(itertools.islice(make_loader(resumed, num_workers), 4))
+    again = list(itertools.islice(make_loader(resumed, num_workers), 7))
     assert keys(again) == keys(batches[3:])
-    assert torch.equal(again[0]["pixel_values"], batches[3]["pixel_values"])
+    for a, b in zip(again, batches[3:]):
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_bucket_batches_never_mix_shapes_and_drop_nothing(tmp_path):
+    sizes = [(64, 64), (40, 100), (100, 40), (64, 64), (80, 48), (48, 80), (36, 110)]
+    source, _ = stream(write_shards(tmp_path, num_samples=14, per_shard=4, sizes=sizes), aspect_buckets=True,
+                       bucket_step=8)
+    epoch = list(itertools.takewhile(lambda b: b["reader"]["epoch"] == 0, itertools.islice(iter(source), 30)))
+    shapes = set()
+    for batch in epoch:
+        shape = batch["pixel_values"].shape[-2:]
+        assert batch["subject_masks"].shape[-2:] == shape and batch["pixel_values"].shape[0] <= 2
+        shapes.add(tuple(shape))
+    assert len(shapes) >= 3 and all(h * w <= 32 * 32 and h % 8 == 0 and w % 8 == 0 for h, w in shapes)
+    assert sorted(keys(epoch)) == [f"{i:06d}" for i in range(14)]  # every sample once, the last buckets short
+
+
+def test_bucket_crop_moves_mask_box_and_sdxl_conditioning_with_the_image():
+    from train.data import aspect_buckets
+
+    data = DataSection(shards="unused", resolution=32, max_subjects=2, text_dropout=0.0, subject_dropout=0.0,
+                       aspect_buckets=True, bucket_step=8)
+    processor = zoo.build({"family": "clip_vision", "source": "tiny"}).processor
+    sdxl = BatchBuilder(data, [tiny_tokenizer(), tiny_tokenizer()], processor)  # two tokenizers: SDXL
+    assert (24, 40) in aspect_buckets(32, 8, 4.0) and (40, 24) in aspect_buckets(32, 8, 4.0)
+    sample = make_sample(1, size=(48, 96))  # 1:2 -> the 24 x 40 bucket (nearest aspect with area <= 32^2)
+    example = sdxl.example(sample, random.Random(0))
+    assert example["pixel_values"].shape == (3, 24, 40) and example["subject_masks"].shape == (2, 24, 40)
+    # resized by 1/2 to 24 x 48 to cover the bucket, 4 px cut on each side
+    assert example["original_size"].tolist() == [48, 96] and example["crop_top_left"].tolist() == [0, 4]
+    expected = np.asarray(sample.image.resize((48, 24), Image.BICUBIC), np.float32)[:, 4:44]
+    assert torch.allclose(example["pixel_values"], torch.from_numpy(expected).permute(2, 0, 1) / 127.5 - 1.0)
+    x0, y0, x1, y1 = example["subject_boxes"][0].tolist()  # the box, moved like the image ...
+    assert (x0, y0, x1, y1) == pytest.approx((96 * 0.2 / 2 - 4, 48 * 0.15 / 2, 96 * 0.8 / 2 - 4, 48 * 0.9 / 2))
+    rows, cols = torch.nonzero(example["subject_masks"][0], as_tuple=True)  # ... frames the mask, moved alike
+    assert abs(int(cols.min()) - x0) <= 1 and abs(int(cols.max()) + 1 - x1) <= 1
+    assert abs(int(rows.min()) - y0) <= 1 and abs(int(rows.max()) + 1 - y1) <= 1
+    assert example["subject_boxes"][1].tolist() == [0, 0, 0, 0] and not example["subject_masks"][1].any()
 
 
 def test_corrupt_samples_and_shards_are_skipped_and_reported(tmp_path):
@@ -154,7 +201,7 @@ def test_corrupt_samples_and_shards_are_skipped_and_reported(tmp_path):
 
 def test_sdxl_crop_corner_is_in_resized_pixels():
     # SDXL's crops_coords_top_left is the offset after the short side is scaled to the training size
-    from train.data import _center_square
+    from train.data import cover_crop
 
-    square, corner = _center_square(Image.new("RGB", (400, 200)), 32, Image.BICUBIC)
-    assert square.size == (32, 32) and corner == (0, 16)  # (top, left): 100 px of 200 -> 16 of 32
+    square, corner, scale = cover_crop(Image.new("RGB", (400, 200)), (32, 32), Image.BICUBIC)
+    assert square.size == (32, 32) and corner == (0, 16) and scale == 32 / 200  # 100 px of 200 -> 16 of 32

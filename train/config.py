@@ -31,7 +31,13 @@ class ModelSection(ConfigModel):
 
 class DataSection(ConfigModel):
     shards: str  # the preprocessing output folder: shards/*.tar and manifest.json
-    resolution: int = 512
+    resolution: int = 512  # the square side; with aspect_buckets, every bucket has about this many pixels
+    # SDXL-style aspect-ratio buckets: each image goes to the bucket nearest its aspect ratio, is resized to
+    # cover it and centre-cropped; a batch holds one bucket. Sides are multiples of bucket_step (64 for SD:
+    # 8 latent pixels x 3 UNet downsamplings), aspect ratios up to bucket_max_aspect.
+    aspect_buckets: bool = False
+    bucket_step: int = Field(64, ge=8)
+    bucket_max_aspect: float = Field(4.0, ge=1.0)
     max_subjects: int = 2
     micro_batch_size: int = 1  # per rank
     num_workers: int = 0  # DataLoader workers per rank

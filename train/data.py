@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,13 @@ class Rejected:
 class ReaderPosition:
     epoch: int = 0
     offset: int = 0  # raw samples consumed from the epoch's shuffled stream
+    pending: list[int] = field(default_factory=list)  # consumed but waiting in an unfilled bucket (1-based)
+
+    @classmethod
+    def of_batch(cls, batch: dict[str, Any]) -> ReaderPosition:
+        """Where the reader that made ``batch`` stands after it."""
+        reader = batch["reader"]
+        return cls(reader["epoch"], reader["offset"], list(reader["pending"]))
 
 
 def shard_paths(folder: str | Path) -> list[str]:
@@ -87,14 +95,33 @@ def dataset_profile(folder: str | Path) -> dict[str, Any]:
     return profile
 
 
-def _center_square(image: Image.Image, size: int, resample: int) -> tuple[Image.Image, tuple[int, int]]:
-    """The centred square crop resized to ``size``, and its top-left corner in resized pixels (SDXL's
-    ``crops_coords_top_left`` convention: the crop offset after scaling the short side to ``size``)."""
+def aspect_buckets(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
+    """SDXL-style buckets (height, width): sides multiples of ``step``, area at most ``resolution``^2 and as
+    large as the step allows, aspect ratio within ``max_aspect``; the square first."""
+    area, buckets = resolution * resolution, set()
+    for width in range(step, int(resolution * max_aspect ** 0.5) + step, step):
+        height = area // width // step * step
+        if height >= step and max(width / height, height / width) <= max_aspect:
+            buckets.update({(height, width), (width, height)})
+    square = (resolution // step * step,) * 2
+    return [square] + sorted(buckets - {square}, key=lambda b: b[1] / b[0])
+
+
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log ratio) to that of ``size`` (height, width)."""
+    aspect = math.log(size[1] / size[0])
+    return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - aspect))
+
+
+def cover_crop(image: Image.Image, target: tuple[int, int], resample: int) -> tuple[Image.Image, tuple[int, int], float]:
+    """``image`` resized to cover ``target`` (height, width) and centre-cropped to it; returns the crop, its
+    top-left corner in resized pixels (SDXL's ``crops_coords_top_left``) and the scale factor."""
     w, h = image.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    corner = (round(top * size / side), round(left * size / side))
-    return image.crop((left, top, left + side, top + side)).resize((size, size), resample), corner
+    scale = max(target[0] / h, target[1] / w)
+    rw, rh = max(target[1], round(w * scale)), max(target[0], round(h * scale))
+    top, left = (rh - target[0]) // 2, (rw - target[1]) // 2
+    resized = image.resize((rw, rh), resample)
+    return resized.crop((left, top, left + target[1], top + target[0])), (top, left), scale
 
 
 class BatchBuilder:
@@ -106,6 +133,8 @@ class BatchBuilder:
 
     def __init__(self, data: DataSection, tokenizers: list[Any], processor: Any):
         self.data, self.tokenizers, self.processor = data, list(tokenizers), processor
+        self.buckets = (aspect_buckets(data.resolution, data.bucket_step, data.bucket_max_aspect)
+                        if data.aspect_buckets else [(data.resolution, data.resolution)])
 
     def example(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
         d = self.data
@@ -124,12 +153,18 @@ class BatchBuilder:
         index[: len(token_index)] = token_index
         valid = (index >= 0) & (not drop_subjects)
         index[~valid] = -1
-        image, crop_top_left = _center_square(sample.image, d.resolution, Image.BICUBIC)
+        bucket = nearest_bucket((sample.image.height, sample.image.width), self.buckets)
+        image, crop_top_left, scale = cover_crop(sample.image, bucket, Image.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1) / 127.5 - 1.0
-        masks = torch.zeros((s, d.resolution, d.resolution))
-        for i in range(len(entities)):
+        masks = torch.zeros((s, *bucket))
+        boxes = torch.zeros((s, 4))  # [x0, y0, x1, y1] in the training image's pixels, clipped to it
+        top, left = crop_top_left
+        for i, entity in enumerate(entities):
             mask = Image.fromarray(sample.masks[i].astype(np.uint8) * 255)
-            masks[i] = torch.from_numpy(np.asarray(_center_square(mask, d.resolution, Image.NEAREST)[0]) > 127)
+            masks[i] = torch.from_numpy(np.asarray(cover_crop(mask, bucket, Image.NEAREST)[0]) > 127)
+            x0, y0, x1, y1 = entity.box
+            boxes[i] = torch.tensor([x0 * scale - left, y0 * scale - top, x1 * scale - left, y1 * scale - top])
+        boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([bucket[1], bucket[0]] * 2, dtype=boxes.dtype))
         crops = subject_pixel_values(self.processor, list(sample.crops[: len(entities)])) if entities else None
         size = self.processor.crop_size["height"], self.processor.crop_size["width"]
         subject_pixels = torch.zeros((s, 3, *size))
@@ -142,6 +177,7 @@ class BatchBuilder:
             "subject_token_index": index,
             "subject_valid": valid,
             "subject_masks": masks,
+            "subject_boxes": boxes,
             "caption": caption,
             "key": sample.key,
         }
@@ -217,15 +253,25 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         logical, slot, slots = self._slot()
         start = self.positions.get(logical, ReaderPosition())
-        epoch, offset = start.epoch, start.offset
-        examples: list[dict[str, Any]] = []
+        epoch, offset, replay = start.epoch, start.offset, set(start.pending)
+        # decoded examples waiting for their bucket to fill, by shape: [(consumed, example), ...]
+        waiting: dict[tuple[int, ...], list[tuple[int, dict[str, Any]]]] = {}
         rejected: list[Rejected] = []
         barren_epochs = 0
+
+        def emit(shape: tuple[int, ...], consumed: int) -> dict[str, Any]:
+            batch = BatchBuilder.collate([example for _, example in waiting.pop(shape)])
+            pending = sorted(c for group in waiting.values() for c, _ in group)
+            batch["reader"] = {"worker": logical, "epoch": epoch, "offset": consumed, "pending": pending}
+            batch["rejected"] = [r.__dict__ for r in rejected]
+            rejected.clear()  # the same list the raw stream appends to
+            return batch
+
         while True:
-            decoded = 0
+            decoded = consumed = 0
             for consumed, raw in enumerate(self.raw_epoch(epoch, slot, slots, rejected), start=1):
-                if consumed <= offset:
-                    continue  # replayed to rebuild the shuffle state; decoded by the run that saved it
+                if consumed <= offset and consumed not in replay:
+                    continue  # replayed to rebuild the shuffle state; yielded by the run that saved it
                 example_rng = random.Random(f"{self.seed}/{epoch}/{slot}/{consumed}")
                 try:
                     example = self.builder.example(Sample.from_wds(raw), example_rng)
@@ -233,18 +279,18 @@ class ShardStream(IterableDataset):
                     rejected.append(Rejected(str(raw.get("__url__", "?")), str(raw.get("__key__", "?")), str(exc)))
                     continue
                 decoded += 1
-                examples.append(example)
-                if len(examples) == self.data.micro_batch_size:
-                    batch = BatchBuilder.collate(examples)
-                    batch["reader"] = {"worker": logical, "epoch": epoch, "offset": consumed}
-                    batch["rejected"] = [r.__dict__ for r in rejected]
-                    examples = []
-                    rejected.clear()  # the same list the raw stream appends to
-                    yield batch
+                shape = tuple(example["pixel_values"].shape)
+                waiting.setdefault(shape, []).append((consumed, example))
+                # a resumed stream refills the buckets it had waiting before going on
+                if consumed > offset and len(waiting[shape]) == self.data.micro_batch_size:
+                    yield emit(shape, consumed)
+            # the epoch's incomplete buckets go out as smaller batches, oldest first: nothing is dropped
+            while waiting:
+                yield emit(min(waiting, key=lambda shape: waiting[shape][0][0]), max(consumed, offset))
             barren_epochs = 0 if decoded else barren_epochs + 1
             if barren_epochs > 1:  # the resumed epoch may be spent; two in a row means no usable data
                 raise RuntimeError(f"rank {self.rank} reader {logical}: shards {self.paths} yield no usable sample")
-            epoch, offset = epoch + 1, 0
+            epoch, offset, replay = epoch + 1, 0, set()
 
 
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:

@@ -172,7 +172,7 @@ class Trainer:
 
     def _observe(self, batch: dict[str, Any]) -> None:
         reader = batch["reader"]
-        self.state.positions[reader["worker"]] = ReaderPosition(reader["epoch"], reader["offset"])
+        self.state.positions[reader["worker"]] = ReaderPosition.of_batch(batch)
         for rejected in batch["rejected"]:
             self.state.rejected_total += 1
             log.warning("rank %d: skipped %s %s: %s", self.rank, rejected["source"], rejected["key"], rejected["reason"])

@@ -33,11 +33,20 @@ def model_settings(config: TrainConfig):
     return load_config(config.model.mmdiff, MMDiffConfig)
 
 
-def build_model(config: TrainConfig):
-    from mmdiff import MMDiffModel
+def build_model(config: TrainConfig, accelerator: str = "cpu"):
+    """The model; under ZeRO-3 (in a distributed run) its frozen base is partitioned across the ranks
+    while it is built (train/partitioned.py)."""
+    from mmdiff import MMDiffModel, zoo
 
-    torch.manual_seed(config.seed)  # identical trainable initialisation on every rank
-    return MMDiffModel.from_specs(config.model.base, config.model.image_encoder, model_settings(config))
+    base, encoder = config.model.base, config.model.image_encoder
+    if config.deepspeed.zero_stage == 3 and dist.is_initialized():
+        from train.partitioned import partitioned_base
+
+        pipe, vision = partitioned_base(base, encoder, deepspeed_config(config, accelerator))
+    else:
+        pipe, vision = zoo.build(base), zoo.build(encoder)
+    torch.manual_seed(config.seed)  # the trainable initialisation: the same on every rank and for every ZeRO stage
+    return MMDiffModel(pipe, vision, model_settings(config), base, encoder)
 
 
 def make_engine(config: TrainConfig, model):
@@ -74,7 +83,7 @@ def train(config: TrainConfig) -> TrainerState:
     rank, world = dist.get_rank(), dist.get_world_size()
     Path(config.output_dir).mkdir(parents=True, exist_ok=True)
 
-    model = build_model(config)
+    model = build_model(config, accelerator.device_name())
     engine = make_engine(config, model)
     data_hash = manifest_hash(config.data.shards)
     tracker = None
