@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -240,7 +241,9 @@ class MMDiffModel(nn.Module):
     def training_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Denoising loss + weighted attention constraint on one batch (keys: see docs/DESIGN.md / README).
 
-        Noise, timesteps and the in-mask choice come from torch's global RNG. Returns "loss",
+        ``latent_parameters`` [B, 2C, h, w] (the VAE posterior's mean and log-variance, cached by
+        train/latents.py) replaces the VAE encoder pass when present. Noise, timesteps, the posterior
+        sample and the in-mask choice come from torch's global RNG. Returns "loss",
         "denoise_loss", "attention_loss", "inside_share/<down|mid|up>" (a metric of the supervised map,
         NaN without a subject),
         and the detached maps (for logging) of the subject tokens, "attention_maps", and of the class
@@ -251,9 +254,14 @@ class MMDiffModel(nn.Module):
         valid = batch["subject_valid"].bool()
         pixels = batch["pixel_values"].to(self.vae.dtype)
         with torch.no_grad():
-            latents = self.vae.encode(pixels).latent_dist.sample() * self.vae.config.scaling_factor
+            if "latent_parameters" in batch:  # cached VAE output (mean, logvar): same sampling, no encoder pass
+                posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(self.vae.dtype))
+            else:
+                posterior = self.vae.encode(pixels).latent_dist
+            latents = posterior.sample() * self.vae.config.scaling_factor
         latents = latents.to(self.unet.conv_in.weight.dtype)  # an fp16 base keeps a force_upcast VAE in fp32
-        noise = torch.randn_like(latents)
+        # by shape, not randn_like: the VAE output may be channels-last, and cached latents are not
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   device=self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)

@@ -27,6 +27,9 @@ class ModelSection(ConfigModel):
     base: ModelSpec  # sd15 / sdxl family
     image_encoder: ModelSpec  # clip_vision family
     mmdiff: str  # path of the MMDiffConfig YAML (configs/mmdiff/*.yaml)
+    # UNet activation checkpointing (recompute in backward): None keeps the MM-Diff config's
+    # gradient_checkpointing, true/false overrides it for this run
+    gradient_checkpointing: bool | None = None
 
 
 class DataSection(ConfigModel):
@@ -38,6 +41,8 @@ class DataSection(ConfigModel):
     aspect_buckets: bool = False
     bucket_step: int = Field(64, ge=8)
     bucket_max_aspect: float = Field(4.0, ge=1.0)
+    # use the VAE latents `python -m train.latents` cached for the base model, where there are some
+    cached_latents: bool = True
     max_subjects: int = 2
     micro_batch_size: int = 1  # per rank
     num_workers: int = 0  # DataLoader workers per rank

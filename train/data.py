@@ -28,7 +28,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmdiff.prompting import subject_pixel_values, tokenize_with_subjects
 from preprocess.sample import Sample
+from mmdiff.zoo.spec import ModelSpec
 from train.config import DataSection
+from train.latents import LatentSidecars, decode_latent, latent_dir, member_name
 
 __all__ = [
     "BatchBuilder",
@@ -136,7 +138,17 @@ class BatchBuilder:
         self.buckets = (aspect_buckets(data.resolution, data.bucket_step, data.bucket_max_aspect)
                         if data.aspect_buckets else [(data.resolution, data.resolution)])
 
-    def example(self, sample: Sample, rng: random.Random) -> dict[str, Any]:
+    def crop(self, image: Image.Image) -> tuple[tuple[int, int], torch.Tensor, tuple[int, int], float]:
+        """The training crop of ``image``: its bucket, pixels [3, h, w] in [-1, 1], the crop's top-left
+        corner in resized pixels and the resize factor (train/latents.py caches latents of these pixels)."""
+        bucket = nearest_bucket((image.height, image.width), self.buckets)
+        cropped, corner, scale = cover_crop(image, bucket, Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(cropped, np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        return bucket, pixels, corner, scale
+
+    def example(self, sample: Sample, rng: random.Random, latents: dict[str, bytes] | None = None) -> dict[str, Any]:
+        """One training example; ``latents`` (``latent:<h>x<w>.npy`` -> bytes) are the sample's cached VAE
+        latents, used when there are some for its bucket."""
         d = self.data
         drop_text = rng.random() < d.text_dropout
         drop_subjects = drop_text or rng.random() < d.subject_dropout
@@ -153,9 +165,7 @@ class BatchBuilder:
         index[: len(token_index)] = token_index
         valid = (index >= 0) & (not drop_subjects)
         index[~valid] = -1
-        bucket = nearest_bucket((sample.image.height, sample.image.width), self.buckets)
-        image, crop_top_left, scale = cover_crop(sample.image, bucket, Image.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(image, np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        bucket, pixels, crop_top_left, scale = self.crop(sample.image)
         masks = torch.zeros((s, *bucket))
         boxes = torch.zeros((s, 4))  # [x0, y0, x1, y1] in the training image's pixels, clipped to it
         top, left = crop_top_left
@@ -181,6 +191,9 @@ class BatchBuilder:
             "caption": caption,
             "key": sample.key,
         }
+        cached = (latents or {}).get(f"latent:{member_name(bucket)}")
+        if cached is not None and self.data.cached_latents:
+            out["latent_parameters"] = decode_latent(cached)
         if len(encoded) == 2:  # SDXL: second text encoder and the size conditioning
             out["input_ids_2"] = encoded[1][0]
             out["original_size"] = torch.tensor([sample.image.height, sample.image.width])
@@ -194,8 +207,9 @@ class BatchBuilder:
 
     @staticmethod
     def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Stacked tensors, lists of the rest; a key some examples lack (cached latents) is left out."""
         batch: dict[str, Any] = {}
-        for name in examples[0]:
+        for name in [k for k in examples[0] if all(k in e for e in examples)]:
             values = [e[name] for e in examples]
             batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
         return batch
@@ -207,12 +221,15 @@ class ShardStream(IterableDataset):
     def __init__(
         self, folder: str | Path, data: DataSection, builder: BatchBuilder, seed: int, rank: int = 0,
         world_size: int = 1, positions: dict[int, ReaderPosition] | None = None, first_worker: int = 0,
+        base: ModelSpec | None = None,
     ):
         self.paths = shard_paths(folder)
         self.data, self.builder, self.seed = data, builder, seed
         self.rank, self.world_size = rank, world_size
         self.positions = positions or {}
         self.first_worker = first_worker  # the logical reader whose batch the loader yields first
+        folder_latents = latent_dir(folder, base) if base is not None and data.cached_latents else None
+        self.latents = LatentSidecars(folder_latents) if folder_latents and folder_latents.is_dir() else None
 
     def _slot(self) -> tuple[int, int, int]:
         info = get_worker_info()
@@ -240,6 +257,8 @@ class ShardStream(IterableDataset):
             return True
 
         source = wds.tariterators.tarfile_samples([{"url": p} for p in mine], handler=record)
+        if self.latents is not None:
+            source = self.latents.attach(source)
         if not by_shard:
             source = (s for i, s in enumerate(source) if i % slots == slot)
         buffer: list[dict[str, Any]] = []
@@ -274,7 +293,8 @@ class ShardStream(IterableDataset):
                     continue  # replayed to rebuild the shuffle state; yielded by the run that saved it
                 example_rng = random.Random(f"{self.seed}/{epoch}/{slot}/{consumed}")
                 try:
-                    example = self.builder.example(Sample.from_wds(raw), example_rng)
+                    example = self.builder.example(Sample.from_wds(raw), example_rng,
+                                                   {k: v for k, v in raw.items() if k.startswith("latent:")})
                 except ValueError as exc:
                     rejected.append(Rejected(str(raw.get("__url__", "?")), str(raw.get("__key__", "?")), str(exc)))
                     continue

@@ -28,9 +28,13 @@ log = logging.getLogger("train")
 
 
 def model_settings(config: TrainConfig):
+    """The MM-Diff config the run trains with: its file, with the training config's overrides."""
     from mmdiff import MMDiffConfig
 
-    return load_config(config.model.mmdiff, MMDiffConfig)
+    settings = load_config(config.model.mmdiff, MMDiffConfig)
+    if config.model.gradient_checkpointing is not None:
+        settings = settings.model_copy(update={"gradient_checkpointing": config.model.gradient_checkpointing})
+    return settings
 
 
 def build_model(config: TrainConfig, accelerator: str = "cpu"):
@@ -110,7 +114,7 @@ def train(config: TrainConfig) -> TrainerState:
     workers = config.data.num_workers
     stream = ShardStream(config.data.shards, config.data, BatchBuilder(config.data, model.tokenizers, model.image_processor),
                          config.seed, rank, world, trainer.state.positions,
-                         first_worker=trainer.state.micro_batches % max(1, workers))
+                         first_worker=trainer.state.micro_batches % max(1, workers), base=config.model.base)
     try:
         trainer.run(iter(make_loader(stream, workers)))
         adapter = save_adapter(engine, Path(config.output_dir) / "adapter")
