@@ -96,8 +96,11 @@ def shards(tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory, mlflow_server, shards):
     out = tmp_path_factory.mktemp("zero2")
+    held_out = write_shards(tmp_path_factory.mktemp("held_out"), num_samples=2, per_shard=2)
     # the server is named only by the environment, as infra/deepspeed/README.md tells users to do
-    launch(f"output_dir={out}", f"data.shards={shards}", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    launch(f"output_dir={out}", f"data.shards={shards}", f"validation.shards={held_out}", "validation.every=3",
+           "validation.num_samples=2", "validation.seeds=[0,1]", "validation.steps=2",
+           env={"MLFLOW_TRACKING_URI": mlflow_server})
     return out
 
 
@@ -138,6 +141,11 @@ def test_zero2_run_is_tracked_in_mlflow(zero2_run, mlflow_server):
     assert overlay.height == 64 * 2 and overlay.width >= 64 * 2  # 2 examples: image + a subject panel
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {
         "checkpoints/step-2", "checkpoints/step-4", "checkpoints/step-6"}
+    # validation grids: 2 held-out samples (rows) x (their subject crop + one image per seed 0 and 1)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "validation")} == {
+        "validation/step-000003.png", "validation/step-000006.png"}
+    grid = Image.open(client.download_artifacts(run.info.run_id, "validation/step-000006.png", str(zero2_run / "dl")))
+    assert grid.size == (3 * 64, 2 * 64) and len(set(grid.getdata())) > 1
     assert {"config/resolved.yaml", "config/mmdiff.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     version = client.get_model_version("mmdiff-tiny", "1")
     assert version.run_id == run.info.run_id

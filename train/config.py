@@ -19,6 +19,7 @@ __all__ = [
     "OptimSection",
     "ScheduleSection",
     "TrainConfig",
+    "ValidationSection",
     "load_train_config",
 ]
 
@@ -94,6 +95,17 @@ class MLflowSection(ConfigModel):
     sample_steps: int = 20
 
 
+class ValidationSection(ConfigModel):
+    """Images generated during training from held-out samples (train/validation.py), logged to MLflow."""
+
+    shards: str | None = None  # a held-out preprocessing output folder (shards/*.tar); None: no validation
+    every: int = Field(0, ge=0)  # steps between validations; 0: only at the end
+    num_samples: int = Field(4, ge=1)  # the first N held-out samples with a subject, in key order
+    seeds: list[int] = Field(default_factory=lambda: [0])  # one image per seed and sample
+    steps: int = Field(20, ge=1)  # denoising steps
+    guidance_scale: float = 7.5
+
+
 class TrainConfig(ConfigModel):
     run_name: str
     output_dir: str
@@ -104,6 +116,7 @@ class TrainConfig(ConfigModel):
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     schedule: ScheduleSection
     mlflow: MLflowSection = MLflowSection()
+    validation: ValidationSection = ValidationSection()
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -139,8 +152,9 @@ def load_train_config(path: str | Path, overrides: dict | None = None, check_dat
 
     config = load_config(path, TrainConfig, overrides)
     shards = Path(config.data.shards)
-    if check_data and (not (shards / "shards").is_dir() or not any((shards / "shards").glob("*.tar"))):
-        raise ConfigError(f"{path}: data.shards: no shards/*.tar under {shards}")
+    for key, folder in (("data.shards", shards), ("validation.shards", config.validation.shards)):
+        if check_data and folder and not any((Path(folder) / "shards").glob("*.tar")):
+            raise ConfigError(f"{path}: {key}: no shards/*.tar under {folder}")
     from mmdiff.model_config import MMDiffConfig
 
     mmdiff = load_config(config.model.mmdiff, MMDiffConfig)  # its own errors name its file

@@ -116,9 +116,10 @@ class Trainer:
     """Runs the loop on one rank. ``tracker`` is rank 0's MLflow run (None elsewhere)."""
 
     def __init__(self, config: TrainConfig, engine: Any, state: TrainerState, tracker: Any = None,
-                 on_checkpoint: Callable[[int], None] | None = None, on_sample: Callable[[int, dict, torch.Tensor | None], None] | None = None):
+                 on_checkpoint: Callable[[int], None] | None = None, on_sample: Callable[[int, dict, torch.Tensor | None], None] | None = None,
+                 on_validate: Callable[[int], None] | None = None):
         self.config, self.engine, self.state, self.tracker = config, engine, state, tracker
-        self.on_checkpoint, self.on_sample = on_checkpoint, on_sample
+        self.on_checkpoint, self.on_sample, self.on_validate = on_checkpoint, on_sample, on_validate
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.checkpoint_dir = Path(config.output_dir) / "checkpoints"
         self.history_path = Path(config.output_dir) / "losses.jsonl"
@@ -194,6 +195,9 @@ class Trainer:
             started = time.perf_counter()
             if self.on_sample and (step == schedule.max_steps or (schedule.sample_every and step % schedule.sample_every == 0)):
                 self.on_sample(step, batch, self.last_attention_maps)
+            every = self.config.validation.every
+            if self.on_validate and (step == schedule.max_steps or (every and step % every == 0)):
+                self.on_validate(step)
             if step == schedule.max_steps or (schedule.checkpoint_every and step % schedule.checkpoint_every == 0):
                 self.save_checkpoint()
         return self.state

@@ -21,6 +21,7 @@ from train.deepspeed_config import deepspeed_config
 from train.engine import Trainer, TrainerState, TrainingObjective, lr_scheduler
 from train.export import register_model, save_adapter
 from train.samples import attention_overlay
+from train.validation import ValidationSet
 
 __all__ = ["build_model", "generate_sample", "make_engine", "train"]
 
@@ -108,7 +109,28 @@ def train(config: TrainConfig) -> TrainerState:
         if tracker is not None and attention_maps is not None:
             tracker.image(attention_overlay(batch, attention_maps), f"samples/attention-step-{step:06d}.png")
 
-    trainer = Trainer(config, engine, TrainerState(), tracker, on_checkpoint, on_sample)
+    # under ZeRO-3 every rank takes part in each forward (the weights are gathered), so every rank generates
+    generates = bool(config.validation.shards) and (rank == 0 or config.deepspeed.zero_stage == 3)
+    validation = ValidationSet(config.validation.shards, config.validation.num_samples,
+                               config.data.max_subjects) if generates else None
+
+    def on_validate(step: int) -> None:
+        if validation is not None:
+            from mmdiff import MMDiffPipeline
+
+            training = model.training
+            model.eval()
+            v = config.validation
+            with torch.no_grad():
+                grid = validation.grid(MMDiffPipeline(model), v.seeds, v.steps, (config.data.resolution,) * 2,
+                                       v.guidance_scale)
+            model.train(training)
+            if tracker is not None:
+                tracker.image(grid, f"validation/step-{step:06d}.png")
+        dist.barrier()
+
+    trainer = Trainer(config, engine, TrainerState(), tracker, on_checkpoint, on_sample,
+                      on_validate if config.validation.shards else None)
     if trainer.load_checkpoint():
         log.info("rank %d: resumed at step %d", rank, trainer.state.step)
     workers = config.data.num_workers
