@@ -40,7 +40,7 @@ def test_deepspeed_passthrough_is_merged_over_the_generated_config():
     ({"zero_optimization": {"overlap_comms": True}}, "overlap_comms"),  # DeepSpeed's own schema
     ({"zero_optimisation": {"overlap_comm": True}}, "does not read the top-level key(s) ['zero_optimisation']"),
     ({"zero_optimization": {"reduce_bucket_size": "big"}}, "reduce_bucket_size"),
-])
+], ids=["stage", "micro_batch", "precision", "optimizer", "nested_typo", "top_level_typo", "wrong_type"])
 def test_deepspeed_passthrough_errors_name_the_key(raw, message):
     with pytest.raises(ConfigError) as error:
         tiny(**{"deepspeed.config": raw})
