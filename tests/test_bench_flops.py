@@ -99,3 +99,16 @@ def test_random_sam_is_the_released_architecture_in_both_backends(model_type):
     assert (sum(p.numel() for p in ported.vision_encoder.parameters())
             == sum(p.numel() for p in official.image_encoder.parameters()))
     assert segment_flops_transformers(ported, boxes=1) == segment_flops_official(official, boxes=1)
+
+
+def test_cached_latents_count_is_the_step_without_the_vae_encoder():
+    """The benchmark's cached-latents figure (total - VAE encode) is what the cached-latents step runs."""
+    torch.manual_seed(0)
+    model = build_training_model("tiny_sd15", "tiny", device="meta")
+    batch = training_batch(model, 64, subjects=2)
+    flops = training_flops(model, batch)
+    side = 64 // 2 ** (len(model.vae.config.block_out_channels) - 1)  # the VAE's downsampling
+    cached = {**batch, "latent_parameters": torch.zeros(1, 2 * model.vae.config.latent_channels, side, side,
+                                                        device="meta")}
+    assert training_flops(model, cached)["forward"] + flops["vae_encode"] == flops["forward"]
+    assert training_flops(model, cached)["total"] == flops["total_cached_latents"]
