@@ -10,8 +10,8 @@ Ray itself has started; the loop time covers model build + processing + encoding
 
 ``--against`` measures the cost of a code change on clean data: the job of this tree and the job of
 ``<revision>`` (exported with ``git archive``) run alternately, each in a fresh process with its own
-embedded Ray, on the same inputs with each tree's own test_tiny config, ``--rounds`` times; it reports
-the throughput ratio of the medians (results/bench_pipeline_against.json).
+embedded Ray, on the same inputs with each tree's own test_tiny config, ``--rounds`` times (who goes first
+alternates); it reports the throughput ratio of the medians (results/bench_pipeline_against.json).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def against(revision: str, repeats: int, rounds: int, workers: int) -> None:
         seconds: dict[str, list[float]] = {"baseline": [], "current": []}
         written = {}
         for round_index in range(rounds):
-            for name, tree in (("baseline", baseline), ("current", ROOT)):
+            trees = [("baseline", baseline), ("current", ROOT)]
+            for name, tree in trees if round_index % 2 == 0 else trees[::-1]:  # alternate who runs first
                 out = tmp / f"{name}{round_index}"
                 env = {**os.environ, "PYTHONPATH": str(tree)}
                 run = subprocess.run([sys.executable, "-c", _CHILD, str(tmp / "in"), str(out), str(workers)], cwd=tree,
