@@ -95,6 +95,19 @@ def test_registered_model_ships_code_pins_and_signature(registry, tmp_path):
     assert json.loads((local / "artifacts/base_model.json").read_text())["family"] == "sd15"
 
 
+def test_registered_model_loads_in_the_spec_dtype_and_in_bf16(registry):
+    """The base loads in its spec's dtype (float32 here); model_config overrides it: bf16 runs on CPU too."""
+    import mlflow
+    import pandas as pd
+
+    row = {**GOOD, "subjects": [b64(data.chelsea())]}
+    for dtype, expected in ((None, "torch.float32"), ("bfloat16", "torch.bfloat16")):
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}/1", model_config={"dtype": dtype} if dtype else None)
+        assert str(model.unwrap_python_model().pipe.model.base_pipe.unet.dtype) == expected
+        image = Image.open(io.BytesIO(base64.b64decode(model.predict(pd.DataFrame([row]))["image"][0])))
+        assert image.size == (64, 64) and np.asarray(image).std() > 0
+
+
 def test_mlflow_models_serve_answers_outside_the_repository(registry, tmp_path):
     """`mlflow models serve` from a temporary folder, in a process that cannot see this repository."""
     port = free_port()
