@@ -72,26 +72,31 @@ class _ColumnProbabilities(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, columns, key_mask):
+    def _logits(q, k, key_mask, key_bias):
         scale, dtype = q.shape[-1] ** -0.5, torch.promote_types(q.dtype, torch.float32)
         logits = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
+        if key_bias is not None:
+            logits = logits + key_bias.to(dtype)
         if key_mask is not None:
             logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        return logits
+
+    @staticmethod
+    def forward(ctx, q, k, columns, key_mask, key_bias):
+        logits = _ColumnProbabilities._logits(q, k, key_mask, key_bias)
         lse = torch.logsumexp(logits, dim=-1)
         index = columns[:, None, None, :].expand(*logits.shape[:3], -1)
         probs = torch.exp(torch.gather(logits, -1, index) - lse[..., None])
         del logits
-        ctx.save_for_backward(q, k, columns, key_mask, lse, probs)
+        ctx.save_for_backward(q, k, columns, key_mask, key_bias, lse, probs)
         return probs
 
     @staticmethod
     def backward(ctx, grad_probs):
-        q, k, columns, key_mask, lse, probs = ctx.saved_tensors
+        q, k, columns, key_mask, key_bias, lse, probs = ctx.saved_tensors
         scale, dtype = q.shape[-1] ** -0.5, torch.promote_types(q.dtype, torch.float32)
         qf, kf = q.to(dtype), k.to(dtype)
-        logits = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-        if key_mask is not None:
-            logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+        logits = _ColumnProbabilities._logits(q, k, key_mask, key_bias)
         softmax = torch.exp(logits - lse[..., None])
         # d p_c / d s_j = p_c (1[j = col_c] - softmax_j)
         weighted = grad_probs * probs
@@ -100,18 +105,20 @@ class _ColumnProbabilities(torch.autograd.Function):
         grad_logits = grad_logits.scatter_add(-1, index, weighted) * scale
         grad_q = torch.matmul(grad_logits, kf).to(q.dtype) if ctx.needs_input_grad[0] else None
         grad_k = torch.matmul(grad_logits.transpose(-1, -2), qf).to(k.dtype) if ctx.needs_input_grad[1] else None
-        return grad_q, grad_k, None, None
+        return grad_q, grad_k, None, None, None
 
 
 def column_probabilities(
-    q: torch.Tensor, k: torch.Tensor, columns: torch.Tensor, key_mask: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, columns: torch.Tensor, key_mask: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(d))[..., columns] in fp32, whatever the dtype of q and k.
 
     q [B, h, N, d], k [B, h, L, d], columns [B, C] (indices into L) -> [B, h, N, C] float32.
     ``key_mask`` [B, L] (True = attend) excludes keys from the normalisation; a masked column gets 0.
+    ``key_bias`` (broadcast to [B, h, N, L]) is added to the logits, as an additive attention mask is.
     """
-    return _ColumnProbabilities.apply(q, k, columns, key_mask)
+    return _ColumnProbabilities.apply(q, k, columns, key_mask, key_bias)
 
 
 class SelfAttnProcessor(AttnProcessor2_0):
@@ -196,7 +203,8 @@ class MMDiffAttnProcessor(nn.Module):
             if self.supervised and subjects.captured is not None:
                 text_probs = None
                 if subjects.text_index is not None:
-                    text_probs = column_probabilities(query, key, subjects.text_index.clamp(min=0))
+                    text_probs = column_probabilities(query, key, subjects.text_index.clamp(min=0),
+                                                      key_bias=attention_mask)
                 columns = torch.arange(s * num_tokens, device=query.device).expand(batch, -1)
                 subject_probs = column_probabilities(query, subject_key, columns, attend)
                 subject_probs = subject_probs.unflatten(-1, (s, num_tokens)).mean(-1)

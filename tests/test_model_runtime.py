@@ -36,7 +36,8 @@ def _perturb(model: MMDiffModel, seed: int = 0) -> None:
             p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.02)
 
 
-@pytest.mark.parametrize("family, dtype", [("sd15", "bfloat16"), ("sdxl", "bfloat16"), ("sdxl", "float16")])
+@pytest.mark.parametrize("family, dtype", [("sd15", "bfloat16"), ("sd15", "float16"), ("sdxl", "bfloat16"),
+                                           ("sdxl", "float16")])
 def test_half_precision_end_to_end(family, dtype, tmp_path):
     model = _model(family, dtype, text_encoder_lora_rank=4)
     half = getattr(torch, dtype)
@@ -158,22 +159,29 @@ def test_encoder_attention_mask_masks_the_text_keys():
     _perturb(model)
     g = torch.Generator().manual_seed(0)
     latents, text = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
-    subjects = SubjectConditioning(torch.randn(2, 4, 32, generator=g), torch.ones(2, 1, dtype=torch.bool), 1.0, 4)
+    tokens = torch.randn(2, 4, 32, generator=g)
     keep = torch.ones(2, 77, dtype=torch.bool)
     keep[:, 10:] = False
 
     def run(mask=None, text=text):
+        """(UNet output, captured class-word maps of every layer), the class word at token 3."""
+        subjects = SubjectConditioning(tokens, torch.ones(2, 1, dtype=torch.bool), 1.0, 4, torch.tensor([[3], [3]]),
+                                       captured={})
         with torch.no_grad():
-            return model.unet(latents, torch.tensor([500, 500]), text, encoder_attention_mask=mask,
-                              cross_attention_kwargs={"subjects": subjects}).sample
+            out = model.unet(latents, torch.tensor([500, 500]), text, encoder_attention_mask=mask,
+                             cross_attention_kwargs={"subjects": subjects}).sample
+        return out, torch.cat([c.text.flatten() for c in subjects.captured.values()])
 
-    torch.testing.assert_close(run(torch.ones(2, 77, dtype=torch.bool)), run(), atol=1e-6, rtol=0)
+    unmasked = run()
+    for a, b in zip(run(torch.ones(2, 77, dtype=torch.bool)), unmasked):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     masked = run(keep)
-    assert (masked - run()).abs().max() > 1e-4
-    # masked keys do not matter: changing them leaves the output unchanged
+    assert all((a - b).abs().max() > 1e-4 for a, b in zip(masked, unmasked))
+    # masked keys matter neither to the output nor to the captured maps
     other = text.clone()
     other[:, 10:] = torch.randn(2, 67, 32, generator=g)
-    torch.testing.assert_close(run(keep, other), masked, atol=1e-6, rtol=0)
+    for a, b in zip(run(keep, other), masked):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
 def test_single_subject_batches_keep_only_the_constraint_terms_with_signal():
