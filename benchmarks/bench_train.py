@@ -51,7 +51,7 @@ def _batch(model, resolution: int, batch_size: int) -> dict[str, torch.Tensor]:
     }
 
 
-def worker(mode: str, size: str, steps: int, out: str, resolution: int | None) -> None:
+def worker(mode: str, size: str, steps: int, out: str, resolution: int | None, zero3_config: str | None = None) -> None:
     import torch.distributed as dist
     from mmdiff import MMDiffConfig, MMDiffModel, zoo
     from mmdiff.configuration import load_config
@@ -64,6 +64,8 @@ def worker(mode: str, size: str, steps: int, out: str, resolution: int | None) -
     ds_config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                  "zero_optimization": {"stage": int(mode[-1]) if mode != "ddp" else 0},
                  "zero_allow_untested_optimizer": True, "steps_per_print": 2**31 - 1}
+    if mode == "zero3" and zero3_config:  # raw DeepSpeed keys, as deepspeed.config passes them in training
+        ds_config["zero_optimization"].update(json.loads(zero3_config))
     base_spec, encoder_spec = ModelSpec(family="sd15", source=base), ModelSpec(family="clip_vision", source=encoder)
     if mode == "ddp":
         dist.init_process_group("gloo")
@@ -125,11 +127,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--modes", nargs="*", default=["ddp", "zero2", "zero3"])
     parser.add_argument("--resolution", type=int, help="image side; default 64 (tiny) or 512 (sd15)")
+    parser.add_argument("--zero3-config", help='JSON merged into zero_optimization for zero3, e.g. \'{"stage3_max_live_parameters": 1e8}\'')
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.size, args.steps, args.out, args.resolution)
+        return worker(args.worker, args.size, args.steps, args.out, args.resolution, args.zero3_config)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))}
     rows = {}
@@ -141,7 +144,8 @@ def main() -> None:
             job = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                   "--master_port", str(port), "-m", "benchmarks.bench_train", "--worker", mode,
                                   "--size", args.size, "--steps", str(args.steps), "--out", out,
-                                  *(["--resolution", str(args.resolution)] if args.resolution else [])],
+                                  *(["--resolution", str(args.resolution)] if args.resolution else []),
+                                  *(["--zero3-config", args.zero3_config] if args.zero3_config else [])],
                                  cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if job.returncode != 0:  # e.g. a rank killed for memory: recorded, the other modes still run
                 reason = "killed (SIGKILL, out of memory?)" if "exitcode  : -9" in job.stderr else f"exit {job.returncode}"
@@ -161,7 +165,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"bench_train_{args.size}.json").write_text(json.dumps(
         {"size": args.size, "resolution": args.resolution or SIZES[args.size][3], "ranks": 2, "device": "cpu", "micro_batch": 1, "timed_steps": args.steps,
-         "modes": rows, "zero2_over_ddp_step_time": rows["zero2"]["step_s"] / rows["ddp"]["step_s"]
+         "zero3_config": json.loads(args.zero3_config) if args.zero3_config else None, "modes": rows, "zero2_over_ddp_step_time": rows["zero2"]["step_s"] / rows["ddp"]["step_s"]
          if "step_s" in rows.get("ddp", {}) and "step_s" in rows.get("zero2", {}) else None}, indent=1))
 
 
