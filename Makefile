@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 
-.PHONY: install test demo lock benchmarks clean
+.PHONY: install system test demo lock benchmarks clean
 
 install: $(STAMP)
 
@@ -21,7 +21,11 @@ $(STAMP): requirements.lock pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
-test: $(STAMP)
+# Debian packages some tests need (postgresql, chromium); a no-op once they are installed.
+system:
+	bash .ci/setup-system
+
+test: system $(STAMP)
 	$(RUN) -m pytest -q $(PYTEST_ARGS)
 
 # The whole loop on scikit-image's photos with tiny models: shards (embedded Ray) -> 2 CPU ranks of
