@@ -28,7 +28,7 @@ from pipeline.contact_sheet import contact_sheet
 from pipeline.inputs import InputRecord, Listing, Skip, assign_partitions, list_inputs
 from pipeline.lock import OutputLock, OutputLocked
 from pipeline.shards import ShardLayout, finalize_partition, reject_counts, write_json_atomic
-from pipeline.stages import RECORD_FIELDS, SampleStage, load_batch
+from pipeline.stages import RECORD_FIELDS, sample_stages
 
 __all__ = ["JobSummary", "EmptyInputError", "run_job", "content_hash", "main"]
 
@@ -123,28 +123,14 @@ def fixed_batches(records: list[InputRecord], batch_size: int) -> list[dict[str,
 
 
 def _dataset(config: PreprocessConfig, rows: list[dict[str, Any]], chash: str, alone: bool = False):
-    """The two stages over ``rows``; ``alone``: each actor holds one batch at a time, so a worker that
-    dies takes no other input's batch with it (Ray Data otherwise queues several per actor)."""
+    """The sample stages over the fixed-batch ``rows``; ``alone``: see :func:`pipeline.stages.sample_stages`."""
     import ray
 
-    load, annotate = config.stages.load, config.stages.annotate
-    context = ray.data.DataContext.get_current()
     # A block whose worker died more than crash_retries times is dropped here, not fatal: the driver
     # sees its inputs missing and narrows them down (run_job).
-    context.max_errored_blocks = -1
+    ray.data.DataContext.get_current().max_errored_blocks = -1
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 1000)))
-    ds = ds.map_batches(load_batch, fn_kwargs={"image": config.image}, batch_format="pandas",
-                        batch_size=max(1, load.batch_size // annotate.batch_size),
-                        compute=ray.data.TaskPoolStrategy(size=load.concurrency), num_cpus=load.num_cpus,
-                        max_retries=load.crash_retries)
-    # A dead actor is always replaced (it holds only models); the batch it held is retried crash_retries times.
-    return ds.map_batches(
-        SampleStage, fn_constructor_kwargs={"config": config, "content_hash": chash}, batch_format="pandas",
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=annotate.concurrency, max_tasks_in_flight_per_actor=1 if alone else None),
-        num_cpus=annotate.num_cpus, num_gpus=annotate.num_gpus,
-        max_restarts=-1, max_task_retries=annotate.crash_retries,
-    )
+    return sample_stages(ds, config, chash, alone)
 
 
 def run_job(config: PreprocessConfig) -> JobSummary:

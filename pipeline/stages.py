@@ -29,7 +29,7 @@ from pipeline.shards import ShardLayout, stage_samples
 from preprocess.annotate import Annotator, Rejection
 from preprocess.image_io import ImageConfig, ImageRejected, load_image
 
-__all__ = ["load_batch", "SampleStage", "RESULT_COLUMNS", "RECORD_FIELDS", "error_detail"]
+__all__ = ["load_batch", "SampleStage", "sample_stages", "RESULT_COLUMNS", "RECORD_FIELDS", "error_detail"]
 
 RESULT_COLUMNS = ["key", "partition", "status", "outcome"]
 RECORD_FIELDS = ("key", "source", "path", "offset", "size", "caption", "annotation", "partition")
@@ -158,3 +158,24 @@ class SampleStage:
             out += [{"key": r["key"], "partition": r["partition"], "status": r["status"],
                      "outcome": json.dumps({k: r[k] for k in ("source", "reason", "detail")})} for r in rows]
         return pd.DataFrame(out, columns=RESULT_COLUMNS)
+
+
+def sample_stages(ds: Any, config: PreprocessConfig, content_hash: str, alone: bool = False) -> Any:
+    """The Ray Data stages from fixed-batch rows (``batch``, ``partition``, ``inputs``) to one
+    :data:`RESULT_COLUMNS` row per input. ``alone``: each actor holds one batch at a time, so a worker that
+    dies takes no other input's batch with it (Ray Data otherwise queues several per actor)."""
+    import ray
+
+    load, annotate = config.stages.load, config.stages.annotate
+    ds = ds.map_batches(load_batch, fn_kwargs={"image": config.image}, batch_format="pandas",
+                        batch_size=max(1, load.batch_size // annotate.batch_size),
+                        compute=ray.data.TaskPoolStrategy(size=load.concurrency), num_cpus=load.num_cpus,
+                        max_retries=load.crash_retries)
+    # A dead actor is always replaced (it holds only models); the batch it held is retried crash_retries times.
+    return ds.map_batches(
+        SampleStage, fn_constructor_kwargs={"config": config, "content_hash": content_hash}, batch_format="pandas",
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=annotate.concurrency, max_tasks_in_flight_per_actor=1 if alone else None),
+        num_cpus=annotate.num_cpus, num_gpus=annotate.num_gpus,
+        max_restarts=-1, max_task_retries=annotate.crash_retries,
+    )
