@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from benchmarks.report import write_result
 from mmdiff import MMDiffConfig, MMDiffModel
 from mmdiff.attention import SubjectConditioning
 from mmdiff.configuration import load_config
 from mmdiff.zoo import clip_vision, diffusion
-
-RESULTS = Path(__file__).parent / "results" / "bench_activations.json"
 
 
 class SavedActivations:
@@ -133,8 +130,7 @@ def main() -> None:
               "batch": args.batch, "size": args.size, "subjects": args.subjects, "saved_activations_gib": gib,
               "capture_ratio": gib["capture"] / gib["no_capture"],
               "checkpointing_ratio": gib["capture_checkpointing"] / gib["capture"]}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    write_result("bench_activations", result)
     print(f"bench_activations: SDXL {args.size}px batch {args.batch} bf16 saved activations: "
           f"{gib['no_capture']:.2f} GiB without capture, {gib['capture']:.2f} GiB with "
           f"({result['capture_ratio']:.3f}x), {gib['capture_checkpointing']:.2f} GiB with checkpointing "

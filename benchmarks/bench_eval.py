@@ -15,11 +15,12 @@ far too slow for this 2-core machine at any useful size).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.report import write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,13 +94,11 @@ def main() -> None:
         "generate_share": loop.summary["generate_seconds"] / stage, "score_share": loop.summary["score_seconds"] / stage,
         "same_figures": {k: [loop.summary[k], job.summary[k]] for k in ("clip_t", "dino")},
     }
-    out = ROOT / "benchmarks/results/bench_eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"bench_eval: {rows} images scored ({result['images_generated']} generated), loop "
           f"{result['loop_images_per_s']:.2f} img/s, ray {result['ray_images_per_s']:.2f} img/s "
           f"({result['ray_vs_loop']:.2f}x); stage time {100 * result['generate_share']:.0f}% generating, "
-          f"{100 * result['score_share']:.0f}% scoring -> {out}")
+          f"{100 * result['score_share']:.0f}% scoring")
+    write_result("bench_eval", result)
 
 
 if __name__ == "__main__":

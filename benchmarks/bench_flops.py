@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -34,7 +33,8 @@ import torch.fx.experimental._config as fx_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-RESULTS = Path(__file__).parent / "results" / "bench_flops.json"
+from benchmarks.report import write_result
+
 META = torch.device("meta")
 
 # NVIDIA H100 SXM5 (NVIDIA H100 Tensor Core GPU datasheet): BF16 Tensor Core 1,979 TFLOPS with 2:4
@@ -393,8 +393,7 @@ def main() -> None:
         "train": train,
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    write_result("bench_flops", result)
     for name, stage in stages.items():
         if "gflops_per_image" in stage:
             print(f"bench_flops: {name}: {stage['gflops_per_image']:.1f} GFLOP/image -> "

@@ -11,17 +11,16 @@ each is reported with their ratio. Prints one line and writes benchmarks/results
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from skimage import data as skdata
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.report import write_result
+
 SIZES = {"tiny": ("tiny", "tiny", "configs/mmdiff/tiny_sd15.yaml", 64), "sd15": ("random", "random", None, 256)}
 
 
@@ -71,8 +70,7 @@ def main() -> None:
               "batch": 1, "steps": args.steps, "step_s": median, "vae_over_cached_step_time": median["vae"] / median["cached"]}
     print(f"bench_latents size={args.size} resolution={resolution} vae={median['vae']:.3f}s cached={median['cached']:.3f}s "
           f"vae/cached={result['vae_over_cached_step_time']:.2f}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"bench_latents_{args.size}.json").write_text(json.dumps(result, indent=1))
+    write_result(f"bench_latents_{args.size}", result)
 
 
 if __name__ == "__main__":

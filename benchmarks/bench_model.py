@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import torch
@@ -30,8 +29,7 @@ from mmdiff.configuration import load_config
 from mmdiff.zoo.spec import ModelSpec
 
 from benchmarks.bench_activations import SavedActivations
-
-RESULTS = Path(__file__).parent / "results" / "bench_model.json"
+from benchmarks.report import write_result
 
 
 class PeakRSS:
@@ -177,8 +175,7 @@ def main() -> None:
         result["train_step_peak_rss_mib"] = {"with_constraint": peak_rss["with"], "without": peak_rss["without"]}
     results = {"device": "cpu", "threads": torch.get_num_threads(), "size": args.size, "repeats": args.repeats,
                "batch": {str(b): r for b, r in per_batch.items()}}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
+    write_result("bench_model", results)
     for b, r in per_batch.items():
         saved_mib, rss_mib = r["train_saved_activations_mib"], r["train_step_peak_rss_mib"]
         print(f"bench_model batch {b}: denoise step {r['denoise_ratio']:.3f}x base "

@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.report import write_result
 from mmdiff.configuration import load_config
 from pipeline.config import PreprocessConfig
 from pipeline.example_inputs import PHOTOS, write_caption_shard
@@ -108,11 +109,10 @@ def against(revision: str, repeats: int, rounds: int, workers: int) -> None:
         "baseline_images_per_s": n / medians["baseline"], "current_images_per_s": n / medians["current"],
         "current_vs_baseline": medians["baseline"] / medians["current"],
     }
-    out = ROOT / "benchmarks/results/bench_pipeline_against.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"bench_pipeline --against {revision}: {n} images, {workers} actor(s), median of {rounds}: baseline "
           f"{result['baseline_images_per_s']:.2f} img/s, current {result['current_images_per_s']:.2f} img/s "
-          f"(current/baseline throughput {result['current_vs_baseline']:.3f}) -> {out}")
+          f"(current/baseline throughput {result['current_vs_baseline']:.3f})")
+    write_result("bench_pipeline_against", result)
 
 
 def main() -> None:
@@ -151,12 +151,10 @@ def main() -> None:
         "ray_1_worker_images_per_s": n / runs[1], "ray_2_workers_images_per_s": n / runs[2],
         "ray_1_vs_loop": loop_seconds / runs[1], "ray_2_vs_loop": loop_seconds / runs[2],
     }
-    out = ROOT / "benchmarks/results/bench_pipeline.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"bench_pipeline: {n} images, loop {result['loop_images_per_s']:.2f} img/s, ray 1 worker "
           f"{result['ray_1_worker_images_per_s']:.2f} img/s ({result['ray_1_vs_loop']:.2f}x), ray 2 workers "
-          f"{result['ray_2_workers_images_per_s']:.2f} img/s ({result['ray_2_vs_loop']:.2f}x) -> {out}")
+          f"{result['ray_2_workers_images_per_s']:.2f} img/s ({result['ray_2_vs_loop']:.2f}x)")
+    write_result("bench_pipeline", result)
 
 
 if __name__ == "__main__":

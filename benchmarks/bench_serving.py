@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 from skimage import data
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.report import write_result
+
 REPO = Path(__file__).resolve().parent.parent
 NAME = "mmdiff-bench-serving"
 
@@ -168,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bad-every", type=int, default=4, help="a bad request after every N good ones")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per request")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per mode (all its rounds)")
-    parser.add_argument("--out", default=str(RESULTS / "bench_serving.json"))
     args = parser.parse_args(argv)
 
     import ray
@@ -212,9 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "model": "tiny SD1.5 twin, 64 px, CPU, 1 replica (num_cpus=1)",
         "modes": modes,
     }
-    RESULTS.mkdir(exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "modes"}))
+    write_result("bench_serving", result)
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import tarfile
 import tempfile
 import time
@@ -20,11 +19,10 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
+from benchmarks.report import write_result
 from pipeline.example_inputs import PHOTOS, photo
 from pipeline.shards import ShardLayout, finalize_partition, read_samples, stage_samples
 from preprocess.sample import Entity, Sample
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_samples(count: int) -> list[dict]:
@@ -94,13 +92,11 @@ def main() -> None:
         "read_plain_tar_samples_per_s": n / plain_read, "read_plain_tar_mb_per_s": megabytes / plain_read,
         "read_raw_vs_plain": plain_read / ours_read_raw,
     }
-    out = ROOT / "benchmarks/results/bench_shards.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"bench_shards: {n} samples {megabytes:.1f} MB; write shards {result['write_shards_mb_per_s']:.0f} MB/s vs "
           f"plain tar {result['write_plain_tar_mb_per_s']:.0f} MB/s ({result['write_shards_vs_plain']:.2f}x); read raw "
           f"{result['read_raw_webdataset_mb_per_s']:.0f} MB/s vs plain {result['read_plain_tar_mb_per_s']:.0f} MB/s "
-          f"({result['read_raw_vs_plain']:.2f}x); decoded {result['read_decoded_samples_per_s']:.0f} samples/s -> {out}")
+          f"({result['read_raw_vs_plain']:.2f}x); decoded {result['read_decoded_samples_per_s']:.0f} samples/s")
+    write_result("bench_shards", result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.report import write_result
+
 REPO = Path(__file__).resolve().parent.parent
 SIZES = {  # base, image encoder, MM-Diff settings, resolution
     "tiny": ("tiny", "tiny", "configs/mmdiff/tiny_sd15.yaml", 64),
@@ -162,11 +163,11 @@ def main() -> None:
     if "step_s" in rows.get("ddp", {}) and "step_s" in rows.get("zero2", {}):
         ratio = rows["zero2"]["step_s"] / rows["ddp"]["step_s"]
         print(f"bench_train size={args.size} zero2/ddp step time ratio={ratio:.2f}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"bench_train_{args.size}.json").write_text(json.dumps(
-        {"size": args.size, "resolution": args.resolution or SIZES[args.size][3], "ranks": 2, "device": "cpu", "micro_batch": 1, "timed_steps": args.steps,
-         "zero3_config": json.loads(args.zero3_config) if args.zero3_config else None, "modes": rows, "zero2_over_ddp_step_time": rows["zero2"]["step_s"] / rows["ddp"]["step_s"]
-         if "step_s" in rows.get("ddp", {}) and "step_s" in rows.get("zero2", {}) else None}, indent=1))
+    write_result(f"bench_train_{args.size}", {
+        "size": args.size, "resolution": args.resolution or SIZES[args.size][3], "ranks": 2, "device": "cpu", "micro_batch": 1,
+        "timed_steps": args.steps, "zero3_config": json.loads(args.zero3_config) if args.zero3_config else None, "modes": rows,
+        "zero2_over_ddp_step_time": rows["zero2"]["step_s"] / rows["ddp"]["step_s"]
+        if "step_s" in rows.get("ddp", {}) and "step_s" in rows.get("zero2", {}) else None})
 
 
 if __name__ == "__main__":
