@@ -1,0 +1,108 @@
+"""Listing at scale: how fast the job lists a list file of a million lines, and what that costs the driver.
+
+    python -m benchmarks.bench_listing [--lines 1000000]
+
+The inputs are ``--lines`` hard links to one 64 px PNG, 1,000 per folder (distinct paths the listing must
+stat, one inode on disk), and ``list.txt`` with one relative path per line; building them is not
+measured. A fresh Python process plays the driver: it imports the job, then lists through the job's own
+code path (``pipeline.inputs.list_inputs`` on ``input.kind: list``, then ``assign_partitions``, which sorts
+the inputs into partitions) and keeps the result, as the driver does. Reported: entries per second, and
+the process's peak RSS (Linux's VmHWM) above its RSS before listing, in total and per line.
+
+Writes benchmarks/results/bench_listing.json (``--label X``: bench_listing_X.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from benchmarks.bench_pipeline_scale import MIB, ROOT, high_water_mark, revision
+from benchmarks.report import write_result
+
+
+def current_rss() -> int:
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def write_list(folder: Path, lines: int) -> Path:
+    """``lines`` hard links to one PNG under ``folder``, 1,000 per subfolder, and the list naming them."""
+    image = folder / "image.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(image)
+    names = []
+    for index in range(lines):
+        name = f"{index // 1000:04d}/{index:07d}.png"
+        if index % 1000 == 0:
+            (folder / name).parent.mkdir()
+        os.link(image, folder / name)
+        names.append(name)
+    listing = folder / "list.txt"
+    listing.write_text("\n".join(names) + "\n", encoding="utf-8")
+    return listing
+
+
+def list_as_the_driver(list_file: str) -> dict:
+    """Runs in the measured process: list ``list_file`` the way the job does and keep what it returns."""
+    from pipeline.config import InputConfig
+    from pipeline.inputs import assign_partitions, list_inputs
+
+    before = current_rss()
+    started = time.perf_counter()
+    listing = list_inputs(InputConfig(kind="list", path=list_file))
+    listed = time.perf_counter()
+    records = assign_partitions(listing.inputs, 256)
+    finished = time.perf_counter()
+    return {"entries": listing.seen, "inputs": len(records), "list_seconds": listed - started,
+            "partition_seconds": finished - listed, "rss_before": before, "rss_after": current_rss(),
+            "peak_rss": high_water_mark(os.getpid())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--label", default="", help="write bench_listing_<label>.json (e.g. baseline)")
+    parser.add_argument("--driver", metavar="LIST_FILE", help=argparse.SUPPRESS)  # the measured process
+    args = parser.parse_args()
+    if args.driver:
+        print(json.dumps(list_as_the_driver(args.driver)))
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-listing-") as tmp:
+        list_file = write_list(Path(tmp), args.lines)
+        child = subprocess.run([sys.executable, "-m", "benchmarks.bench_listing", "--driver", str(list_file)],
+                               capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if child.returncode != 0:
+        raise RuntimeError(f"the listing process exited {child.returncode}:\n{child.stderr[-4000:]}")
+    run = json.loads(child.stdout.strip().splitlines()[-1])
+    if run["inputs"] != args.lines:
+        raise RuntimeError(f"listed {run['inputs']} inputs from {args.lines} lines")
+    seconds = run["list_seconds"] + run["partition_seconds"]
+    growth = run["peak_rss"] - run["rss_before"]
+    result = {
+        "lines": args.lines, "kind": "list",
+        "entries_per_second": round(run["entries"] / seconds),
+        "list_seconds": round(run["list_seconds"], 2), "partition_seconds": round(run["partition_seconds"], 2),
+        "driver_rss_before_mib": round(run["rss_before"] / MIB, 1),
+        "driver_peak_rss_mib": round(run["peak_rss"] / MIB, 1),
+        "driver_rss_growth_mib": round(growth / MIB, 1),
+        "driver_rss_growth_bytes_per_line": round(growth / args.lines),
+        "code_path": "pipeline.inputs.list_inputs + assign_partitions (what the driver runs before any Ray work)",
+        "commit": revision(), "command": " ".join(["python -m benchmarks.bench_listing", *sys.argv[1:]]),
+    }
+    print(f"bench_listing: {args.lines} list lines in {seconds:.1f} s = {result['entries_per_second']} entries/s; "
+          f"driver RSS +{result['driver_rss_growth_mib']:.0f} MiB ({result['driver_rss_growth_bytes_per_line']} "
+          "bytes per line)")
+    write_result("bench_listing" + (f"_{args.label}" if args.label else ""), result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""The preprocessing driver's memory and time as the input count grows: does the driver stay bounded?
+
+The real job (``python -m pipeline.preprocess`` on an embedded Ray, in a subprocess) runs twice on a
+folder of small generated PNGs, ``--small`` and ``--large`` images, with the cheapest operator the job
+accepts (:class:`BareSampler`: each image becomes a sample without subjects), so what grows with the
+input count is the job's own bookkeeping, not model work. Generating the images is not measured.
+
+The driver is that subprocess alone: its peak RSS is the kernel's high-water mark (``VmHWM`` in
+``/proc/<pid>/status``), read every 50 ms until it exits. Ray's own processes (GCS, raylet, workers; the
+driver's descendants) are reported apart, as the peak of their summed RSS (shared object-store pages count
+once per process that maps them).
+
+    python -m benchmarks.bench_pipeline_scale [--small 1000] [--large 10000] [--label baseline]
+
+Writes benchmarks/results/bench_pipeline_scale.json (``--label X``: bench_pipeline_scale_X.json) with
+``small_inputs``, ``large_inputs`` and ``driver_peak_rss_ratio`` (large / small; the goal is <= 1.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import yaml
+from PIL import Image
+
+from benchmarks.report import write_result
+from pipeline.config import PreprocessConfig
+from preprocess.sample import Sample
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 2**20
+
+
+class BareSampler:
+    """Operator (``stages.annotate.operator``): each image becomes a sample with its caption and no
+    subjects, so a job runs the whole pipeline at almost no cost per input."""
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        del config  # nothing to build
+
+    def __call__(self, keys: list[str], images: list[Image.Image], captions: list[str]) -> list[Sample]:
+        return [Sample(key, image, caption, [], np.zeros((0, image.height, image.width), bool),
+                       np.zeros((0, 1, 1, 3), np.uint8)) for key, image, caption in zip(keys, images, captions)]
+
+
+def write_images(folder: Path, count: int, size: int = 64) -> None:
+    """``count`` distinct ``size`` px PNGs, 1,000 per subfolder (as a large image folder is laid out)."""
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (size, size, 3), np.uint8)
+    for index in range(count):
+        sub = folder / f"{index // 1000:04d}"
+        if index % 1000 == 0:
+            sub.mkdir(parents=True, exist_ok=True)
+        pixels = base.copy()
+        pixels[0, :4] = np.frombuffer(index.to_bytes(12, "little"), np.uint8).reshape(4, 3)  # distinct bytes
+        Image.fromarray(pixels).save(sub / f"{index:07d}.png")
+
+
+def high_water_mark(pid: int) -> int | None:
+    """The peak RSS of process ``pid`` so far, in bytes (Linux's VmHWM); None once it has exited."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except FileNotFoundError:
+        pass
+    return None  # gone, or a zombie (no memory left to report)
+
+
+def run_measured(command: list[str], env: dict[str, str], time_limit: float) -> dict:
+    """Run ``command``; return its wall seconds, its own peak RSS and the peak summed RSS of its descendants."""
+    started = time.perf_counter()
+    # its own session, so a job past the limit goes down with the Ray processes it started
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    driver = psutil.Process(process.pid)
+    peak, others = 0, 0
+    output: list[str] = []
+    # drained on threads, so a chatty job cannot block on a full pipe
+    readers = [threading.Thread(target=lambda s=stream: output.append(s.read()), daemon=True)
+               for stream in (process.stdout, process.stderr)]
+    for reader in readers:
+        reader.start()
+    while process.poll() is None:
+        if time.perf_counter() - started > time_limit:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise TimeoutError(f"{' '.join(command)} ran past {time_limit:.0f} s")
+        mark = high_water_mark(process.pid)
+        if mark is None:
+            break
+        peak = max(peak, mark)
+        try:
+            total = 0
+            for child in driver.children(recursive=True):
+                try:
+                    total += child.memory_info().rss
+                except psutil.NoSuchProcess:
+                    continue
+            others = max(others, total)
+        except psutil.NoSuchProcess:
+            break  # the driver exited between the two reads
+        time.sleep(0.05)
+    process.wait()
+    seconds = time.perf_counter() - started
+    for reader in readers:
+        reader.join(timeout=30)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{''.join(output)[-4000:]}")
+    return {"wall_seconds": round(seconds, 2), "driver_peak_rss_mib": round(peak / MIB, 1),
+            "ray_processes_peak_rss_mib": round(others / MIB, 1), "output": "".join(output)}
+
+
+def job_config(images: Path, out: Path) -> dict:
+    return {
+        "input": {"kind": "folder", "path": str(images), "extensions": [".png"]},
+        "output": {"path": str(out), "shard_size": 256},
+        "image": {"max_side": 64, "min_side": 16},
+        "stages": {"load": {"batch_size": 64, "concurrency": 1, "num_cpus": 0.5},
+                   "annotate": {"batch_size": 64, "concurrency": 1, "num_cpus": 0.5,
+                                "operator": "benchmarks.bench_pipeline_scale:BareSampler"}},
+        "ray": {"num_cpus": 2},
+        "progress": False,
+        "qa_samples": 0,
+    }
+
+
+def measure(tmp: Path, count: int, time_limit: float) -> dict:
+    images = tmp / f"images-{count}"
+    write_images(images, count)
+    config = tmp / f"job-{count}.yaml"
+    config.write_text(yaml.safe_dump(job_config(images, tmp / f"out-{count}")))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
+    run = run_measured([sys.executable, "-m", "pipeline.preprocess", "--config", str(config)], env, time_limit)
+    line = next((x for x in run.pop("output").splitlines() if x.startswith("preprocess: ")), "")
+    if f"{count} inputs -> {count} written" not in line:
+        raise RuntimeError(f"the job did not write all {count} inputs: {line!r}")
+    print(f"  {count} inputs: {run['wall_seconds']:.1f} s, driver peak RSS {run['driver_peak_rss_mib']:.0f} MiB, "
+          f"Ray processes {run['ray_processes_peak_rss_mib']:.0f} MiB", flush=True)
+    return {"inputs": count, **run, "job_line": line}
+
+
+def revision() -> str:
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return commit.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small", type=int, default=1000, help="images in the small run")
+    parser.add_argument("--large", type=int, default=10000, help="images in the large run")
+    parser.add_argument("--label", default="", help="write bench_pipeline_scale_<label>.json (e.g. baseline)")
+    parser.add_argument("--time-limit", type=float, default=900, help="seconds one job may run")
+    args = parser.parse_args()
+    if args.large < args.small:
+        raise SystemExit(f"--large {args.large} is smaller than --small {args.small}")
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        small = measure(Path(tmp), args.small, args.time_limit)
+        large = measure(Path(tmp), args.large, args.time_limit)
+    ratio = large["driver_peak_rss_mib"] / small["driver_peak_rss_mib"]
+    growth = (large["driver_peak_rss_mib"] - small["driver_peak_rss_mib"]) * MIB / (args.large - args.small)
+    result = {
+        "small_inputs": small, "large_inputs": large, "driver_peak_rss_ratio": round(ratio, 3),
+        "driver_peak_rss_growth_bytes_per_input": round(growth),
+        "goal": "driver_peak_rss_ratio <= 1.2",
+        "commit": revision(), "command": " ".join(["python -m benchmarks.bench_pipeline_scale", *sys.argv[1:]]),
+        "inputs": "64 px PNGs in folders of 1000; operator benchmarks.bench_pipeline_scale:BareSampler "
+                  "(no model), shard_size 256, batch_size 64, embedded Ray with 2 CPUs",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, shared with other jobs",
+    }
+    print(f"bench_pipeline_scale: {args.small} -> {args.large} inputs: driver peak RSS "
+          f"{small['driver_peak_rss_mib']:.0f} -> {large['driver_peak_rss_mib']:.0f} MiB (ratio {ratio:.2f}, "
+          f"{growth:.0f} bytes per extra input), wall {small['wall_seconds']:.0f} -> {large['wall_seconds']:.0f} s")
+    write_result("bench_pipeline_scale" + (f"_{args.label}" if args.label else ""), result)
+
+
+if __name__ == "__main__":
+    main()
