@@ -2,9 +2,9 @@
 
     python -m benchmarks.bench_listing [--lines 1000000]
 
-The inputs are ``--lines`` hard links to one 64 px PNG, 1,000 per folder (distinct paths the listing must
-stat, one inode on disk), and ``list.txt`` with one relative path per line; building them is not
-measured. A fresh Python process plays the driver: it imports the job, then lists through the job's own
+The inputs are ``--lines`` paths to 64 px PNGs, 1,000 per folder, hard links to one PNG per folder
+(distinct paths the listing must stat, few inodes on disk), and ``list.txt`` with one relative path per
+line; building them is not measured. A fresh Python process plays the driver: it imports the job, then lists through the job's own
 code path (``pipeline.inputs.list_inputs`` on ``input.kind: list``, then ``assign_partitions``, which sorts
 the inputs into partitions) and keeps the result, as the driver does. Reported: entries per second, and
 the process's peak RSS (Linux's VmHWM) above its RSS before listing, in total and per line.
@@ -36,15 +36,18 @@ def current_rss() -> int:
 
 
 def write_list(folder: Path, lines: int) -> Path:
-    """``lines`` hard links to one PNG under ``folder``, 1,000 per subfolder, and the list naming them."""
-    image = folder / "image.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(image)
+    """``lines`` paths under ``folder``, 1,000 per subfolder: the first of each is a PNG, the others hard links
+    to it (a file system caps the links to one file, ext4 at 65,000), and the list naming them."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
     names = []
     for index in range(lines):
         name = f"{index // 1000:04d}/{index:07d}.png"
         if index % 1000 == 0:
-            (folder / name).parent.mkdir()
-        os.link(image, folder / name)
+            first = folder / name
+            first.parent.mkdir()
+            image.save(first)
+        else:
+            os.link(first, folder / name)
         names.append(name)
     listing = folder / "list.txt"
     listing.write_text("\n".join(names) + "\n", encoding="utf-8")
