@@ -1,10 +1,13 @@
 """Fault injection for the pipeline tests: an importer that fails on chosen inputs, the way real operators
-fail. Ray workers import it by name (``stages.annotate.operator: tests.faults:FaultyImporter``)."""
+fail, and one that is slow and says where it works, so a test can take a node down under it. Ray workers
+import them by name (``stages.annotate.operator: tests.faults:FaultyImporter``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 from pathlib import Path
 
 from pipeline.config import PreprocessConfig
@@ -28,3 +31,32 @@ class FaultyImporter(AnnotationImporter):
             if "segv" in name:
                 os.kill(os.getpid(), signal.SIGSEGV)
         return super().__call__(keys, images, annotations, original_sizes)
+
+
+class SlowImporter(AnnotationImporter):
+    """The importer, ``SECONDS_PER_INPUT`` slower per input (the time a model would take). If
+    ``$SLOW_IMPORTER_TRACE`` names a file, each call appends a ``start`` line before its work and an ``end``
+    line after it, with the keys, the Ray node, the process and the time, so a test sees which node holds
+    which input and, afterwards, which calls a lost node cut short."""
+
+    SECONDS_PER_INPUT = 3.0
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        super().__init__(config.annotate.crops)
+        self.trace = os.environ.get("SLOW_IMPORTER_TRACE")
+
+    def _record(self, event: str, keys) -> None:
+        if self.trace:
+            import ray
+
+            line = json.dumps({"event": event, "keys": list(keys), "node": ray.get_runtime_context().get_node_id(),
+                               "pid": os.getpid(), "time": time.time()})
+            with open(self.trace, "a", encoding="utf-8") as trace:  # one short append per line: lines never mix
+                trace.write(line + "\n")
+
+    def __call__(self, keys, images, annotations, original_sizes):
+        self._record("start", keys)
+        time.sleep(self.SECONDS_PER_INPUT * len(keys))
+        results = super().__call__(keys, images, annotations, original_sizes)
+        self._record("end", keys)
+        return results
