@@ -27,6 +27,7 @@ import glob
 import hashlib
 import os
 import shutil
+import tempfile
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -128,6 +129,14 @@ class Location:
         found = self.fs.glob(f"{glob.escape(self.path.rstrip('/'))}/{pattern}", detail=True)
         return [self._child(p) for p in sorted(found) if found[p]["type"] == "file"]
 
+    def entries(self) -> list[tuple["Location", bool]]:
+        """This folder's entries in name order, each with whether it is a folder (one listing request per
+        page; object stores have no links, devices or empty folders to report)."""
+        found = self.fs.ls(self.path, detail=True)
+        children = [(self._child(e["name"]), e["type"] == "directory") for e in found
+                    if e["name"].rstrip("/") != self.path.rstrip("/")]  # some stores list the folder itself
+        return sorted(children, key=lambda child: child[0].name)
+
     # -- writing -----------------------------------------------------------------------------------
     def require_writable(self) -> None:
         if not (self.is_local or self.protocol in S3_PROTOCOLS):
@@ -146,6 +155,26 @@ class Location:
             # the final key through open(..., "wb") in pieces: leaving that `with` block on an exception
             # closes the file, and closing completes the upload with whatever was written so far.
             self.fs.pipe_file(self.path, data)
+
+    def publish(self, local: Path) -> None:
+        """Move the finished local file ``local`` here, whole (a rename locally when ``local`` is in this
+        file's folder, else one upload that is published when it completes); ``local`` is gone after."""
+        self.require_writable()
+        if self.is_local:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(local, self.path)  # os.rename within a filesystem
+        else:
+            self.fs.put_file(local, self.path)  # one PUT, or a multipart upload completed at the end
+            os.unlink(local)
+
+    def staging_file(self) -> Path:
+        """A new local temporary path for a file that :meth:`publish` will put here: beside it locally (so
+        publishing is a rename), in the temporary folder for object stores."""
+        hidden = f".{self.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if self.is_local:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            return Path(self.path).with_name(hidden)
+        return Path(tempfile.gettempdir()) / hidden
 
     def remove(self) -> None:
         """Remove the file, or the folder (prefix) and everything under it; nothing there is fine."""
@@ -245,9 +274,7 @@ class Location:
 
     def _written_beside(self, data: bytes) -> Path:
         """Local: a temporary file holding ``data`` in this file's folder (so a rename or link is atomic)."""
-        path = Path(self.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        tmp = self.staging_file()
         tmp.write_bytes(data)
         return tmp
 

@@ -57,6 +57,22 @@ def test_files_write_whole_read_by_range_list_and_remove_local_and_object_store(
         (root / "missing.json").read_bytes()
 
 
+def test_streamed_files_are_published_whole_and_folders_list_in_name_order_local_and_object_store(root):
+    target = root / "skipped.jsonl"
+    staging = target.staging_file()
+    with staging.open("wb") as lines:  # written a line at a time, where no reader looks
+        for number in range(1000):
+            lines.write(b'{"line": %d}\n' % number)
+    assert not target.exists()
+    target.publish(staging)
+    assert not staging.exists() and target.read_text().splitlines()[-1] == '{"line": 999}'
+    (root / "photos" / "b.jpg").write_atomic(b"b")
+    (root / "a.jpg").write_atomic(b"a")
+    assert [(child.name, folder) for child, folder in root.entries()] == [
+        ("a.jpg", False), ("photos", True), ("skipped.jsonl", False)]
+    assert [child.read_bytes() for child, _ in (root / "photos").entries()] == [b"b"]
+
+
 def test_a_location_travels_to_another_process_and_rebuilds_its_filesystem_object_store(object_store):
     location = Location(object_store.url("travel/x.bin"), object_store.options)
     location.write_atomic(b"written here")
