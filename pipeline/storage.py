@@ -26,6 +26,7 @@ import fcntl
 import glob
 import hashlib
 import os
+import posixpath
 import shutil
 import tempfile
 import uuid
@@ -81,13 +82,30 @@ class Location:
 
     @property
     def parent(self) -> "Location":
-        return Location(self.url.rstrip("/").rpartition("/")[0] or "/", self.options)
+        if self.is_local:
+            return Location(os.path.dirname(os.path.abspath(self.path)), self.options)
+        return Location(self.url.rstrip("/").rpartition("/")[0], self.options)
+
+    def resolve(self, name: str) -> "Location":
+        """What ``name`` names from this folder: a relative path (``.`` and ``..`` resolved, as for a path),
+        an absolute local path, or a URL."""
+        if "://" in name:
+            return Location(name, self.options)
+        if self.is_local:
+            return Location(os.path.normpath(os.path.join(os.path.abspath(self.path), name)), self.options)
+        return self._child(posixpath.normpath(posixpath.join(self.path, name)))
 
     def __truediv__(self, name: str) -> "Location":
         return Location(f"{self.url.rstrip('/')}/{name}", self.options)
 
     def __str__(self) -> str:
         return self.url
+
+    def __fspath__(self) -> str:
+        """Local locations are paths (``open(location)``, ``Path(location)``); a URL is not."""
+        if not self.is_local:
+            raise TypeError(f"{self.url} is not a local path; read it through its Location")
+        return self.path
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
@@ -96,6 +114,15 @@ class Location:
         # No listing cache: other processes (Ray workers, a second job) write here, and a cached
         # listing would hide their objects.
         return fsspec.filesystem(self.protocol, **{"use_listings_cache": False, **self.options})
+
+    def arrow_filesystem(self) -> Any:
+        """This filesystem for readers that take a pyarrow one (Ray Data's ``read_*(paths, filesystem=)``,
+        given :attr:`path` s); None for local paths, which they read themselves."""
+        if self.is_local:
+            return None
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        return PyFileSystem(FSSpecHandler(self.fs))
 
     def _child(self, fs_path: str) -> "Location":
         return Location(fs_path if self.is_local else self.fs.unstrip_protocol(fs_path), self.options)
@@ -110,6 +137,10 @@ class Location:
     def is_dir(self) -> bool:
         return self.fs.isdir(self.path)
 
+    def kind(self) -> str:
+        """``"file"`` or ``"directory"`` (one metadata request); FileNotFoundError if nothing is there."""
+        return self.fs.info(self.path)["type"]
+
     def size(self) -> int:
         return int(self.fs.size(self.path))
 
@@ -117,8 +148,8 @@ class Location:
         """The whole file, or bytes ``[start, end)`` (a tar member) with one ranged request."""
         return self.fs.cat_file(self.path, start=start, end=end)
 
-    def read_text(self) -> str:
-        return self.read_bytes().decode("utf-8")
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
 
     def open(self) -> IO[bytes]:
         """A binary reader that fetches as it goes (list files, tars): nothing is read whole."""

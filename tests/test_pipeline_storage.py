@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.lock import OutputLock, OutputLocked
 from pipeline.storage import Location, UnsupportedStorage
-from tests.object_store import object_store_fixture  # noqa: F401 - registers the object_store fixture
+from tests.object_store import conditions_ignored, object_store_fixture  # noqa: F401 - registers the fixture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,6 +100,15 @@ def test_outputs_refuse_protocols_that_cannot_publish_whole_files_or_hold_a_leas
             Location(url).write_atomic(b"{}")
         with pytest.raises(UnsupportedStorage):
             OutputLock(Location(url)).acquire()
+
+
+def test_an_object_store_that_ignores_conditional_writes_is_refused_as_an_output(object_store):
+    with conditions_ignored(object_store.endpoint) as endpoint:
+        location = Location(object_store.url("careless/lock.json"), {**object_store.options, "endpoint_url": endpoint})
+        (location.parent / "probe-first.json").write_atomic(b"{}")  # the proxy forwards plain requests
+        with pytest.raises(UnsupportedStorage, match=r"ignores conditional writes \(If-None-Match"):
+            OutputLock(location).acquire()
+        assert [p.name for p in location.parent.glob("*")] == ["probe-first.json"]  # the probe is gone too
 
 
 # -- no partial object, ever --------------------------------------------------------------------------
