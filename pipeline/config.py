@@ -58,14 +58,38 @@ class StageConfig(ConfigModel):
 
 
 class AnnotateStageConfig(StageConfig):
+    """The stage that turns a fixed group of ``batch_size`` inputs into staged samples.
+
+    ``batch_size`` is the group size: the driver cuts each partition into groups of it, and every stage
+    sees whole groups, so what each model sees depends on the listing only. With ``stages.mode:
+    per_model`` this stage is CPU tasks after the model stages (crops, encoding, staging); with ``fused``
+    it is one actor pool that also runs every model; a custom ``operator`` or the importer (annotated
+    inputs) runs here too, as one actor pool, whatever the mode."""
+
     # "module:Class" replacing the built-in operator (Annotator, or AnnotationImporter for annotated
     # inputs); built once per actor as Class(config: PreprocessConfig), called like the one it replaces
     operator: str | None = None
 
 
 class StagesConfig(ConfigModel):
+    """Ray Data stages: ``load`` (read, validate, JPEG-encode; tasks), one actor pool per model step
+    (``caption``, ``detect``, ``segment``, ``faces``; a step runs when ``annotate.<step>`` is set), then
+    ``annotate`` (see :class:`AnnotateStageConfig`). A model stage's ``batch_size`` is its micro-batch:
+    it runs its model on the group's inputs still in play in batches of at most that many (so at most
+    the group size). ``mode: fused`` runs all model steps in the ``annotate`` actors instead (their
+    micro-batch sizes still apply, so both modes write the same bytes); the ``caption``/``detect``/
+    ``segment``/``faces`` resources then go unused. Fused starts fewer processes: on 2 CPU cores with
+    the tiny models a 140-image job runs at 0.37x the fused throughput per-model, nearly all of it
+    start-up (``python -m benchmarks.bench_pipeline --stages``); per-model is what lets each model get
+    its own GPU share on a cluster."""
+
+    mode: Literal["per_model", "fused"] = "per_model"
     load: StageConfig = StageConfig(batch_size=16, num_cpus=0.25)
     annotate: AnnotateStageConfig = AnnotateStageConfig()
+    caption: StageConfig = StageConfig()
+    detect: StageConfig = StageConfig()
+    segment: StageConfig = StageConfig()
+    faces: StageConfig = StageConfig()
 
 
 class RayConfig(ConfigModel):

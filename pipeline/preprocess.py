@@ -28,7 +28,7 @@ from pipeline.contact_sheet import contact_sheet
 from pipeline.inputs import InputRecord, Listing, Skip, assign_partitions, list_inputs
 from pipeline.lock import OutputLock, OutputLocked
 from pipeline.shards import ShardLayout, finalize_partition, reject_counts, write_json_atomic
-from pipeline.stages import RECORD_FIELDS, sample_stages
+from pipeline.stages import RECORD_FIELDS, content_batching, sample_stages
 
 __all__ = ["JobSummary", "EmptyInputError", "run_job", "content_hash", "main"]
 
@@ -47,17 +47,15 @@ class _Content(ConfigModel):
     image: Any
     annotate: Any
     operator: str | None
-    batch_size: int | None  # models see fixed batches of this size; batched inference is not bit-exact
+    batching: dict[str, int] | None  # pipeline.stages.content_batching: batched inference is not bit-exact
 
 
 def content_hash(config: PreprocessConfig) -> str:
-    # The importer treats every input on its own, so its output does not depend on the batch size.
-    batch_size = None if config.input.annotated and not config.stages.annotate.operator else config.stages.annotate.batch_size
     return config_hash(_Content(input_kind=config.input.kind, annotated=config.input.annotated,
                                 extensions=config.input.extensions,
                                 shard_size=config.output.shard_size, image=config.image.model_dump(mode="json"),
                                 annotate=config.annotate.model_dump(mode="json"),
-                                operator=config.stages.annotate.operator, batch_size=batch_size))
+                                operator=config.stages.annotate.operator, batching=content_batching(config)))
 
 
 @dataclass

@@ -120,7 +120,9 @@ class Detector:
             resized = image.resize((round(w * scale), round(h * scale)), Image.BILINEAR)
             pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
             tensors.append(((pixels - mean) / std).to(self.device, self.dtype))
-        outputs = self.model(nested_tensor_from_tensor_list(tensors), captions=prompts)
+        # the official code builds some tensors in float32 itself; autocast runs them in the model's dtype
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            outputs = self.model(nested_tensor_from_tensor_list(tensors), captions=prompts)
         return outputs["pred_logits"], outputs["pred_boxes"]
 
     def _select(self, probs, boxes, token_masks, size, phrases) -> list[Detection]:

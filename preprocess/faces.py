@@ -3,6 +3,11 @@
 For each entity box, the face assigned to it is the most confident detected face whose box lies
 inside the entity's box (at least ``min_inside`` of the face's area); entities without one get a NaN
 row, which training reads as "no face condition for this subject".
+
+insightface runs ONNX graphs (onnxruntime, CUDA or CPU execution provider) at the precision they were
+exported in, float32 for the buffalo_l pack; ``model.dtype`` names that precision, so it must be
+``float32``. The stage is cheap next to the others (docs/SIZING.md: 12.6 GFLOP per face for the
+recogniser), so a half-precision export is not needed to size the job.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ class FaceEmbedder:
     def __init__(self, config: FaceConfig):
         if config.model.family != "insightface":
             raise ValueError(f"FaceEmbedder needs an insightface model, got family {config.model.family!r}")
+        if config.model.dtype != "float32":
+            raise ValueError(f"FaceEmbedder: model.dtype {config.model.dtype!r}: insightface runs its ONNX graphs at "
+                             "their exported precision (float32 for buffalo_l); set model.dtype: float32")
         self.config = config
         self.app = zoo.build(config.model)
 

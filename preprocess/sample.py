@@ -100,12 +100,14 @@ class Sample:
             **self.meta,
         }
 
-    def to_wds(self) -> dict[str, Any]:
+    def to_wds(self, jpeg: bytes | None = None) -> dict[str, Any]:
+        """The WebDataset members; ``jpeg``: :func:`encode_jpeg` of the image when the caller has it already
+        (the job encodes each image once, when it loads it, and its stages see that JPEG decoded)."""
         n = len(self.entities)
         w, h = self.image.size
         sample: dict[str, Any] = {
             "__key__": self.key,
-            "jpg": _encode(self.image.convert("RGB"), "JPEG", quality=JPEG_QUALITY),
+            "jpg": encode_jpeg(self.image) if jpeg is None else jpeg,
             "txt": self.caption.encode("utf-8"),
             "json": json.dumps(self.metadata(), sort_keys=True).encode("utf-8"),
             "masks.png": _encode(Image.fromarray(
@@ -149,6 +151,11 @@ class Sample:
             return cls(key, image, caption, entities, masks, crops, faces, meta)
         except Exception as exc:  # noqa: BLE001 - re-raised with the sample named
             raise ValueError(f"sample {key}: cannot decode: {exc}") from exc
+
+
+def encode_jpeg(image: Image.Image) -> bytes:
+    """The ``jpg`` member of ``image``: RGB, JPEG quality :data:`JPEG_QUALITY`."""
+    return _encode(image.convert("RGB"), "JPEG", quality=JPEG_QUALITY)
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs: Any) -> bytes:

@@ -1,7 +1,8 @@
 """Entity masks from SAM prompted with the detector's boxes (either backend).
 
-One call runs the image encoder once over all images of the batch, then the prompt encoder and mask
-decoder once per image with all of that image's boxes as one prompt batch. One mask per box
+One call runs the image encoder once over all images of the batch (one embedding per image, however many
+boxes it has), then the prompt encoder and mask decoder once per image with all of that image's boxes as
+one prompt batch. One mask per box
 (``multimask_output=False``, as in Grounded-SAM annotation).
 """
 
@@ -85,5 +86,7 @@ class Segmenter:
                 "boxes": transform.apply_boxes_torch(torch.from_numpy(image_boxes), (image.height, image.width))
                 .to(self.device, self.dtype),
             })
-        outputs = self.model(batch, multimask_output=False)
+        # the official prompt encoder casts box coordinates to float32; autocast runs it in the model's dtype
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            outputs = self.model(batch, multimask_output=False)
         return [o["masks"][:, 0].cpu().numpy().astype(bool) for o in outputs]

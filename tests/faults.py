@@ -1,14 +1,17 @@
 """Fault injection for the pipeline tests: an importer that fails on chosen inputs, the way real operators
 fail, and one that is slow and says where it works, so a test can take a node down under it. Ray workers
-import them by name (``stages.annotate.operator: tests.faults:FaultyImporter``)."""
+import them by name (``stages.annotate.operator: tests.faults:FaultyImporter``). And a killer of a stage's
+worker process mid-job."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from pipeline.config import PreprocessConfig
 from pipeline.importer import AnnotationImporter
@@ -60,3 +63,34 @@ class SlowImporter(AnnotationImporter):
         results = super().__call__(keys, images, annotations, original_sizes)
         self._record("end", keys)
         return results
+
+
+def run_killing_a_worker(job: Callable[[], Any], out: Path, stage: str, timeout_s: float) -> tuple[Any, list[int]]:
+    """``job()`` while :func:`kill_worker_once_staged` watches ``out``; returns its result and the pids killed."""
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_worker_once_staged, args=(out, stage, killed, timeout_s))
+    killer.start()
+    try:
+        return job(), killed
+    finally:
+        killer.join()
+
+
+def kill_worker_once_staged(out: Path, stage: str, killed: list[int], timeout_s: float) -> None:
+    """SIGKILL one Ray worker process of ``stage`` (a name in its command line, such as the stage's class)
+    as soon as the job writing to ``out`` has staged a group; its pid goes into ``killed``. Gives up after
+    ``timeout_s``. Only this process's own Ray: its workers descend from this process (embedded Ray)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not killed:
+        if list((out / "staging").glob("*/*.tar")):
+            for process in psutil.Process().children(recursive=True):
+                try:
+                    if stage in " ".join(process.cmdline()):
+                        process.send_signal(signal.SIGKILL)
+                        killed.append(process.pid)
+                        break
+                except psutil.Error:
+                    continue
+        time.sleep(0.02)

@@ -21,6 +21,7 @@ import yaml
 from infra.k8s import rayservice
 from mmdiff.configuration import load_config, parse_overrides
 from pipeline.config import PreprocessConfig
+from pipeline.stages import model_steps
 from train.config import load_train_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,13 +117,14 @@ def test_preprocess_rayjob_runs_the_installed_command_on_a_valid_config():
     config, overrides = argv[argv.index("--config") + 1], argv[argv.index("--set") + 1:]
     loaded = load_config(REPO / config, PreprocessConfig, parse_overrides(overrides))
     assert str(loaded.output.path) == "/data/shards/mmdiff"
-    # the job's model stages fit the GPU workers: annotate actors x GPUs each <= GPUs of the group
+    # the job's stages fit the workers: the actors and tasks of every stage it runs, CPUs and GPUs summed
     (workers,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     gpus = workers["maxReplicas"] * int(workers["rayStartParams"]["num-gpus"])
     cpus = workers["maxReplicas"] * int(workers["rayStartParams"]["num-cpus"])
-    stages = loaded.stages
-    assert stages.annotate.concurrency * stages.annotate.num_gpus <= gpus
-    assert stages.annotate.concurrency * stages.annotate.num_cpus + stages.load.concurrency * stages.load.num_cpus <= cpus
+    stages = [getattr(loaded.stages, name) for name in ("load", "annotate", *model_steps(loaded))]
+    assert loaded.stages.mode == "per_model" and len(stages) == 5
+    assert 7.5 < sum(s.concurrency * s.num_gpus for s in stages) <= gpus
+    assert sum(s.concurrency * s.num_cpus for s in stages) <= cpus
 
 
 def test_training_job_script_gives_deepspeed_a_valid_no_ssh_launch(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from skimage import data
 
@@ -133,3 +134,58 @@ def test_face_embedder_fills_faces_inside_boxes_and_nan_elsewhere(photos):
     assert [e.shape for e in out] == [(2, 512), (0, 512)] and out[0].dtype == np.float32
     assert np.isfinite(out[0][0]).all() and np.isclose(np.linalg.norm(out[0][0]), 1.0, atol=1e-4)
     assert np.isnan(out[0][1]).all()
+
+
+# -- GPU readiness: half precision, batched SAM embeddings, one Grounding DINO prompt per image --------
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_torch_operators_run_in_half_precision(dtype, photos):
+    """bf16/fp16 weights on CPU here, as on GPUs: both backends of each model give well-formed results."""
+    half = {"model.dtype": dtype}
+    captioner = Captioner(load_config(CONFIGS / "blip2_tiny.yaml", CaptionConfig, half))
+    assert next(captioner.model.parameters()).dtype == getattr(torch, dtype)
+    assert all(isinstance(c, str) for c in captioner(photos))
+    for name in ("grounding_dino_tiny", "grounding_dino_official_tiny"):
+        detector = Detector(load_config(CONFIGS / f"{name}.yaml", DetectConfig, {**half, **OPEN_THRESHOLDS}))
+        for image, detections in zip(photos, detector(photos, [["a man", "a flag"], ["a cat"]])):
+            assert detections and all(0 <= d.box[0] <= d.box[2] <= image.width for d in detections), name
+    boxes = [np.array([[100, 20, 300, 250]], np.float32), np.array([[50, 50, 400, 300]], np.float32)]
+    for name in ("sam_tiny", "sam_official_tiny"):
+        masks = Segmenter(load_config(CONFIGS / f"{name}.yaml", SegmentConfig, half))(photos, boxes)
+        assert [m.shape for m in masks] == [(1, 512, 512), (1, 300, 451)] and all(m.any() for m in masks), name
+
+
+def test_face_embedder_names_the_precision_it_runs_at():
+    with pytest.raises(ValueError, match="ONNX graphs at their exported precision"):
+        FaceEmbedder(load_config(CONFIGS / "insightface_tiny.yaml", FaceConfig, {"model.dtype": "bfloat16"}))
+
+
+def _record_calls(module: torch.nn.Module, calls: list) -> None:
+    module.register_forward_pre_hook(lambda _, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+
+
+@pytest.mark.parametrize("name", ["sam_tiny", "sam_official_tiny"])
+def test_segmenter_embeds_each_image_once_in_one_batch(name, photos):
+    segmenter = Segmenter(load_config(CONFIGS / f"{name}.yaml", SegmentConfig))
+    encoder = segmenter.model.image_encoder if name == "sam_official_tiny" else segmenter.model[0].vision_encoder
+    calls: list = []
+    _record_calls(encoder, calls)
+    three_boxes = np.array([[100, 20, 300, 250], [0, 0, 60, 80], [10, 10, 500, 500]], np.float32)
+    segmenter(photos, [three_boxes, np.array([[50, 50, 400, 300]], np.float32)])
+    ((args, kwargs),) = calls  # one encoder pass for the whole batch, however many boxes
+    pixels = args[0] if args else kwargs["pixel_values"]
+    assert pixels.shape[0] == 2
+
+
+@pytest.mark.parametrize("name", ["grounding_dino_tiny", "grounding_dino_official_tiny"])
+def test_detector_runs_one_batch_with_a_prompt_per_image(name, photos):
+    detector = Detector(load_config(CONFIGS / f"{name}.yaml", DetectConfig, OPEN_THRESHOLDS))
+    model = detector.model if name == "grounding_dino_official_tiny" else detector.model.model
+    calls: list = []
+    _record_calls(model, calls)
+    detector(photos, [["a man", "a flag"], ["a cat"]])
+    ((args, kwargs),) = calls
+    if name == "grounding_dino_official_tiny":
+        assert kwargs["captions"] == ["a man . a flag .", "a cat ."] and args[0].tensors.shape[0] == 2
+    else:
+        assert kwargs["pixel_values"].shape[0] == kwargs["input_ids"].shape[0] == 2
+        assert not torch.equal(kwargs["input_ids"][0], kwargs["input_ids"][1])

@@ -8,7 +8,6 @@ import io
 import json
 import shutil
 import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pipeline.inputs import assign_partitions, list_inputs
 from pipeline.preprocess import content_hash, run_job
 from pipeline.shards import ShardLayout, read_samples
 from preprocess.sample import Sample
+from tests.faults import run_killing_a_worker
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "preprocess"
 
@@ -240,31 +240,9 @@ def test_a_different_job_cannot_reuse_an_output_folder(ray_session, annotated_in
 
 def test_killed_model_actor_still_accounts_every_input_once(ray_session, annotated_inputs, uninterrupted, tmp_path):
     """Also checks determinism: other batch sizes and concurrency than the uninterrupted run, same bytes."""
-    import psutil
-
     cfg = import_config(annotated_inputs, tmp_path, **{"stages.annotate.batch_size": 1, "stages.load.batch_size": 1,
                                                        "stages.annotate.concurrency": 2, "stages.load.concurrency": 2})
-    killed: list[int] = []
-
-    def kill_once_work_has_started() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not killed:
-            if list((tmp_path / "staging").glob("*/*.tar")):
-                # Only this test's Ray: its workers descend from this process (embedded Ray).
-                for process in psutil.Process().children(recursive=True):
-                    try:
-                        if "SampleStage" in " ".join(process.cmdline()):
-                            process.send_signal(signal.SIGKILL)
-                            killed.append(process.pid)
-                            break
-                    except psutil.Error:
-                        continue
-            time.sleep(0.02)
-
-    killer = threading.Thread(target=kill_once_work_has_started)
-    killer.start()
-    summary = run_job(cfg)
-    killer.join()
+    summary, killed = run_killing_a_worker(lambda: run_job(cfg), tmp_path, "SampleStage", 120)
     assert killed, "the job finished before an actor could be killed"
     assert summary.inputs == INPUTS and summary.written == 12 + len(GOOD_ODD)
     assert output_files(tmp_path) == output_files(uninterrupted)
