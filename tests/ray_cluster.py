@@ -6,8 +6,9 @@ stop exactly the processes it started, never another Ray on the machine.
 
     with LocalRayCluster(tmp_path) as cluster:
         cluster.start_head(num_cpus=2)
+        cluster.wait_for_nodes(timeout=120)
         worker = cluster.add_worker(num_cpus=2)
-        cluster.wait_for_nodes(timeout=NODES_TIMEOUT_S)
+        cluster.wait_for_nodes(timeout=120)
         subprocess.run([RAY, "job", "submit", "--", ...], env=cluster.client_env)
         cluster.kill_raylet(worker)
 
