@@ -42,6 +42,14 @@ class OutputConfig(ConfigModel):
     # the job holds <out>/lock.json while it runs, refreshed every lease_seconds / 4; another job takes
     # the folder over only when the lease is older than this (or its driver is gone from this host)
     lease_seconds: float = 120.0
+    # what a rerun checks before trusting a finished shard: "size" (shard and rejects have the sizes their
+    # index recorded when they were written; nothing is read) or "sha256" (their bytes too: reads them all)
+    verify: Literal["size", "sha256"] = "size"
+    # shards are packed by Ray tasks of finalize_cpus CPUs each, at most finalize_in_flight at once; a task
+    # lost with its node is rerun up to finalize_retries times (it writes atomically, its index last)
+    finalize_cpus: float = Field(default=0.25, gt=0)
+    finalize_in_flight: int = Field(default=4, ge=1)
+    finalize_retries: int = Field(default=3, ge=0)
 
 
 class StageConfig(ConfigModel):

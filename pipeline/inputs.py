@@ -1,10 +1,10 @@
-"""List a job's inputs as rows with stable keys, account for everything else the listing sees, and read
-an input's bytes.
+"""List a job's inputs as a stream of rows with stable keys, account for everything else the listing sees,
+cut the stream into partitions, and read an input's bytes.
 
 Every folder entry, list line or tar sample the listing sees ends as exactly one of:
 - an input (:class:`InputRecord`), which the job writes or rejects; a few are rejected by the listing
   itself (``missing_file`` for a listed path that does not exist, ``damaged_tar`` for the unreadable rest
-  of a truncated or corrupt tar);
+  of a truncated or corrupt tar, ``duplicate_key`` for a second input with a key already used);
 - a skip (:class:`Skip`) with a reason: ``dangling_symlink``, ``symlink_loop``, ``not_a_file`` (a
   directory named like an image, a FIFO, a socket), ``unreadable`` (a folder that cannot be listed),
   ``unsupported_extension``, ``annotation_file`` (the JSON/map beside an annotated image),
@@ -13,7 +13,13 @@ Every folder entry, list line or tar sample the listing sees ends as exactly one
 Keys are WebDataset-safe (ASCII, no dots): a readable slug plus 80 bits of sha256 of the input's path
 relative to the input root (for a tar sample: the tar's relative path, then the sample's key in the tar).
 They are stable across runs and machines and do not collide in practice (2^-40 for a billion inputs).
-Inputs are sorted by key and cut into partitions of ``shard_size``; partition k becomes shard k.
+
+The listing is a stream in a deterministic order (folders: names sorted within a folder, depth first; a
+list: line order; tars: tar order, then member order), so the driver never holds it whole. Input number
+i of the stream belongs to partition i // shard_size; partition k becomes shard k, its samples sorted by
+key. State kept for the whole listing: one :class:`DigestTable` entry per input (duplicate keys, and
+duplicate lines of a list; 46 bytes or less per input) and, for folders, the identity of each folder and
+of each file that could be reached twice (a link, or a file with several hard links).
 """
 
 from __future__ import annotations
@@ -25,12 +31,16 @@ import re
 import stat
 import tarfile
 import unicodedata
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.config import InputConfig
 
-__all__ = ["InputRecord", "Skip", "Listing", "make_key", "list_inputs", "assign_partitions", "read_bytes"]
+__all__ = ["InputRecord", "Skip", "Listing", "DigestTable", "make_key", "iter_listing", "list_inputs",
+           "iter_partitions", "assign_partitions", "read_bytes"]
 
 IMAGE_MEMBER_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 ANNOTATION_EXTENSIONS = (".json", ".npy", ".png")  # beside an annotated image: segments, map (npy or png)
@@ -48,7 +58,6 @@ class InputRecord:
     partition: int = -1
     reason: str = ""  # set when the listing already rejects the input (missing_file, damaged_tar, ...)
     detail: str = ""
-    order: int = field(default=0, repr=False)  # position in the listing, breaks ties between equal keys
 
 
 @dataclass(frozen=True)
@@ -64,11 +73,57 @@ class Skip:
 @dataclass
 class Listing:
     inputs: list[InputRecord]
-    skipped: list[Skip]
+    skipped: list[Skip] = field(default_factory=list)
 
     @property
     def seen(self) -> int:
         return len(self.inputs) + len(self.skipped)
+
+
+class DigestTable:
+    """64-bit digests, each with one integer, in two numpy arrays (open addressing, linear probing): 16
+    bytes a slot, between 35 % and 70 % of the slots used, so 23 to 46 bytes per entry, where a Python
+    dict of the strings takes well over 100."""
+
+    def __init__(self, capacity: int = 1 << 12) -> None:
+        self._digests = np.zeros(capacity, np.uint64)  # 0 marks an empty slot
+        self._values = np.zeros(capacity, np.int64)
+        self._used = 0
+
+    def __len__(self) -> int:
+        return self._used
+
+    @staticmethod
+    def digest(text: str) -> int:
+        value = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+        return value or 1
+
+    def setdefault(self, text: str, value: int) -> int | None:
+        """The value stored earlier for ``text``, or None after storing ``value`` for it."""
+        digest = self.digest(text)
+        slot = self._slot(digest)
+        if self._digests[slot]:
+            return int(self._values[slot])
+        self._digests[slot], self._values[slot] = digest, value
+        self._used += 1
+        if 10 * self._used > 7 * len(self._digests):
+            self._grow()
+        return None
+
+    def _slot(self, digest: int) -> int:
+        mask = len(self._digests) - 1
+        slot = digest & mask
+        while self._digests[slot] and int(self._digests[slot]) != digest:
+            slot = (slot + 1) & mask
+        return slot
+
+    def _grow(self) -> None:
+        digests, values = self._digests, self._values
+        self._digests = np.zeros(2 * len(digests), np.uint64)
+        self._values = np.zeros(2 * len(digests), np.int64)
+        for digest, value in zip(digests[digests != 0].tolist(), values[digests != 0].tolist()):
+            slot = self._slot(digest)
+            self._digests[slot], self._values[slot] = digest, value
 
 
 def make_key(relative: str) -> str:
@@ -79,43 +134,65 @@ def make_key(relative: str) -> str:
     return f"{slug}_{digest}"
 
 
-def list_inputs(config: InputConfig) -> Listing:
-    """Everything under ``config.path``: inputs in listing order and skips with their reasons."""
+def iter_listing(config: InputConfig) -> Iterator[InputRecord | Skip]:
+    """Everything under ``config.path``, inputs and skips, in listing order, one at a time."""
     root = Path(config.path)
     if not root.exists():
         raise FileNotFoundError(f"input.path {root} does not exist")
     extensions = tuple(e.lower() for e in config.extensions)
-    skipped: list[Skip] = []
+    if config.kind == "list":
+        yield from _list_file(root, extensions, config.annotated)  # keys already unique (duplicate lines)
+        return
     if config.kind == "folder":
-        if config.annotated:
-            files = _split_annotation_files(_walk_folder(root, extensions + ANNOTATION_EXTENSIONS, skipped), skipped)
-        else:
-            files = _walk_folder(root, extensions, skipped)
-        records = [_file_record(path, relative) for path, relative in files]
-    elif config.kind == "list":
-        records = _list_file(root, extensions, skipped)
+        entries = _walk_folder(root, extensions + ANNOTATION_EXTENSIONS if config.annotated else extensions)
+        items = _annotated_images(entries) if config.annotated else _flatten(entries)
+        records: Iterator[InputRecord | Skip] = (
+            item if isinstance(item, Skip) else _file_record(*item, annotated=config.annotated) for item in items)
     else:
-        tars = _walk_folder(root, (".tar",), skipped) if root.is_dir() else [(root, root.name)]
-        records = [r for tar, relative in tars for r in _tar_records(tar, relative, skipped)]
-    if config.annotated:
-        for record in records:
-            record.annotation = str(Path(record.path).with_suffix(".json"))
-    for order, record in enumerate(records):
-        record.order = order
-    return Listing(records, skipped)
+        tars = _flatten(_walk_folder(root, (".tar",))) if root.is_dir() else iter([(str(root), root.name)])
+        records = (r for tar in tars for r in ([tar] if isinstance(tar, Skip) else _tar_records(*tar)))
+    keys = DigestTable()
+    position = 0
+    for item in records:
+        if isinstance(item, InputRecord):
+            # a tar repeating a sample key is caught (and named) in _tar_records; this catches a hash collision
+            earlier = keys.setdefault(item.key, position)
+            if earlier is not None and not item.reason:
+                item.reason, item.detail = "duplicate_key", f"key {item.key} already used by input {earlier} of the listing"
+            position += 1
+        yield item
 
 
-def assign_partitions(records: list[InputRecord], shard_size: int) -> list[InputRecord]:
-    """Sort by key, reject a key that two different inputs share (``duplicate_key``: a hash collision or a
-    tar holding a sample key twice), and number partitions of ``shard_size`` inputs."""
-    records = sorted(records, key=lambda r: (r.key, r.order))
-    first: dict[str, str] = {}
-    for index, record in enumerate(records):
-        if record.key in first and not record.reason:
-            record.reason, record.detail = "duplicate_key", f"key {record.key} already used by {first[record.key]}"
-        first.setdefault(record.key, record.source)
-        record.partition = index // shard_size
-    return records
+def list_inputs(config: InputConfig) -> Listing:
+    """The whole listing in memory (tests, small jobs): inputs in listing order and skips."""
+    listing = Listing([], [])
+    for item in iter_listing(config):
+        (listing.skipped if isinstance(item, Skip) else listing.inputs).append(item)
+    return listing
+
+
+def iter_partitions(items: Iterable[InputRecord | Skip], shard_size: int,
+                    on_skip: Callable[[Skip], None] = lambda skip: None) -> Iterator[list[InputRecord]]:
+    """Cut the listing into partitions of ``shard_size`` inputs (input i -> partition i // shard_size), each
+    sorted by key; skips go to ``on_skip`` as they come. Holds one partition at a time."""
+    members: list[InputRecord] = []
+    partition = 0
+    for item in items:
+        if isinstance(item, Skip):
+            on_skip(item)
+            continue
+        item.partition = partition
+        members.append(item)
+        if len(members) == shard_size:
+            yield sorted(members, key=lambda r: r.key)  # stable: of equal keys, the first listed stays first
+            members, partition = [], partition + 1
+    if members:
+        yield sorted(members, key=lambda r: r.key)
+
+
+def assign_partitions(records: Iterable[InputRecord], shard_size: int) -> list[InputRecord]:
+    """All inputs numbered into partitions, in partition then key order (see :func:`iter_partitions`)."""
+    return [r for members in iter_partitions(records, shard_size) for r in members]
 
 
 class NotAFileError(OSError):
@@ -134,136 +211,157 @@ def read_bytes(record: InputRecord) -> bytes:
 
 
 # -- folders and lists -----------------------------------------------------------------------------
-def _classify(path: str, relative: str, skipped: list[Skip]) -> os.stat_result | None:
-    """stat ``path`` following links; None (and a skip recorded) for a broken link or an unreadable entry."""
+def _classify(path: str, relative: str) -> os.stat_result | Skip:
+    """stat ``path`` following links; a skip for a broken link or an unreadable entry."""
     try:
         return os.stat(path)
     except FileNotFoundError:
         if os.path.islink(path):
-            skipped.append(Skip(relative, "dangling_symlink", f"-> {os.readlink(path)}"))
-            return None
+            return Skip(relative, "dangling_symlink", f"-> {os.readlink(path)}")
         raise
     except OSError as exc:
         reason = "symlink_loop" if exc.errno == errno.ELOOP else "unreadable"
-        skipped.append(Skip(relative, reason, f"{type(exc).__name__}: {exc.strerror or exc}"))
-        return None
+        return Skip(relative, reason, f"{type(exc).__name__}: {exc.strerror or exc}")
 
 
-def _walk_folder(root: Path, extensions: tuple[str, ...], skipped: list[Skip]) -> list[tuple[Path, str]]:
-    """Regular files with one of ``extensions`` under ``root`` (links followed, each file and folder once),
-    as (path, path relative to root); everything else becomes a skip."""
+FolderEntries = Iterator[list[tuple[str, str] | Skip]]
+
+
+def _walk_folder(root: Path, extensions: tuple[str, ...]) -> FolderEntries:
+    """Per folder, its regular files with one of ``extensions`` as (path, path relative to root) and its
+    other entries as skips, in name order. Links are followed; each folder and each file is listed once:
+    a link to a file inside the root is a ``duplicate`` (the file is listed under its own name), and only
+    files that can be reached twice (links to outside the root, hard links) are remembered."""
+    real_root = os.path.realpath(root)
     root_stat = os.stat(root)
     folders = {(root_stat.st_dev, root_stat.st_ino): ""}
-    files: dict[tuple[int, int], int] = {}  # identity -> index in out
-    out: list[tuple[Path, str]] = []
+    reached_twice: dict[tuple[int, int], str] = {}  # identity -> relative path, for links and hard links
     stack = [(str(root), "")]
     while stack:
         folder, prefix = stack.pop()
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
-            skipped.append(Skip(prefix or ".", "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}"))
+            yield [Skip(prefix or ".", "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")]
             continue
+        out: list[tuple[str, str] | Skip] = []
         for entry in entries:
             relative = f"{prefix}{entry.name}"
-            info = _classify(entry.path, relative, skipped)
-            if info is None:
+            info = _classify(entry.path, relative)
+            if isinstance(info, Skip):
+                out.append(info)
                 continue
             identity = (info.st_dev, info.st_ino)
             if stat.S_ISDIR(info.st_mode):
                 if Path(entry.name).suffix.lower() in extensions:
-                    skipped.append(Skip(relative, "not_a_file", "a folder named like an image (its contents are listed)"))
+                    out.append(Skip(relative, "not_a_file", "a folder named like an image (its contents are listed)"))
                 if identity in folders:
                     earlier = folders[identity]
                     inside = not earlier or relative.startswith(earlier + "/")
-                    skipped.append(Skip(relative, "symlink_loop" if inside else "duplicate",
-                                        f"folder already listed as {earlier or '.'!r}"))
+                    out.append(Skip(relative, "symlink_loop" if inside else "duplicate",
+                                    f"folder already listed as {earlier or '.'!r}"))
                     continue
                 folders[identity] = relative
                 stack.append((entry.path, relative + "/"))
             elif not stat.S_ISREG(info.st_mode):
-                skipped.append(Skip(relative, "not_a_file", f"file type {stat.filemode(info.st_mode)[0]!r}"))
+                out.append(Skip(relative, "not_a_file", f"file type {stat.filemode(info.st_mode)[0]!r}"))
             elif Path(entry.name).suffix.lower() not in extensions:
-                skipped.append(Skip(relative, "unsupported_extension", Path(entry.name).suffix or "no extension"))
-            elif identity in files:
-                index = files[identity]
-                dropped = relative
-                if out[index][0].is_symlink() and not entry.is_symlink():  # keep the file's own name, skip the link
-                    dropped = out[index][1]
-                    out[index] = (Path(entry.path), relative)
-                skipped.append(Skip(dropped, "duplicate", f"same file as {out[index][1]!r}"))
+                out.append(Skip(relative, "unsupported_extension", Path(entry.name).suffix or "no extension"))
+            elif entry.is_symlink() and (target := _inside(os.path.realpath(entry.path), real_root, extensions)):
+                out.append(Skip(relative, "duplicate", f"same file as {target!r}"))
+            elif entry.is_symlink() or info.st_nlink > 1:
+                if identity in reached_twice:
+                    out.append(Skip(relative, "duplicate", f"same file as {reached_twice[identity]!r}"))
+                else:
+                    reached_twice[identity] = relative
+                    out.append((entry.path, relative))
             else:
-                files[identity] = len(out)
-                out.append((Path(entry.path), relative))
-    return out
+                out.append((entry.path, relative))
+        yield out
 
 
-def _split_annotation_files(files: list[tuple[Path, str]], skipped: list[Skip]) -> list[tuple[Path, str]]:
+def _inside(real: str, real_root: str, extensions: tuple[str, ...]) -> str:
+    """``real`` relative to ``real_root`` if the walk lists it under that name (inside, listed extension)."""
+    relative = os.path.relpath(real, real_root)
+    listed = not relative.startswith(os.pardir) and Path(real).suffix.lower() in extensions
+    return relative if listed else ""
+
+
+def _flatten(entries: FolderEntries) -> Iterator[tuple[str, str] | Skip]:
+    return (item for folder in entries for item in folder)
+
+
+def _annotated_images(entries: FolderEntries) -> Iterator[tuple[str, str] | Skip]:
     """Annotated folders: ``name.json``/``.npy``/``.png`` beside an image ``name.<ext>`` are its annotation
-    (a ``.png`` is an input only when no other image has its stem)."""
-    by_stem: dict[Path, list[tuple[Path, str]]] = {}
-    for path, relative in files:
-        by_stem.setdefault(path.with_suffix(""), []).append((path, relative))
-    images = []
-    for group in by_stem.values():
-        suffixes = {p.suffix.lower() for p, _ in group}
-        image_suffixes = suffixes - {".json", ".npy", ".png"} or (suffixes & {".png"})
-        for path, relative in group:
-            if path.suffix.lower() in image_suffixes:
-                images.append((path, relative))
-            elif image_suffixes:
-                skipped.append(Skip(relative, "annotation_file", "segments or segmentation map of an annotated image"))
+    (a ``.png`` is an input only when no other image has its stem). A stem's files share a folder."""
+    for folder in entries:
+        by_stem: dict[str, list[tuple[str, str]]] = {}
+        for item in folder:
+            if isinstance(item, Skip):
+                yield item
             else:
-                skipped.append(Skip(relative, "unsupported_extension", f"{path.suffix} without an image beside it"))
-    return images
+                by_stem.setdefault(os.path.splitext(item[0])[0], []).append(item)
+        for group in by_stem.values():
+            suffixes = {os.path.splitext(p)[1].lower() for p, _ in group}
+            image_suffixes = suffixes - {".json", ".npy", ".png"} or (suffixes & {".png"})
+            for path, relative in group:
+                suffix = os.path.splitext(path)[1]
+                if suffix.lower() in image_suffixes:
+                    yield path, relative
+                elif image_suffixes:
+                    yield Skip(relative, "annotation_file", "segments or segmentation map of an annotated image")
+                else:
+                    yield Skip(relative, "unsupported_extension", f"{suffix} without an image beside it")
 
 
-def _file_record(path: Path, relative: str) -> InputRecord:
-    return InputRecord(key=make_key(relative), source=relative, path=str(path))
+def _file_record(path: str, relative: str, annotated: bool = False) -> InputRecord:
+    return InputRecord(key=make_key(relative), source=relative, path=path,
+                       annotation=os.path.splitext(path)[0] + ".json" if annotated else "")
 
 
-def _list_file(list_path: Path, extensions: tuple[str, ...], skipped: list[Skip]) -> list[InputRecord]:
+def _list_file(list_path: Path, extensions: tuple[str, ...], annotated: bool) -> Iterator[InputRecord | Skip]:
     """One input per line; paths are normalised (``a/x.jpg``, ``./a/x.jpg`` and its absolute path are one
-    input) and keyed relative to the list's folder."""
+    input, found by the digest of its key: a later line with the same key is a ``duplicate``) and keyed
+    relative to the list's folder."""
     base = os.path.abspath(list_path.parent)
-    records: list[InputRecord] = []
-    first: dict[str, str] = {}
-    for number, raw in enumerate(list_path.read_text(encoding="utf-8", errors="surrogateescape").splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        source = f"{list_path.name}:{number}:{line}"
-        path = os.path.normpath(os.path.join(base, line))
-        relative = os.path.relpath(path, base)
-        if os.path.splitext(path)[1].lower() not in extensions:
-            skipped.append(Skip(source, "unsupported_extension", os.path.splitext(path)[1] or "no extension"))
-            continue
-        if path in first:
-            skipped.append(Skip(source, "duplicate", f"same file as line {first[path]}"))
-            continue
-        first[path] = f"{number}:{line}"
-        record = InputRecord(key=make_key(relative), source=relative, path=path)
-        try:
-            info = _classify(path, source, skipped)
-        except FileNotFoundError:
-            record.reason, record.detail = "missing_file", f"{path} does not exist (list line {number})"
-            records.append(record)
-            continue
-        if info is None:
-            continue
-        if not stat.S_ISREG(info.st_mode):
-            skipped.append(Skip(source, "not_a_file", f"file type {stat.filemode(info.st_mode)[0]!r}"))
-            continue
-        records.append(record)
-    return records
+    first_line = DigestTable()
+    with open(list_path, encoding="utf-8", errors="surrogateescape") as lines:
+        for number, raw in enumerate(lines, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            source = f"{list_path.name}:{number}:{line}"
+            path = os.path.normpath(os.path.join(base, line))
+            relative = os.path.relpath(path, base)
+            if os.path.splitext(path)[1].lower() not in extensions:
+                yield Skip(source, "unsupported_extension", os.path.splitext(path)[1] or "no extension")
+                continue
+            record = _file_record(path, relative, annotated)
+            if (earlier := first_line.setdefault(record.key, number)) is not None:
+                yield Skip(source, "duplicate", f"same file as line {earlier}")
+                continue
+            try:
+                info = _classify(path, source)
+            except FileNotFoundError:
+                record.reason, record.detail = "missing_file", f"{path} does not exist (list line {number})"
+                yield record
+                continue
+            if isinstance(info, Skip):
+                yield info
+            elif not stat.S_ISREG(info.st_mode):
+                yield Skip(source, "not_a_file", f"file type {stat.filemode(info.st_mode)[0]!r}")
+            else:
+                yield record
 
 
 # -- tars ------------------------------------------------------------------------------------------
-def _tar_records(tar_path: Path, relative: str, skipped: list[Skip]) -> list[InputRecord]:
+def _tar_records(tar_path: str, relative: str) -> list[InputRecord | Skip]:
     """One record per sample (WebDataset: consecutive members sharing a key) that has an image member;
-    a ``txt`` member is its caption. A damaged tar yields the samples that can be read in full plus one
-    ``damaged_tar`` record naming the tar and what was lost."""
+    a ``txt`` member is its caption; a sample key the tar repeats is a ``duplicate_key``. A damaged tar
+    yields the samples that can be read in full plus one ``damaged_tar`` record naming the tar and what
+    was lost."""
     size = os.path.getsize(tar_path)
+    out: list[InputRecord | Skip] = []
     groups: list[tuple[str, dict[str, tarfile.TarInfo], list[str]]] = []
     lost: list[str] = []
     problem = ""
@@ -278,7 +376,7 @@ def _tar_records(tar_path: Path, relative: str, skipped: list[Skip]) -> list[Inp
                     break
                 if not info.isfile():
                     if not info.isdir():
-                        skipped.append(Skip(f"{relative}:{info.name}", "not_a_file", "a link or special member"))
+                        out.append(Skip(f"{relative}:{info.name}", "not_a_file", "a link or special member"))
                     continue
                 directory, _, base = info.name.rpartition("/")
                 stem, dot, extension = base.partition(".")
@@ -292,27 +390,29 @@ def _tar_records(tar_path: Path, relative: str, skipped: list[Skip]) -> list[Inp
                 problem = _tail_problem(tar_path, tar.offset, size)
     except (tarfile.TarError, EOFError, OSError) as exc:
         problem = f"{type(exc).__name__}: {exc}"
-    records = []
+    first: dict[str, str] = {}  # sample key -> source, within this tar
+    read = 0
     for sample_key, members, caption in groups:
         image = next((members[e] for e in IMAGE_MEMBER_EXTENSIONS if e in members), None)
-        source = f"{relative}:{sample_key}"
         if image is None:
-            skipped.append(Skip(source, "no_image_member", f"members: {sorted(members)}"))
+            out.append(Skip(f"{relative}:{sample_key}", "no_image_member", f"members: {sorted(members)}"))
             continue
-        records.append(InputRecord(
-            key=make_key(f"{relative}/{sample_key}"), source=f"{relative}:{image.name}", path=str(tar_path),
-            offset=image.offset_data, size=image.size, caption=caption[0],
-        ))
+        record = InputRecord(key=make_key(f"{relative}/{sample_key}"), source=f"{relative}:{image.name}",
+                             path=str(tar_path), offset=image.offset_data, size=image.size, caption=caption[0])
+        if sample_key in first:
+            record.reason, record.detail = "duplicate_key", f"key {record.key} already used by {first[sample_key]}"
+        first.setdefault(sample_key, record.source)
+        out.append(record)
+        read += 1
     if problem:
-        read = f"{len(records)} sample(s) read in full up to byte {end}"
-        records.append(InputRecord(key=make_key(relative), source=relative, path=str(tar_path),
-                                   reason="damaged_tar",
-                                   detail=f"{relative}: {problem}; {read}; the rest of the {size}-byte tar is lost"
-                                          + (f" (first lost member {lost[0]!r})" if lost else "")))
-    return records
+        out.append(InputRecord(key=make_key(relative), source=relative, path=str(tar_path), reason="damaged_tar",
+                               detail=f"{relative}: {problem}; {read} sample(s) read in full up to byte {end}; "
+                                      f"the rest of the {size}-byte tar is lost"
+                                      + (f" (first lost member {lost[0]!r})" if lost else "")))
+    return out
 
 
-def _tail_problem(tar_path: Path, offset: int, size: int) -> str:
+def _tail_problem(tar_path: str, offset: int, size: int) -> str:
     """After the last member a tar holds only zero blocks; anything else is data tarfile could not read."""
     with open(tar_path, "rb") as handle:
         handle.seek(offset)

@@ -3,11 +3,19 @@
     python -m pipeline.preprocess --config configs/preprocess/demo.yaml [--set output.path=/tmp/x ...]
 
 runs on an embedded Ray (or on the cluster named by RAY_ADDRESS, as under ``ray job submit``).
-Exactly once: inputs are cut into key-sorted partitions; a partition is finished when its shard, rejects
-file and index are on disk and the index verifies. A rerun skips finished partitions and redoes the
-others from scratch, so an interrupted job resumes to the same shard set an uninterrupted one writes.
-One input never stops the job: an exception on it is its reject; a batch whose worker process keeps
-dying is retried input by input and the input whose worker still dies is rejected as ``worker_crash``.
+Exactly once: the listing is cut into partitions (input i of the listing -> partition i // shard_size); a
+partition is finished when its shard, rejects file and index are on disk and match the index. A rerun
+skips finished partitions and redoes the others from scratch, so an interrupted job resumes to the same
+shard set an uninterrupted one writes. One input never stops the job: an exception on it is its reject;
+a batch whose worker process keeps dying is retried input by input and the input whose worker still dies
+is rejected as ``worker_crash``.
+
+The driver's memory does not grow with the dataset beyond a few bytes per input: the listing streams
+through it once (one partition held at a time, written to ``<out>/listing`` where the dataset's read tasks
+read it), result rows are counted per partition as they arrive and dropped when the partition is handed
+to a finalize task, and the manifest is built from the indexes one at a time. What it keeps for the whole
+job: one 64-bit digest per input (duplicates, :class:`pipeline.inputs.DigestTable`) and a few numbers per
+pending partition.
 """
 
 from __future__ import annotations
@@ -19,15 +27,16 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mmdiff.configuration import ConfigModel, config_hash, load_config, parse_overrides
 from pipeline.config import PreprocessConfig
 from pipeline.contact_sheet import contact_sheet
-from pipeline.inputs import InputRecord, Listing, Skip, assign_partitions, list_inputs
+from pipeline.inputs import InputRecord, Skip, iter_listing, iter_partitions
 from pipeline.lock import OutputLock, OutputLocked
-from pipeline.shards import ShardLayout, finalize_partition, reject_counts, write_json_atomic
+from pipeline.shards import JsonlStream, ShardLayout, finalize_partition, write_json_atomic
 from pipeline.stages import RECORD_FIELDS, content_batching, sample_stages
 
 __all__ = ["JobSummary", "EmptyInputError", "run_job", "content_hash", "main"]
@@ -84,13 +93,53 @@ def _reject_row(record: InputRecord, reason: str, detail: str) -> dict[str, Any]
     return {"key": record.key, "source": record.source, "reason": reason, "detail": detail}
 
 
-def _plan(records: list[InputRecord], skipped: list[Skip], chash: str) -> dict[str, Any]:
-    listing = "\n".join(f"{r.key}\t{r.partition}\t{r.reason}" for r in records)
-    skips = "\n".join(f"{s.source}\t{s.reason}" for s in skipped)
-    return {"config_hash": chash, "inputs": len(records), "skipped": len(skipped),
-            "partitions": records[-1].partition + 1 if records else 0,
-            "listing_sha256": hashlib.sha256(listing.encode("utf-8", "surrogateescape")).hexdigest(),
-            "skipped_sha256": hashlib.sha256(skips.encode("utf-8", "surrogateescape")).hexdigest()}
+@dataclass
+class _Listed:
+    """What streaming the listing leaves the driver: counts, hashes and the partitions still to do."""
+
+    shard_size: int
+    seen: int = 0
+    inputs: int = 0
+    partitions: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    todo: dict[int, int] = field(default_factory=dict)  # pending partition -> inputs its stages process
+    listing_sha256: Any = field(default_factory=hashlib.sha256)
+    skipped_sha256: Any = field(default_factory=hashlib.sha256)
+
+    def plan(self, chash: str) -> dict[str, Any]:
+        return {"config_hash": chash, "inputs": self.inputs, "skipped": sum(self.skipped.values()),
+                "partitions": self.partitions, "listing_sha256": self.listing_sha256.hexdigest(),
+                "skipped_sha256": self.skipped_sha256.hexdigest()}
+
+    def size(self, partition: int) -> int:
+        return min(self.shard_size, self.inputs - partition * self.shard_size)
+
+
+def _list(config: PreprocessConfig, layout: ShardLayout, skipped: JsonlStream) -> _Listed:
+    """Stream the listing once: skips into ``skipped``; per partition not finished yet, its fixed batches
+    and the inputs the listing rejected into ``<out>/listing``. Holds one partition at a time."""
+    listed = _Listed(config.output.shard_size)
+
+    def skip(item: Skip) -> None:
+        listed.seen += 1
+        listed.skipped[item.reason] += 1
+        listed.skipped_sha256.update(f"{item.source}\t{item.reason}\n".encode("utf-8", "surrogateescape"))
+        skipped.write(item.row())
+
+    for members in iter_partitions(iter_listing(config.input), config.output.shard_size, skip):
+        partition = members[0].partition
+        listed.seen += len(members)
+        listed.inputs += len(members)
+        listed.partitions = partition + 1
+        for record in members:
+            listed.listing_sha256.update(f"{record.key}\t{partition}\t{record.reason}\n".encode())
+        if layout.is_finished(partition, config.output.verify):
+            continue
+        work = [r for r in members if not r.reason]
+        layout.write_listing(partition, fixed_batches(work, config.stages.annotate.batch_size),
+                             [_reject_row(r, r.reason, r.detail) for r in members if r.reason])
+        listed.todo[partition] = len(work)
+    return listed
 
 
 def _init_ray(config: PreprocessConfig) -> None:
@@ -113,6 +162,7 @@ def fixed_batches(records: list[InputRecord], batch_size: int) -> list[dict[str,
         by_partition.setdefault(record.partition, []).append(record)
     rows = []
     for partition, members in sorted(by_partition.items()):
+        members.sort(key=lambda r: r.key)
         for start in range(0, len(members), batch_size):
             chunk = members[start : start + batch_size]
             rows.append({"batch": f"{partition}:{chunk[0].key}", "partition": partition,
@@ -120,15 +170,55 @@ def fixed_batches(records: list[InputRecord], batch_size: int) -> list[dict[str,
     return rows
 
 
-def _dataset(config: PreprocessConfig, rows: list[dict[str, Any]], chash: str, alone: bool = False):
-    """The sample stages over the fixed-batch ``rows``; ``alone``: see :func:`pipeline.stages.sample_stages`."""
+def _listing_source(paths: list[str]):
+    """Fixed-batch rows read by Ray Data's read tasks from the listing files (never through the driver)."""
     import ray
 
-    # A block whose worker died more than crash_retries times is dropped here, not fatal: the driver
-    # sees its inputs missing and narrows them down (run_job).
-    ray.data.DataContext.get_current().max_errored_blocks = -1
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 1000)))
-    return sample_stages(ds, config, chash, alone)
+    return ray.data.read_text(paths).map(lambda row: json.loads(row["text"]))
+
+
+def _finalize_task(root: str, partition: int, written: list[str], rejects: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs as a Ray task: packs one partition (:func:`pipeline.shards.finalize_partition`), returns its counts."""
+    index = finalize_partition(ShardLayout(root), partition, written, rejects)
+    return {"partition": partition, "written": len(index["samples"]), "rejected": index["rejected"],
+            "bytes": index["bytes"], "sha256": index["sha256"]}
+
+
+class _Finalizer:
+    """Submits one finalize task per complete partition, at most ``output.finalize_in_flight`` at once,
+    and checks each result's counts against the listing as it arrives."""
+
+    def __init__(self, config: PreprocessConfig, layout: ShardLayout, lock: OutputLock, listed: _Listed) -> None:
+        import ray
+
+        out = config.output
+        self._remote = ray.remote(num_cpus=out.finalize_cpus, max_retries=out.finalize_retries)(_finalize_task)
+        self._root, self._lock, self._listed = str(layout.root), lock, listed
+        self._limit = out.finalize_in_flight
+        self._in_flight: list[Any] = []
+        self.written = 0
+
+    def submit(self, partition: int, outcomes: list[dict[str, Any]]) -> None:
+        self._lock.check()
+        while len(self._in_flight) >= self._limit:
+            self._collect()
+        written = [row["key"] for row in outcomes if row["status"] == "ok"]
+        rejects = [{k: row[k] for k in ("key", "source", "reason", "detail")} for row in outcomes if row["status"] != "ok"]
+        self._in_flight.append(self._remote.remote(self._root, partition, written, rejects))
+
+    def _collect(self) -> None:
+        import ray
+
+        done, self._in_flight = ray.wait(self._in_flight, num_returns=1)
+        result = ray.get(done[0])
+        if result["written"] + result["rejected"] != self._listed.size(result["partition"]):
+            raise RuntimeError(f"accounting error: partition {result['partition']} has {self._listed.size(result['partition'])} "
+                               f"inputs but its shard holds {result['written']} and its rejects {result['rejected']}")
+        self.written += result["written"]
+
+    def drain(self) -> None:
+        while self._in_flight:
+            self._collect()
 
 
 def run_job(config: PreprocessConfig) -> JobSummary:
@@ -139,82 +229,32 @@ def run_job(config: PreprocessConfig) -> JobSummary:
 
 
 def _run_locked(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock) -> JobSummary:
-    from tqdm import tqdm
-
     started = time.perf_counter()
     chash = content_hash(config)
-    listing = list_inputs(config.input)
-    if not listing.inputs:
-        reasons = reject_counts([s.row() for s in listing.skipped])
-        raise EmptyInputError(f"input.path {config.input.path} holds no input ({config.input.kind}): "
-                              f"{listing.seen} entries seen, skipped by reason: {reasons or 'none'}")
-    records = assign_partitions(listing.inputs, config.output.shard_size)
-    plan = _plan(records, listing.skipped, chash)
-    if layout.plan.is_file():
-        previous = json.loads(layout.plan.read_text(encoding="utf-8"))
-        if previous != plan:
-            changed = sorted(k for k in plan if previous.get(k) != plan[k])
-            raise RuntimeError(f"{layout.root} holds the output of a different job (plan.json differs in {changed}: "
-                               "the settings that decide the bytes, or the inputs, changed); use a new output.path")
+    skipped = JsonlStream(layout.skipped)
+    try:
+        listed = _list(config, layout, skipped)
+        if not listed.inputs:
+            raise EmptyInputError(f"input.path {config.input.path} holds no input ({config.input.kind}): "
+                                  f"{listed.seen} entries seen, skipped by reason: {dict(sorted(listed.skipped.items())) or 'none'}")
+        plan = listed.plan(chash)
+        if layout.plan.is_file():
+            previous = json.loads(layout.plan.read_text(encoding="utf-8"))
+            if previous != plan:
+                changed = sorted(k for k in plan if previous.get(k) != plan[k])
+                raise RuntimeError(f"{layout.root} holds the output of a different job (plan.json differs in {changed}: "
+                                   "the settings that decide the bytes, or the inputs, changed); use a new output.path")
+    except BaseException:
+        skipped.discard()
+        shutil.rmtree(layout.listing, ignore_errors=True)  # ours: written by this listing
+        raise
     write_json_atomic(layout.plan, plan)
-    layout.write_skipped([s.row() for s in listing.skipped])
-
-    partitions: dict[int, list[InputRecord]] = {}
-    for record in records:
-        partitions.setdefault(record.partition, []).append(record)
-    pending = {k: v for k, v in partitions.items() if not layout.is_finished(k)}
-    for partition in pending:
-        shutil.rmtree(layout.staging_dir(partition), ignore_errors=True)  # a half-staged earlier attempt
-    todo = [r for rs in pending.values() for r in rs if not r.reason]
-    expected = {k: {r.key for r in rs if not r.reason} for k, rs in pending.items()}
-    outcomes: dict[int, dict[str, dict[str, Any]]] = {k: {} for k in pending}
-
-    def finish(partition: int) -> None:
-        lock.check()
-        rows = outcomes.pop(partition)
-        rejects = [_reject_row(r, r.reason, r.detail) for r in pending[partition] if r.reason]
-        rejects += [{k: row[k] for k in ("key", "source", "reason", "detail")} for row in rows.values()
-                    if row["status"] != "ok"]
-        finalize_partition(layout, partition, [k for k, row in rows.items() if row["status"] == "ok"], rejects)
-
-    for partition in [k for k, keys in expected.items() if not keys]:
-        finish(partition)
-    if todo:
+    skipped.commit()
+    if listed.todo:
         _init_ray(config)
-        import ray
-
-        ray.data.DataContext.get_current().enable_progress_bars = False  # one bar: ours, counting images
-        bar = tqdm(total=len(todo), desc="preprocess", unit="img", disable=not config.progress, file=sys.stderr)
-
-        def collect(batches: list[dict[str, Any]], alone: bool = False) -> list[InputRecord]:
-            """Run the batches; return the inputs that never came back (their worker kept dying)."""
-            for batch in _dataset(config, batches, chash, alone).iter_batches(batch_size=None, batch_format="pandas"):
-                for row in batch.to_dict("records"):
-                    partition = int(row["partition"])
-                    if partition not in outcomes or row["key"] in outcomes[partition]:
-                        continue  # a retried batch reported again: already counted
-                    outcomes[partition][row["key"]] = {**row, **json.loads(row["outcome"])}
-                    bar.update(1)
-                    if len(outcomes[partition]) == len(expected[partition]):
-                        finish(partition)
-            return [r for r in todo if r.partition in outcomes and r.key not in outcomes[r.partition]]
-
-        # First in fixed batches; then whatever a dying worker took down, one input per batch.
-        missing = collect(fixed_batches(todo, config.stages.annotate.batch_size))
-        if missing:
-            missing = collect(fixed_batches(missing, 1), alone=True)
-        for record in missing:
-            retries = config.stages.annotate.crash_retries
-            outcomes[record.partition][record.key] = {
-                **_reject_row(record, "worker_crash", f"{record.source}: a worker process died on this input "
-                              f"alone {retries + 1} time(s) after dying on its batch; see the Ray worker logs "
-                              "for the signal"), "status": "rejected"}
-            bar.update(1)
-        for partition in list(outcomes):
-            finish(partition)
-        bar.close()
-    shutil.rmtree(layout.staging, ignore_errors=True)
-    summary = _write_manifest(config, layout, chash, records, listing, len(todo), time.perf_counter() - started)
+        _process(config, layout, lock, chash, listed)
+    layout.remove_scratch()
+    summary = _write_manifest(config, layout, chash, listed, sum(listed.todo.values()), time.perf_counter() - started)
     if config.qa_samples and summary.written:
         try:
             contact_sheet(layout.root, layout.root / "contact_sheet.png", config.qa_samples)
@@ -225,20 +265,80 @@ def _run_locked(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock)
     return summary
 
 
-def _write_manifest(config: PreprocessConfig, layout: ShardLayout, chash: str, records: list[InputRecord],
-                    listing: Listing, processed: int, seconds: float) -> JobSummary:
-    indexes = layout.finished_indexes()
-    rejects = layout.all_rejects()
-    written = sum(len(i["samples"]) for i in indexes)
-    counts = reject_counts(rejects)
-    skipped = reject_counts([s.row() for s in listing.skipped])
-    if written + len(rejects) != len(records) or len(records) + len(listing.skipped) != listing.seen:
-        raise RuntimeError(f"accounting error: {listing.seen} seen, {len(records)} inputs != {written} written + "
-                           f"{len(rejects)} rejected, {len(listing.skipped)} skipped")
+def _process(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock, chash: str, listed: _Listed) -> None:
+    """Run the pending partitions through the stages and hand each one, once all its inputs are
+    reported, to a finalize task."""
+    import ray
+    from tqdm import tqdm
+
+    for partition in listed.todo:
+        layout.unfinish(partition)
+    finalizer = _Finalizer(config, layout, lock, listed)
+    remaining = {k: n for k, n in listed.todo.items() if n}  # partition -> inputs its stages process
+    for partition in listed.todo.keys() - remaining.keys():
+        finalizer.submit(partition, [])  # every input rejected by the listing
+    outcomes: dict[int, dict[str, dict[str, Any]]] = {}  # only partitions with results in flight
+    context = ray.data.DataContext.get_current()  # datasets copy it when created: set before the first
+    context.enable_progress_bars = False  # one bar: ours, counting images
+    # A block whose worker died more than crash_retries times is dropped, not fatal: the driver sees its
+    # inputs missing and narrows them down (below).
+    context.max_errored_blocks = -1
+    bar = tqdm(total=sum(remaining.values()), desc="preprocess", unit="img", disable=not config.progress,
+               file=sys.stderr)
+
+    def collect(source: Any, alone: bool = False) -> None:
+        results = sample_stages(source, config, chash, alone)
+        for batch in results.iter_batches(batch_size=None, batch_format="pandas"):
+            for row in batch.to_dict("records"):
+                partition = int(row["partition"])
+                if partition not in remaining or row["key"] in outcomes.get(partition, {}):
+                    continue  # a retried batch reported again: already counted
+                rows = outcomes.setdefault(partition, {})
+                rows[row["key"]] = {**row, **json.loads(row["outcome"])}
+                bar.update(1)
+                if len(rows) == remaining[partition]:
+                    del remaining[partition]
+                    finalizer.submit(partition, list(outcomes.pop(partition).values()))
+
+    if remaining:
+        collect(_listing_source([str(layout.listing_file(k)) for k in sorted(remaining)]))
+    if remaining:  # what a dying worker took down: again, one input per batch
+        missing = [InputRecord(**fields) for k in sorted(remaining) for row in layout.read_listing(k)
+                   for fields in json.loads(row["inputs"]) if fields["key"] not in outcomes.get(k, {})]
+        collect(ray.data.from_items(fixed_batches(missing, 1), override_num_blocks=max(1, min(len(missing), 1000))),
+                alone=True)
+        for record in missing:
+            if record.partition not in remaining or record.key in outcomes.get(record.partition, {}):
+                continue
+            retries = config.stages.annotate.crash_retries
+            outcomes.setdefault(record.partition, {})[record.key] = {
+                **_reject_row(record, "worker_crash", f"{record.source}: a worker process died on this input "
+                              f"alone {retries + 1} time(s) after dying on its batch; see the Ray worker logs "
+                              "for the signal"), "status": "rejected"}
+            bar.update(1)
+        for partition in sorted(remaining):
+            finalizer.submit(partition, list(outcomes.pop(partition, {}).values()))
+    finalizer.drain()
+    bar.close()
+
+
+def _write_manifest(config: PreprocessConfig, layout: ShardLayout, chash: str, listed: _Listed, processed: int,
+                    seconds: float) -> JobSummary:
+    """The manifest from the partitions' indexes, read one at a time."""
+    written, rejected, shards = 0, Counter(), []
+    for partition in range(listed.partitions):
+        index = layout.read_index(partition)
+        written += len(index["samples"])
+        rejected.update(index["reasons"])
+        shards.append({"shard": index["shard"], "samples": len(index["samples"]), "sha256": index["sha256"]})
+    counts = dict(sorted(rejected.items()))
+    skipped = dict(sorted(listed.skipped.items()))
+    if written + sum(counts.values()) != listed.inputs or listed.inputs + sum(skipped.values()) != listed.seen:
+        raise RuntimeError(f"accounting error: {listed.seen} seen, {listed.inputs} inputs != {written} written + "
+                           f"{sum(counts.values())} rejected, {sum(skipped.values())} skipped")
     manifest = {
-        "seen": listing.seen, "inputs": len(records), "written": written, "rejected": counts, "skipped": skipped,
-        "shards": [{"shard": i["shard"], "samples": len(i["samples"]), "sha256": i["sha256"]} for i in indexes],
-        "config": config.model_dump(mode="json"), "config_hash": chash,
+        "seen": listed.seen, "inputs": listed.inputs, "written": written, "rejected": counts, "skipped": skipped,
+        "shards": shards, "config": config.model_dump(mode="json"), "config_hash": chash,
         "models": {name: data.get("model") for name in ("caption", "detect", "segment", "faces")
                    if (data := getattr(config.annotate, name)) is not None},
     }
@@ -246,9 +346,8 @@ def _write_manifest(config: PreprocessConfig, layout: ShardLayout, chash: str, r
         {k: manifest[k] for k in ("seen", "inputs", "written", "rejected", "skipped", "shards", "config_hash")},
         sort_keys=True
     ).encode()).hexdigest()[:16]
-    summary = JobSummary(seen=listing.seen, inputs=len(records), written=written, rejected=counts, skipped=skipped,
-                         shards=len(indexes),
-                         processed_now=processed, seconds=seconds,
+    summary = JobSummary(seen=listed.seen, inputs=listed.inputs, written=written, rejected=counts, skipped=skipped,
+                         shards=len(shards), processed_now=processed, seconds=seconds,
                          images_per_second=processed / seconds if seconds > 0 else 0.0)
     manifest["last_run"] = asdict(summary)
     write_json_atomic(layout.manifest, manifest)

@@ -1,15 +1,19 @@
-"""Shard layout on disk: staging, atomic finalisation, verification, the manifest, and reading back.
+"""Shard layout on disk: the listing, staging, atomic finalisation, verification, and reading back.
 
 ```
+<out>/listing/part-000003.jsonl          partition 3's fixed batches (the dataset's source rows), this run only
+<out>/listing/part-000003.rejects.jsonl  partition 3's inputs rejected by the listing itself, this run only
 <out>/staging/p000003/<batch hash>.tar   samples of partition 3 made by one batch (overwritten on retry)
 <out>/shards/shard-000003.tar            WebDataset tar, samples sorted by key, byte-reproducible
-<out>/shards/shard-000003.index.json     {"shard", "partition", "samples", "bytes", "sha256"}: written last
+<out>/shards/shard-000003.index.json     keys, counts, bytes and sha256 of the shard and its rejects: written last
 <out>/rejects/part-000003.jsonl          {"key", "source", "reason", "detail"} per rejected input
 <out>/skipped.jsonl                      {"source", "reason", "detail"} per entry the listing saw that is no input
 <out>/plan.json                          which job this folder belongs to (resume refuses another job)
 <out>/lock.json                          the lease of the job running in this folder (pipeline.lock)
 <out>/manifest.json                      seen, written, rejected and skipped by reason, shards, config, hashes
 ```
+All writes go through :func:`_write_atomic` (or :class:`JsonlStream`) and all reads through
+``Path.open`` here: a partial file is never visible under its final name.
 """
 
 from __future__ import annotations
@@ -20,16 +24,19 @@ import json
 import os
 import shutil
 import tarfile
+import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Literal
 
 import webdataset as wds
 
 from preprocess.sample import Sample
 
-__all__ = ["ShardLayout", "stage_samples", "read_staged", "finalize_partition", "reject_counts", "read_samples",
-           "write_json_atomic"]
+__all__ = ["ShardLayout", "JsonlStream", "stage_samples", "read_staged", "finalize_partition", "reject_counts",
+           "read_samples", "write_json_atomic"]
+
+Verify = Literal["size", "sha256"]
 
 
 class ShardLayout:
@@ -38,6 +45,7 @@ class ShardLayout:
         self.shards = self.root / "shards"
         self.rejects = self.root / "rejects"
         self.staging = self.root / "staging"
+        self.listing = self.root / "listing"
         self.plan = self.root / "plan.json"
         self.manifest = self.root / "manifest.json"
         self.lock = self.root / "lock.json"
@@ -55,28 +63,71 @@ class ShardLayout:
     def staging_dir(self, partition: int) -> Path:
         return self.staging / f"p{partition:06d}"
 
-    def is_finished(self, partition: int) -> bool:
-        """Shard, index and rejects all present and the shard's bytes match its index."""
-        shard, index, rejects = self.shard(partition), self.index(partition), self.rejects_file(partition)
-        if not (shard.is_file() and index.is_file() and rejects.is_file()):
-            return False
+    def listing_file(self, partition: int) -> Path:
+        return self.listing / f"part-{partition:06d}.jsonl"
+
+    def listing_rejects(self, partition: int) -> Path:
+        return self.listing / f"part-{partition:06d}.rejects.jsonl"
+
+    def read_index(self, partition: int) -> dict[str, Any]:
+        return json.loads(self.index(partition).read_text(encoding="utf-8"))
+
+    def is_finished(self, partition: int, verify: Verify = "size") -> bool:
+        """Shard, rejects and index present, and the shard and rejects match the sizes the index recorded
+        when they were written (``verify="sha256"``: their hashes too, reading both in full)."""
+        shard, rejects = self.shard(partition), self.rejects_file(partition)
         try:
-            recorded = json.loads(index.read_text(encoding="utf-8"))
-        except ValueError:
+            recorded = self.read_index(partition)
+            sizes = (shard.stat().st_size, rejects.stat().st_size)
+        except (OSError, ValueError):
             return False
-        return recorded.get("sha256") == _sha256(shard.read_bytes()) and recorded.get("partition") == partition
+        if recorded.get("partition") != partition or sizes != (recorded.get("bytes"), recorded.get("rejects_bytes")):
+            return False
+        return verify == "size" or (_file_sha256(shard), _file_sha256(rejects)) == (
+            recorded.get("sha256"), recorded.get("rejects_sha256"))
 
-    def finished_indexes(self) -> list[dict[str, Any]]:
-        return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(self.shards.glob("shard-*.index.json"))]
+    def unfinish(self, partition: int) -> None:
+        """Make ``partition`` pending: drop its index (what marks it finished) and any half-staged batches."""
+        self.index(partition).unlink(missing_ok=True)
+        shutil.rmtree(self.staging_dir(partition), ignore_errors=True)
 
-    def write_skipped(self, rows: list[dict[str, Any]]) -> None:
-        _write_atomic(self.skipped, _jsonl(sorted(rows, key=lambda r: (r["source"], r["reason"]))))
+    def write_listing(self, partition: int, batches: list[dict[str, Any]], rejects: list[dict[str, Any]]) -> None:
+        _write_atomic(self.listing_file(partition), _jsonl(batches))
+        _write_atomic(self.listing_rejects(partition), _jsonl(rejects))
+
+    def read_listing(self, partition: int) -> list[dict[str, Any]]:
+        """The fixed-batch rows :meth:`write_listing` wrote for ``partition``."""
+        return _read_jsonl(self.listing_file(partition))
 
     def all_rejects(self) -> list[dict[str, Any]]:
-        rows = []
-        for path in sorted(self.rejects.glob("part-*.jsonl")):
-            rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-        return rows
+        return [row for path in sorted(self.rejects.glob("part-*.jsonl")) for row in _read_jsonl(path)]
+
+    def remove_scratch(self) -> None:
+        """What only a running job needs: the listing and the staging folders."""
+        shutil.rmtree(self.listing, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+class JsonlStream:
+    """JSON lines written one at a time to a hidden temporary file beside ``path``; :meth:`commit` puts
+    the file in place atomically, :meth:`discard` removes it (a job that turns out not to own the folder)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        self._handle = self._tmp.open("wb")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._handle.write(_jsonl([row]))
+
+    def commit(self) -> None:
+        self._handle.close()
+        os.replace(self._tmp, self.path)
+
+    def discard(self) -> None:
+        self._handle.close()
+        self._tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -84,10 +135,25 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name unique to this attempt (two attempts of one task may overlap when a node
+    is presumed dead), then rename: readers see the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _jsonl(rows: list[dict[str, Any]]) -> bytes:
@@ -132,23 +198,33 @@ def read_staged(layout: ShardLayout, partition: int) -> dict[str, dict[str, Any]
 
 def finalize_partition(layout: ShardLayout, partition: int, written: list[str],
                        rejects: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pack the staged samples ``written`` into shard ``partition`` and write its rejects; the index
-    is written last, so a partition is finished exactly when its index is on disk and verifies."""
+    """Pack the staged samples ``written`` into shard ``partition``; its rejects are ``rejects`` plus the
+    inputs the listing rejected. The index is written last, so a partition is finished exactly when its
+    index is on disk and matches. Idempotent: a rerun of a finished call (a task retried after its node
+    died) returns the index it wrote."""
+    keys = sorted(set(written))
+    if layout.is_finished(partition) and layout.read_index(partition)["samples"] == keys:
+        return layout.read_index(partition)
     staged = read_staged(layout, partition)
-    missing = sorted(set(written) - set(staged))
+    missing = sorted(set(keys) - set(staged))
     if missing:
         raise RuntimeError(f"partition {partition}: staged samples missing for keys {missing[:5]}")
-    data = _tar_bytes([staged[key] for key in sorted(set(written))])
+    listed = layout.listing_rejects(partition)
+    rejects = sorted([*rejects, *(_read_jsonl(listed) if listed.is_file() else [])],
+                     key=lambda r: (r["key"], r["source"]))
+    data = _tar_bytes([staged[key] for key in keys])
+    rejects_data = _jsonl(rejects)
     _write_atomic(layout.shard(partition), data)
-    _write_atomic(layout.rejects_file(partition), _jsonl(sorted(rejects, key=lambda r: (r["key"], r["source"]))))
-    index = {"shard": layout.shard(partition).name, "partition": partition, "samples": sorted(set(written)),
-             "rejected": len(rejects), "bytes": len(data), "sha256": _sha256(data)}
+    _write_atomic(layout.rejects_file(partition), rejects_data)
+    index = {"shard": layout.shard(partition).name, "partition": partition, "samples": keys,
+             "rejected": len(rejects), "reasons": reject_counts(rejects), "bytes": len(data), "sha256": _sha256(data),
+             "rejects_bytes": len(rejects_data), "rejects_sha256": _sha256(rejects_data)}
     write_json_atomic(layout.index(partition), index)
     shutil.rmtree(layout.staging_dir(partition), ignore_errors=True)
     return index
 
 
-def reject_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+def reject_counts(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(Counter(r["reason"] for r in rows).items()))
 
 

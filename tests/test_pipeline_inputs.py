@@ -19,8 +19,9 @@ from PIL import Image
 from pipeline.config import InputConfig
 from pipeline.example_inputs import photo, write_caption_shard
 from pipeline.importer import AnnotationImporter, read_segmentation_map
-from pipeline.inputs import assign_partitions, list_inputs, make_key
+from pipeline.inputs import DigestTable, assign_partitions, iter_listing, list_inputs, make_key
 from pipeline.lock import OutputLock, OutputLocked
+from pipeline.shards import ShardLayout, finalize_partition, stage_samples
 from preprocess.crops import CropConfig, square_box
 from preprocess.image_io import ImageConfig, ImageRejected, check_decode_budget, load_image
 from preprocess.sample import Sample
@@ -113,6 +114,80 @@ def test_damaged_tars_yield_their_readable_samples_and_a_reject_naming_the_tar(t
     assert "corrupt member header" in damaged["corrupt.tar"] and "2 sample(s) read" in damaged["corrupt.tar"]
     assert sorted(ok) == sorted([f"{t}:00000000{i}.jpg" for t in ("cut.tar", "corrupt.tar") for i in (0, 1)]
                                 + [f"ok.tar:00000000{i}.jpg" for i in range(3)])
+
+
+def test_partitions_are_runs_of_the_listing_sorted_by_key_inside(tmp_path):
+    """Input i of the (deterministic) listing is in partition i // shard_size; inside a partition, key order."""
+    for index in range(7):
+        (tmp_path / f"{index:02d}.jpg").write_bytes(b"x")
+    listed = [r.source for r in list_inputs(InputConfig(kind="folder", path=str(tmp_path))).inputs]
+    assert listed == sorted(listed)  # names sorted within a folder
+    records = assign_partitions(list_inputs(InputConfig(kind="folder", path=str(tmp_path))).inputs, 3)
+    assert [r.partition for r in records] == [0, 0, 0, 1, 1, 1, 2]
+    for partition in range(3):
+        members = [r for r in records if r.partition == partition]
+        assert {r.source for r in members} == set(listed[3 * partition : 3 * partition + 3])
+        assert [r.key for r in members] == sorted(r.key for r in members)
+
+
+def test_a_tar_repeating_a_sample_key_gives_a_duplicate_key_naming_the_first(tmp_path):
+    import webdataset as wds
+
+    jpeg = io.BytesIO()
+    photo("chelsea").resize((32, 32)).save(jpeg, format="JPEG")
+    with wds.TarWriter(str(tmp_path / "a.tar"), encoder=False) as writer:
+        for key in ("s1", "s2", "s1"):  # not consecutive: two samples with one key
+            writer.write({"__key__": key, "jpg": jpeg.getvalue()})
+    records = list_inputs(InputConfig(kind="shards", path=str(tmp_path))).inputs
+    assert [r.reason for r in records] == ["", "", "duplicate_key"]
+    assert records[2].key == records[0].key and "a.tar:s1.jpg" in records[2].detail
+
+
+def test_listing_streams_and_its_duplicate_table_is_compact(tmp_path):
+    """The listing is a generator (a driver never holds it whole); the duplicate check keeps 64-bit
+    digests, at most 46 bytes per input, and finds every repeat."""
+    lines = [f"img/{i}.jpg" for i in range(3000)]
+    (tmp_path / "list.txt").write_text("\n".join(lines + lines[:10]))
+    stream = iter_listing(InputConfig(kind="list", path=str(tmp_path / "list.txt")))
+    assert next(stream).source == "img/0.jpg"  # the first input comes before the rest is read
+    rest = list(stream)
+    assert sum(1 for r in rest if getattr(r, "reason", "") == "duplicate") == 10 and len(rest) == 3009
+    table = DigestTable()
+    for i in range(100_000):
+        assert table.setdefault(f"key {i}", i) is None
+    assert [table.setdefault(f"key {i}", -1) for i in (0, 512, 99_999)] == [0, 512, 99_999]
+    assert len(table) == 100_000 and (table._digests.nbytes + table._values.nbytes) / len(table) <= 46
+
+
+def test_finalize_is_idempotent_and_resume_trusts_size_or_checks_sha256(tmp_path):
+    """The index records bytes and sha256 when the shard is written; ``size`` trusts a shard of the right
+    size (a flipped byte passes), ``sha256`` does not; a truncated shard fails both. A finalize rerun
+    after success (a retried task) returns the same index without the staged samples."""
+    from pipeline.importer import AnnotationImporter
+
+    layout = ShardLayout(tmp_path / "out")
+    paths = write_mmdiff(tmp_path / "in")
+    importer = AnnotationImporter(CropConfig(size=32, margin=0.1))
+    samples = []
+    for path in paths:
+        loaded = load_image(path.read_bytes(), path.name, ImageConfig(max_side=128, min_side=16))
+        samples += [s.to_wds() for s in importer([path.stem.replace(".", "_")], [loaded.image],
+                                                 [str(path.with_suffix(".json"))], [loaded.original_size])]
+    stage_samples(layout, 0, samples)
+    reject = {"key": "k", "source": "k.jpg", "reason": "too_small", "detail": "1x1"}
+    index = finalize_partition(layout, 0, [s["__key__"] for s in samples], [reject])
+    assert index["bytes"] == layout.shard(0).stat().st_size and index["reasons"] == {"too_small": 1}
+    assert not layout.staging_dir(0).exists()
+    assert finalize_partition(layout, 0, [s["__key__"] for s in samples], [reject]) == index
+    assert layout.is_finished(0, "size") and layout.is_finished(0, "sha256")
+    data = bytearray(layout.shard(0).read_bytes())
+    data[700] ^= 0xFF
+    layout.shard(0).write_bytes(bytes(data))
+    assert layout.is_finished(0, "size") and not layout.is_finished(0, "sha256")
+    layout.shard(0).write_bytes(bytes(data[:-512]))
+    assert not layout.is_finished(0, "size") and not layout.is_finished(0, "sha256")
+    layout.rejects_file(0).write_text("")
+    assert not layout.is_finished(0, "size")
 
 
 # -- decode budget ---------------------------------------------------------------------------------

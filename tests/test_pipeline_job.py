@@ -227,10 +227,37 @@ def test_resume_after_interruption_matches_uninterrupted_run(ray_session, annota
         path.unlink()
     cfg = import_config(annotated_inputs, out)
     summary = run_job(cfg)
-    redo = [r for r in assign_partitions(list_inputs(cfg.input).inputs, 4) if r.partition in (1, 2, 5) and not r.reason]
-    assert summary.processed_now == len(redo) and summary.inputs == INPUTS
+    assert summary.processed_now == processed_inputs(cfg, {1, 2, 5}) and summary.inputs == INPUTS
     assert output_files(out) == output_files(uninterrupted)
     assert not layout.staging.exists()
+
+
+def processed_inputs(cfg: PreprocessConfig, partitions: set[int]) -> int:
+    """Inputs of ``partitions`` that the stages process (the listing rejects the others itself)."""
+    return len([r for r in assign_partitions(list_inputs(cfg.input).inputs, cfg.output.shard_size)
+                if r.partition in partitions and not r.reason])
+
+
+def test_resume_trusts_recorded_sizes_and_checks_sha256_on_request(ray_session, annotated_inputs, uninterrupted,
+                                                                   tmp_path):
+    """output.verify=size (default) trusts a shard whose size matches its index (nothing is read), so a
+    same-size corruption stays; verify=sha256 reads every shard and redoes it. A truncated shard or rejects
+    file is redone under both."""
+    out = tmp_path / "out"
+    shutil.copytree(uninterrupted, out)
+    layout = ShardLayout(out)
+    flipped = bytearray(layout.shard(3).read_bytes())
+    flipped[700] ^= 0xFF  # inside the first member's data: same size, other bytes
+    layout.shard(3).write_bytes(bytes(flipped))
+    layout.shard(4).write_bytes(layout.shard(4).read_bytes()[:-512])
+    layout.rejects_file(6).write_text("")
+    cfg = import_config(annotated_inputs, out)
+    summary = run_job(cfg)
+    assert summary.processed_now == processed_inputs(cfg, {4, 6}) > 0
+    assert layout.shard(3).read_bytes() == bytes(flipped)
+    summary = run_job(import_config(annotated_inputs, out, **{"output.verify": "sha256"}))
+    assert summary.processed_now == processed_inputs(cfg, {3}) > 0
+    assert output_files(out) == output_files(uninterrupted)
 
 
 def test_a_different_job_cannot_reuse_an_output_folder(ray_session, annotated_inputs, uninterrupted):
