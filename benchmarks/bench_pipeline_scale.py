@@ -1,16 +1,17 @@
 """The preprocessing driver's memory and time as the input count grows: does the driver stay bounded?
 
-The real job (``python -m pipeline.preprocess`` on an embedded Ray, in a subprocess) runs twice on a
-folder of small generated PNGs, ``--small`` and ``--large`` images, with the cheapest operator the job
-accepts (:class:`BareSampler`: each image becomes a sample without subjects), so what grows with the
-input count is the job's own bookkeeping, not model work. Generating the images is not measured.
+The real job (``python -m pipeline.preprocess`` on an embedded Ray, in a subprocess) runs on a folder of
+small generated PNGs, ``--small`` and ``--large`` images, ``--repeats`` times each (alternating; figures
+are the medians), with the cheapest operator the job accepts (:class:`BareSampler`: each image becomes a
+sample without subjects), so what grows with the input count is the job's own bookkeeping, not model
+work. Generating the images is not measured.
 
 The driver is that subprocess alone: its peak RSS is the kernel's high-water mark (``VmHWM`` in
 ``/proc/<pid>/status``), read every 50 ms until it exits. Ray's own processes (GCS, raylet, workers; the
 driver's descendants) are reported apart, as the peak of their summed RSS (shared object-store pages count
 once per process that maps them).
 
-    python -m benchmarks.bench_pipeline_scale [--small 1000] [--large 10000] [--label baseline]
+    python -m benchmarks.bench_pipeline_scale [--small 1000] [--large 10000] [--repeats 3] [--label baseline]
 
 Writes benchmarks/results/bench_pipeline_scale.json (``--label X``: bench_pipeline_scale_X.json) with
 ``small_inputs``, ``large_inputs`` and ``driver_peak_rss_ratio`` (large / small; the goal is <= 1.2).
@@ -21,7 +22,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -136,19 +139,25 @@ def job_config(images: Path, out: Path) -> dict:
     }
 
 
-def measure(tmp: Path, count: int, time_limit: float) -> dict:
-    images = tmp / f"images-{count}"
-    write_images(images, count)
-    config = tmp / f"job-{count}.yaml"
-    config.write_text(yaml.safe_dump(job_config(images, tmp / f"out-{count}")))
+def run_job(images: Path, count: int, out: Path, time_limit: float) -> dict:
+    """One measured run of the job over ``images`` (``count`` of them) into ``out``."""
+    config = out.with_suffix(".yaml")
+    config.write_text(yaml.safe_dump(job_config(images, out)))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
     run = run_measured([sys.executable, "-m", "pipeline.preprocess", "--config", str(config)], env, time_limit)
+    shutil.rmtree(out)  # the shards of a 100k run are a gigabyte
     line = next((x for x in run.pop("output").splitlines() if x.startswith("preprocess: ")), "")
     if f"{count} inputs -> {count} written" not in line:
         raise RuntimeError(f"the job did not write all {count} inputs: {line!r}")
     print(f"  {count} inputs: {run['wall_seconds']:.1f} s, driver peak RSS {run['driver_peak_rss_mib']:.0f} MiB, "
           f"Ray processes {run['ray_processes_peak_rss_mib']:.0f} MiB", flush=True)
-    return {"inputs": count, **run, "job_line": line}
+    return {**run, "job_line": line}
+
+
+def median_run(count: int, runs: list[dict]) -> dict:
+    """The median of each figure over ``runs``, with the runs themselves."""
+    figures = ("wall_seconds", "driver_peak_rss_mib", "ray_processes_peak_rss_mib")
+    return {"inputs": count, **{k: statistics.median(r[k] for r in runs) for k in figures}, "runs": runs}
 
 
 def revision() -> str:
@@ -163,13 +172,21 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=1000, help="images in the small run")
     parser.add_argument("--large", type=int, default=10000, help="images in the large run")
     parser.add_argument("--label", default="", help="write bench_pipeline_scale_<label>.json (e.g. baseline)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per size; figures are their medians")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds one job may run")
     args = parser.parse_args()
-    if args.large < args.small:
-        raise SystemExit(f"--large {args.large} is smaller than --small {args.small}")
+    if not 0 < args.small < args.large:
+        raise SystemExit(f"need 0 < --small < --large, got {args.small} and {args.large}")
+    runs: dict[int, list[dict]] = {args.small: [], args.large: []}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        small = measure(Path(tmp), args.small, args.time_limit)
-        large = measure(Path(tmp), args.large, args.time_limit)
+        tmp = Path(tmp)
+        for count in runs:
+            write_images(tmp / f"images-{count}", count)
+        for round_index in range(args.repeats):  # alternating, so a change in the machine's load hits both sizes
+            for count in runs:
+                runs[count].append(run_job(tmp / f"images-{count}", count, tmp / f"out-{count}-{round_index}",
+                                           args.time_limit))
+    small, large = median_run(args.small, runs[args.small]), median_run(args.large, runs[args.large])
     ratio = large["driver_peak_rss_mib"] / small["driver_peak_rss_mib"]
     growth = (large["driver_peak_rss_mib"] - small["driver_peak_rss_mib"]) * MIB / (args.large - args.small)
     result = {
