@@ -11,7 +11,11 @@ The driver is that subprocess alone: its peak RSS is the kernel's high-water mar
 driver's descendants) are reported apart, as the peak of their summed RSS (shared object-store pages count
 once per process that maps them).
 
-    python -m benchmarks.bench_pipeline_scale [--small 1000] [--large 10000] [--repeats 3] [--label baseline]
+    python -m benchmarks.bench_pipeline_scale [--small 1000] [--large 10000] [--repeats 3] [--trace] [--label baseline]
+
+``--trace`` adds one run per size with the driver under tracemalloc (started after the job's modules are
+imported): the driver's Python heap peak, and the job's own source lines that hold most of it at the
+largest heap seen, which is where to look when the driver grows with the input count.
 
 Writes benchmarks/results/bench_pipeline_scale.json (``--label X``: bench_pipeline_scale_X.json) with
 ``small_inputs``, ``large_inputs`` and ``driver_peak_rss_ratio`` (large / small; the goal is <= 1.2).
@@ -20,6 +24,7 @@ Writes benchmarks/results/bench_pipeline_scale.json (``--label X``: bench_pipeli
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -139,16 +144,69 @@ def job_config(images: Path, out: Path) -> dict:
     }
 
 
-def run_job(images: Path, count: int, out: Path, time_limit: float) -> dict:
-    """One measured run of the job over ``images`` (``count`` of them) into ``out``."""
+def _own_code_sites(snapshot, count: int) -> list[dict]:
+    """The ``count`` largest allocation sites, each trace charged to its innermost frame in this repository's
+    code (outside .venv and the standard library), so the job's own lines show, not the library internals
+    they call; traces with no such frame (imports, Ray's threads) are left out."""
+    own, venv = str(ROOT) + "/", str(ROOT / ".venv") + "/"
+    sites: dict[str, list[int]] = {}
+    for trace in snapshot.traces:
+        frame = next((f for f in reversed(trace.traceback) if f.filename.startswith(own)
+                      and not f.filename.startswith(venv)), None)
+        if frame is not None:
+            site = sites.setdefault(f"{frame.filename.removeprefix(own)}:{frame.lineno}", [0, 0])
+            site[0] += trace.size
+            site[1] += 1
+    largest = sorted(sites.items(), key=lambda item: -item[1][0])[:count]
+    return [{"site": site, "bytes": size, "blocks": blocks} for site, (size, blocks) in largest]
+
+
+def traced_driver(config: str) -> dict:
+    """Runs as the driver: the job's own ``main`` with tracemalloc on. Returns the Python heap's peak and,
+    for the largest heap seen (snapshotted whenever it grew 5 % past the last snapshot, so the peak is
+    caught and snapshots stay few), its size and the job's own lines that allocated most of it."""
+    import tracemalloc
+
+    import ray.data  # noqa: F401 - imported before tracing: the heap then holds the job's data, not modules
+    import tqdm  # noqa: F401
+
+    from pipeline.preprocess import main as job_main
+
+    tracemalloc.start(32)
+    largest: dict = {"bytes": 0, "sites": []}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.25):
+            current, _ = tracemalloc.get_traced_memory()
+            if current > 1.05 * largest["bytes"]:
+                largest.update(bytes=current, sites=_own_code_sites(tracemalloc.take_snapshot(), 12))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    code = job_main(["--config", config])
+    done.set()
+    watcher.join()
+    return {"exit": code, "python_heap_peak": tracemalloc.get_traced_memory()[1], "largest_heap": largest}
+
+
+def run_job(images: Path, count: int, out: Path, time_limit: float, traced: bool = False) -> dict:
+    """One measured run of the job over ``images`` (``count`` of them) into ``out``; ``traced``: through
+    :func:`traced_driver` (its RSS is inflated by tracemalloc, its Python heap figures are what counts)."""
     config = out.with_suffix(".yaml")
     config.write_text(yaml.safe_dump(job_config(images, out)))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}
-    run = run_measured([sys.executable, "-m", "pipeline.preprocess", "--config", str(config)], env, time_limit)
+    driver = ["benchmarks.bench_pipeline_scale", "--traced-driver"] if traced else ["pipeline.preprocess", "--config"]
+    run = run_measured([sys.executable, "-m", *driver, str(config)], env, time_limit)
     shutil.rmtree(out)  # the shards of a 100k run are a gigabyte
-    line = next((x for x in run.pop("output").splitlines() if x.startswith("preprocess: ")), "")
+    lines = run.pop("output").splitlines()
+    line = next((x for x in lines if x.startswith("preprocess: ")), "")
     if f"{count} inputs -> {count} written" not in line:
         raise RuntimeError(f"the job did not write all {count} inputs: {line!r}")
+    if traced:
+        heap = json.loads(next(x for x in lines if x.startswith("HEAP "))[5:])
+        print(f"  {count} inputs, traced: driver Python heap peak {heap['python_heap_peak'] / MIB:.1f} MiB", flush=True)
+        return {"python_heap_peak_mib": round(heap["python_heap_peak"] / MIB, 2), "largest_heap": heap["largest_heap"]}
     print(f"  {count} inputs: {run['wall_seconds']:.1f} s, driver peak RSS {run['driver_peak_rss_mib']:.0f} MiB, "
           f"Ray processes {run['ray_processes_peak_rss_mib']:.0f} MiB", flush=True)
     return {**run, "job_line": line}
@@ -174,7 +232,13 @@ def main() -> None:
     parser.add_argument("--label", default="", help="write bench_pipeline_scale_<label>.json (e.g. baseline)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per size; figures are their medians")
     parser.add_argument("--time-limit", type=float, default=900, help="seconds one job may run")
+    parser.add_argument("--trace", action="store_true",
+                        help="one more run per size with tracemalloc in the driver: its Python heap and the lines that fill it")
+    parser.add_argument("--traced-driver", metavar="CONFIG", help=argparse.SUPPRESS)  # the measured process
     args = parser.parse_args()
+    if args.traced_driver:
+        print("HEAP " + json.dumps(traced_driver(args.traced_driver)), flush=True)
+        return
     if not 0 < args.small < args.large:
         raise SystemExit(f"need 0 < --small < --large, got {args.small} and {args.large}")
     runs: dict[int, list[dict]] = {args.small: [], args.large: []}
@@ -186,7 +250,9 @@ def main() -> None:
             for count in runs:
                 runs[count].append(run_job(tmp / f"images-{count}", count, tmp / f"out-{count}-{round_index}",
                                            args.time_limit))
-    small, large = median_run(args.small, runs[args.small]), median_run(args.large, runs[args.large])
+        traced = {count: run_job(tmp / f"images-{count}", count, tmp / f"out-{count}-traced", args.time_limit, True)
+                  for count in runs if args.trace}
+    small, large = (median_run(n, runs[n]) for n in (args.small, args.large))
     ratio = large["driver_peak_rss_mib"] / small["driver_peak_rss_mib"]
     growth = (large["driver_peak_rss_mib"] - small["driver_peak_rss_mib"]) * MIB / (args.large - args.small)
     result = {
@@ -201,6 +267,14 @@ def main() -> None:
     print(f"bench_pipeline_scale: {args.small} -> {args.large} inputs: driver peak RSS "
           f"{small['driver_peak_rss_mib']:.0f} -> {large['driver_peak_rss_mib']:.0f} MiB (ratio {ratio:.2f}, "
           f"{growth:.0f} bytes per extra input), wall {small['wall_seconds']:.0f} -> {large['wall_seconds']:.0f} s")
+    if traced:
+        heap = {n: traced[n]["python_heap_peak_mib"] for n in traced}
+        heap_growth = (heap[args.large] - heap[args.small]) * MIB / (args.large - args.small)
+        result["traced"] = {"driver_python_heap_peak_mib": {str(n): v for n, v in heap.items()},
+                            "driver_python_heap_growth_bytes_per_input": round(heap_growth),
+                            "largest_driver_heap_of_large_run": traced[args.large]["largest_heap"]}
+        print(f"bench_pipeline_scale: driver Python heap {heap[args.small]:.1f} -> {heap[args.large]:.1f} MiB "
+              f"({heap_growth:.0f} bytes per extra input)")
     write_result("bench_pipeline_scale" + (f"_{args.label}" if args.label else ""), result)
 
 
