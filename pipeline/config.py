@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -25,7 +25,10 @@ class InputConfig(ConfigModel):
     """
 
     kind: Literal["folder", "list", "shards"]
-    path: str
+    path: str  # a local path or a URL of any fsspec filesystem installed (s3://bucket/prefix, gs://...)
+    # options of that filesystem (s3: endpoint_url, key, secret, client_kwargs, ...); empty: its defaults
+    # (for S3 the AWS_* environment variables and ~/.aws). Never written to the manifest.
+    storage_options: dict[str, Any] = {}
     annotated: bool = False
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -37,7 +40,8 @@ class InputConfig(ConfigModel):
 
 
 class OutputConfig(ConfigModel):
-    path: str
+    path: str  # a local path or s3://bucket/prefix (pipeline.storage: what an output needs)
+    storage_options: dict[str, Any] = {}  # as input.storage_options
     shard_size: int = 256  # inputs per partition; shard k holds the accepted samples of partition k
     # the job holds <out>/lock.json while it runs, refreshed every lease_seconds / 4; another job takes
     # the folder over only when the lease is older than this (or its driver is gone from this host)

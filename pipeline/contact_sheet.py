@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.shards import read_samples
+from pipeline.storage import Location
 from preprocess.sample import Sample
 
 __all__ = ["draw_sample", "contact_sheet", "COLOURS"]
@@ -45,8 +47,9 @@ def draw_sample(sample: Sample, tile: int) -> Image.Image:
     return panel
 
 
-def contact_sheet(output: str | Path, png: str | Path, samples: int = 16, tile: int = 256, columns: int = 4) -> Path:
-    """Draw the first ``samples`` samples of a finished output folder into ``png``."""
+def contact_sheet(output: str | Path | Location, png: str | Path | Location, samples: int = 16, tile: int = 256,
+                  columns: int = 4) -> Location:
+    """Draw the first ``samples`` samples of a finished output folder (local or object store) into ``png``."""
     panels = [draw_sample(s, tile) for s in itertools.islice(read_samples(output), samples)]
     if not panels:
         raise ValueError(f"{output}: no samples in its shards to draw")
@@ -56,9 +59,10 @@ def contact_sheet(output: str | Path, png: str | Path, samples: int = 16, tile: 
     sheet = Image.new("RGB", (columns * tile, rows * height), (128, 128, 128))
     for index, panel in enumerate(panels):
         sheet.paste(panel, ((index % columns) * tile, (index // columns) * height))
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(png)
+    png = png if isinstance(png, Location) else Location(png)
+    encoded = io.BytesIO()
+    sheet.save(encoded, format="PNG")
+    png.write_atomic(encoded.getvalue())
     return png
 
 
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--png", default=None, help="default: <output>/contact_sheet.png")
     args = parser.parse_args(argv)
-    path = contact_sheet(args.output, args.png or Path(args.output) / "contact_sheet.png", args.samples)
+    path = contact_sheet(args.output, args.png or Location(args.output) / "contact_sheet.png", args.samples)
     print(f"contact sheet: {path}")
     return 0
 

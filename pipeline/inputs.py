@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import os
+import posixpath
 import re
 import stat
 import tarfile
@@ -34,10 +36,12 @@ import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline.config import InputConfig
+from pipeline.storage import Location, UnsupportedStorage
 
 __all__ = ["InputRecord", "Skip", "Listing", "DigestTable", "make_key", "iter_listing", "list_inputs",
            "iter_partitions", "assign_partitions", "read_bytes"]
@@ -136,7 +140,10 @@ def make_key(relative: str) -> str:
 
 def iter_listing(config: InputConfig) -> Iterator[InputRecord | Skip]:
     """Everything under ``config.path``, inputs and skips, in listing order, one at a time."""
-    root = Path(config.path)
+    root = Location(config.path, config.storage_options)
+    if config.annotated and not root.is_local:
+        raise UnsupportedStorage(f"input.path {root}: annotated inputs are imported from local files (the "
+                                 "annotation beside each image); copy them to a local folder first")
     if not root.exists():
         raise FileNotFoundError(f"input.path {root} does not exist")
     extensions = tuple(e.lower() for e in config.extensions)
@@ -144,13 +151,14 @@ def iter_listing(config: InputConfig) -> Iterator[InputRecord | Skip]:
         yield from _list_file(root, extensions, config.annotated)  # keys already unique (duplicate lines)
         return
     if config.kind == "folder":
-        entries = _walk_folder(root, extensions + ANNOTATION_EXTENSIONS if config.annotated else extensions)
+        entries = _walk(root, extensions + ANNOTATION_EXTENSIONS if config.annotated else extensions)
         items = _annotated_images(entries) if config.annotated else _flatten(entries)
         records: Iterator[InputRecord | Skip] = (
             item if isinstance(item, Skip) else _file_record(*item, annotated=config.annotated) for item in items)
     else:
-        tars = _flatten(_walk_folder(root, (".tar",))) if root.is_dir() else iter([(str(root), root.name)])
-        records = (r for tar in tars for r in ([tar] if isinstance(tar, Skip) else _tar_records(*tar)))
+        tars = _flatten(_walk(root, (".tar",))) if root.is_dir() else iter([(root.url, root.name)])
+        records = (r for tar in tars
+                   for r in ([tar] if isinstance(tar, Skip) else _tar_records(Location(tar[0], root.options), tar[1])))
     keys = DigestTable()
     position = 0
     for item in records:
@@ -199,15 +207,16 @@ class NotAFileError(OSError):
     """A path that exists but is not a regular file (a directory, a FIFO): never opened for reading."""
 
 
-def read_bytes(record: InputRecord) -> bytes:
-    # stat first: opening a FIFO would block the worker forever
-    if not stat.S_ISREG(os.stat(record.path).st_mode):
+def read_bytes(record: InputRecord, storage_options: dict[str, Any] | None = None) -> bytes:
+    """The input's bytes: its file, or its member's byte range inside a tar (one ranged request on an
+    object store). ``storage_options``: the job's ``input.storage_options``."""
+    location = Location(record.path, storage_options or {})
+    # stat first: opening a FIFO would block the worker forever (object stores hold only objects)
+    if location.is_local and not stat.S_ISREG(os.stat(location.path).st_mode):
         raise NotAFileError(f"{record.path} is not a regular file")
-    with open(record.path, "rb") as handle:
-        if record.offset < 0:
-            return handle.read()
-        handle.seek(record.offset)
-        return handle.read(record.size)
+    if record.offset < 0:
+        return location.read_bytes()
+    return location.read_bytes(record.offset, record.offset + record.size)
 
 
 # -- folders and lists -----------------------------------------------------------------------------
@@ -225,6 +234,10 @@ def _classify(path: str, relative: str) -> os.stat_result | Skip:
 
 
 FolderEntries = Iterator[list[tuple[str, str] | Skip]]
+
+
+def _walk(root: Location, extensions: tuple[str, ...]) -> FolderEntries:
+    return _walk_folder(Path(root.path), extensions) if root.is_local else _walk_objects(root, extensions)
 
 
 def _walk_folder(root: Path, extensions: tuple[str, ...]) -> FolderEntries:
@@ -280,6 +293,28 @@ def _walk_folder(root: Path, extensions: tuple[str, ...]) -> FolderEntries:
         yield out
 
 
+def _walk_objects(root: Location, extensions: tuple[str, ...]) -> FolderEntries:
+    """:func:`_walk_folder` for an object store, in the same order (so a folder copied there lists, keys and
+    partitions the same): per folder (prefix), its objects with one of ``extensions`` as (URL, path
+    relative to root), the others as ``unsupported_extension``; one listing request per folder and page."""
+    stack = [(root, "")]
+    while stack:
+        folder, prefix = stack.pop()
+        out: list[tuple[str, str] | Skip] = []
+        for child, is_folder in folder.entries():
+            relative = f"{prefix}{child.name}"
+            suffix = posixpath.splitext(child.name)[1]
+            if is_folder:
+                if suffix.lower() in extensions:
+                    out.append(Skip(relative, "not_a_file", "a folder named like an image (its contents are listed)"))
+                stack.append((child, relative + "/"))
+            elif suffix.lower() not in extensions:
+                out.append(Skip(relative, "unsupported_extension", suffix or "no extension"))
+            else:
+                out.append((child.url, relative))
+        yield out
+
+
 def _inside(real: str, real_root: str, extensions: tuple[str, ...]) -> str:
     """``real`` relative to ``real_root`` if the walk lists it under that name (inside, listed extension)."""
     relative = os.path.relpath(real, real_root)
@@ -319,20 +354,22 @@ def _file_record(path: str, relative: str, annotated: bool = False) -> InputReco
                        annotation=os.path.splitext(path)[0] + ".json" if annotated else "")
 
 
-def _list_file(list_path: Path, extensions: tuple[str, ...], annotated: bool) -> Iterator[InputRecord | Skip]:
+def _list_file(list_file: Location, extensions: tuple[str, ...], annotated: bool) -> Iterator[InputRecord | Skip]:
     """One input per line; paths are normalised (``a/x.jpg``, ``./a/x.jpg`` and its absolute path are one
     input, found by the digest of its key: a later line with the same key is a ``duplicate``) and keyed
-    relative to the list's folder."""
-    base = os.path.abspath(list_path.parent)
+    relative to the list's folder. A list on an object store names objects relative to its own prefix
+    (or as full URLs); each line costs one metadata request there."""
+    base = list_file.parent
     first_line = DigestTable()
-    with open(list_path, encoding="utf-8", errors="surrogateescape") as lines:
+    with list_file.open() as raw_lines, io.TextIOWrapper(raw_lines, "utf-8", "surrogateescape") as lines:
         for number, raw in enumerate(lines, 1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
-            source = f"{list_path.name}:{number}:{line}"
-            path = os.path.normpath(os.path.join(base, line))
-            relative = os.path.relpath(path, base)
+            source = f"{list_file.name}:{number}:{line}"
+            target = base.resolve(line)
+            path = target.url
+            relative = posixpath.relpath(target.path, base.path) if target.protocol == base.protocol else path
             if os.path.splitext(path)[1].lower() not in extensions:
                 yield Skip(source, "unsupported_extension", os.path.splitext(path)[1] or "no extension")
                 continue
@@ -341,34 +378,36 @@ def _list_file(list_path: Path, extensions: tuple[str, ...], annotated: bool) ->
                 yield Skip(source, "duplicate", f"same file as line {earlier}")
                 continue
             try:
-                info = _classify(path, source)
+                info = _classify(path, source) if target.is_local else target.kind()
             except FileNotFoundError:
                 record.reason, record.detail = "missing_file", f"{path} does not exist (list line {number})"
                 yield record
                 continue
             if isinstance(info, Skip):
                 yield info
-            elif not stat.S_ISREG(info.st_mode):
+            elif isinstance(info, str) and info != "file":
+                yield Skip(source, "not_a_file", f"an object-store {info}")
+            elif isinstance(info, os.stat_result) and not stat.S_ISREG(info.st_mode):
                 yield Skip(source, "not_a_file", f"file type {stat.filemode(info.st_mode)[0]!r}")
             else:
                 yield record
 
 
 # -- tars ------------------------------------------------------------------------------------------
-def _tar_records(tar_path: str, relative: str) -> list[InputRecord | Skip]:
+def _tar_records(tar: Location, relative: str) -> list[InputRecord | Skip]:
     """One record per sample (WebDataset: consecutive members sharing a key) that has an image member;
     a ``txt`` member is its caption; a sample key the tar repeats is a ``duplicate_key``. A damaged tar
     yields the samples that can be read in full plus one ``damaged_tar`` record naming the tar and what
     was lost."""
-    size = os.path.getsize(tar_path)
+    size = tar.size()
     out: list[InputRecord | Skip] = []
     groups: list[tuple[str, dict[str, tarfile.TarInfo], list[str]]] = []
     lost: list[str] = []
     problem = ""
     end = 0
     try:
-        with tarfile.open(tar_path, "r:") as tar:
-            for info in tar:
+        with tar.open() as stream, tarfile.open(fileobj=stream, mode="r:") as archive:
+            for info in archive:
                 end = info.offset_data + info.size
                 if end > size:
                     lost.append(info.name)
@@ -385,9 +424,9 @@ def _tar_records(tar_path: str, relative: str) -> list[InputRecord | Skip]:
                     groups.append((sample_key, {}, [""]))
                 groups[-1][1][extension.lower() if dot else ""] = info
                 if extension.lower() == "txt":
-                    groups[-1][2][0] = tar.extractfile(info).read().decode("utf-8", "replace").strip()
+                    groups[-1][2][0] = archive.extractfile(info).read().decode("utf-8", "replace").strip()
             if not problem:
-                problem = _tail_problem(tar_path, tar.offset, size)
+                problem = _tail_problem(tar, archive.offset, size)
     except (tarfile.TarError, EOFError, OSError) as exc:
         problem = f"{type(exc).__name__}: {exc}"
     first: dict[str, str] = {}  # sample key -> source, within this tar
@@ -398,23 +437,23 @@ def _tar_records(tar_path: str, relative: str) -> list[InputRecord | Skip]:
             out.append(Skip(f"{relative}:{sample_key}", "no_image_member", f"members: {sorted(members)}"))
             continue
         record = InputRecord(key=make_key(f"{relative}/{sample_key}"), source=f"{relative}:{image.name}",
-                             path=str(tar_path), offset=image.offset_data, size=image.size, caption=caption[0])
+                             path=tar.url, offset=image.offset_data, size=image.size, caption=caption[0])
         if sample_key in first:
             record.reason, record.detail = "duplicate_key", f"key {record.key} already used by {first[sample_key]}"
         first.setdefault(sample_key, record.source)
         out.append(record)
         read += 1
     if problem:
-        out.append(InputRecord(key=make_key(relative), source=relative, path=str(tar_path), reason="damaged_tar",
+        out.append(InputRecord(key=make_key(relative), source=relative, path=tar.url, reason="damaged_tar",
                                detail=f"{relative}: {problem}; {read} sample(s) read in full up to byte {end}; "
                                       f"the rest of the {size}-byte tar is lost"
                                       + (f" (first lost member {lost[0]!r})" if lost else "")))
     return out
 
 
-def _tail_problem(tar_path: str, offset: int, size: int) -> str:
+def _tail_problem(tar: Location, offset: int, size: int) -> str:
     """After the last member a tar holds only zero blocks; anything else is data tarfile could not read."""
-    with open(tar_path, "rb") as handle:
+    with tar.open() as handle:
         handle.seek(offset)
         position = offset
         while chunk := handle.read(1 << 20):

@@ -24,7 +24,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections import Counter
@@ -38,6 +37,7 @@ from pipeline.inputs import InputRecord, Skip, iter_listing, iter_partitions
 from pipeline.lock import OutputLock, OutputLocked
 from pipeline.shards import JsonlStream, ShardLayout, finalize_partition, write_json_atomic
 from pipeline.stages import RECORD_FIELDS, content_batching, sample_stages
+from pipeline.storage import Location, UnsupportedStorage
 
 __all__ = ["JobSummary", "EmptyInputError", "run_job", "content_hash", "main"]
 
@@ -170,14 +170,15 @@ def fixed_batches(records: list[InputRecord], batch_size: int) -> list[dict[str,
     return rows
 
 
-def _listing_source(paths: list[str]):
+def _listing_source(files: list[Location]):
     """Fixed-batch rows read by Ray Data's read tasks from the listing files (never through the driver)."""
     import ray
 
-    return ray.data.read_text(paths).map(lambda row: json.loads(row["text"]))
+    return ray.data.read_text([f.path for f in files], filesystem=files[0].arrow_filesystem()).map(
+        lambda row: json.loads(row["text"]))
 
 
-def _finalize_task(root: str, partition: int, written: list[str], rejects: list[dict[str, Any]]) -> dict[str, Any]:
+def _finalize_task(root: Location, partition: int, written: list[str], rejects: list[dict[str, Any]]) -> dict[str, Any]:
     """Runs as a Ray task: packs one partition (:func:`pipeline.shards.finalize_partition`), returns its counts."""
     index = finalize_partition(ShardLayout(root), partition, written, rejects)
     return {"partition": partition, "written": len(index["samples"]), "rejected": index["rejected"],
@@ -193,7 +194,7 @@ class _Finalizer:
 
         out = config.output
         self._remote = ray.remote(num_cpus=out.finalize_cpus, max_retries=out.finalize_retries)(_finalize_task)
-        self._root, self._lock, self._listed = str(layout.root), lock, listed
+        self._root, self._lock, self._listed = layout.root, lock, listed
         self._limit = out.finalize_in_flight
         self._in_flight: list[Any] = []
         self.written = 0
@@ -223,7 +224,7 @@ class _Finalizer:
 
 def run_job(config: PreprocessConfig) -> JobSummary:
     """Run (or resume) the job ``config`` describes; returns the summary also written to manifest.json."""
-    layout = ShardLayout(config.output.path)
+    layout = ShardLayout(config.output.path, config.output.storage_options)
     with OutputLock(layout.lock, config.output.lease_seconds) as lock:
         return _run_locked(config, layout, lock)
 
@@ -239,14 +240,14 @@ def _run_locked(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock)
                                   f"{listed.seen} entries seen, skipped by reason: {dict(sorted(listed.skipped.items())) or 'none'}")
         plan = listed.plan(chash)
         if layout.plan.is_file():
-            previous = json.loads(layout.plan.read_text(encoding="utf-8"))
+            previous = json.loads(layout.plan.read_text())
             if previous != plan:
                 changed = sorted(k for k in plan if previous.get(k) != plan[k])
                 raise RuntimeError(f"{layout.root} holds the output of a different job (plan.json differs in {changed}: "
                                    "the settings that decide the bytes, or the inputs, changed); use a new output.path")
     except BaseException:
         skipped.discard()
-        shutil.rmtree(layout.listing, ignore_errors=True)  # ours: written by this listing
+        layout.listing.remove()  # ours: written by this listing
         raise
     write_json_atomic(layout.plan, plan)
     skipped.commit()
@@ -301,7 +302,7 @@ def _process(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock, ch
                     finalizer.submit(partition, list(outcomes.pop(partition).values()))
 
     if remaining:
-        collect(_listing_source([str(layout.listing_file(k)) for k in sorted(remaining)]))
+        collect(_listing_source([layout.listing_file(k) for k in sorted(remaining)]))
     if remaining:  # what a dying worker took down: again, one input per batch
         missing = [InputRecord(**fields) for k in sorted(remaining) for row in layout.read_listing(k)
                    for fields in json.loads(row["inputs"]) if fields["key"] not in outcomes.get(k, {})]
@@ -338,7 +339,9 @@ def _write_manifest(config: PreprocessConfig, layout: ShardLayout, chash: str, l
                            f"{sum(counts.values())} rejected, {sum(skipped.values())} skipped")
     manifest = {
         "seen": listed.seen, "inputs": listed.inputs, "written": written, "rejected": counts, "skipped": skipped,
-        "shards": shards, "config": config.model_dump(mode="json"), "config_hash": chash,
+        # the storage options may hold keys: never written out
+        "shards": shards, "config_hash": chash, "config": config.model_dump(
+            mode="json", exclude={"input": {"storage_options"}, "output": {"storage_options"}}),
         "models": {name: data.get("model") for name in ("caption", "detect", "segment", "faces")
                    if (data := getattr(config.annotate, name)) is not None},
     }
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, PreprocessConfig, parse_overrides(args.set))
     try:
         summary = run_job(config)
-    except (OutputLocked, EmptyInputError) as exc:
+    except (OutputLocked, EmptyInputError, UnsupportedStorage) as exc:
         print(f"preprocess: error: {exc}", file=sys.stderr, flush=True)
         return 2
     print(summary.line(), flush=True)

@@ -12,8 +12,9 @@
 <out>/lock.json                          the lease of the job running in this folder (pipeline.lock)
 <out>/manifest.json                      seen, written, rejected and skipped by reason, shards, config, hashes
 ```
-All writes go through :func:`_write_atomic` (or :class:`JsonlStream`) and all reads through
-``Path.open`` here: a partial file is never visible under its final name.
+``<out>`` is a local folder or an object-store prefix (``s3://bucket/out``): every file is a
+:class:`pipeline.storage.Location`, written whole (:meth:`~pipeline.storage.Location.write_atomic`, or
+:class:`JsonlStream`): a partial file or object is never visible under its final name.
 """
 
 from __future__ import annotations
@@ -21,16 +22,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
 import tarfile
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
 import webdataset as wds
 
+from pipeline.storage import Location
 from preprocess.sample import Sample
 
 __all__ = ["ShardLayout", "JsonlStream", "stage_samples", "read_staged", "finalize_partition", "reject_counts",
@@ -40,8 +39,11 @@ Verify = Literal["size", "sha256"]
 
 
 class ShardLayout:
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+    """The files of one output folder: ``root`` is a local path, a URL (``s3://bucket/out``, with the
+    filesystem's ``storage_options``) or a :class:`~pipeline.storage.Location`."""
+
+    def __init__(self, root: str | Path | Location, storage_options: dict[str, Any] | None = None) -> None:
+        self.root = root if isinstance(root, Location) else Location(root, storage_options or {})
         self.shards = self.root / "shards"
         self.rejects = self.root / "rejects"
         self.staging = self.root / "staging"
@@ -51,26 +53,26 @@ class ShardLayout:
         self.lock = self.root / "lock.json"
         self.skipped = self.root / "skipped.jsonl"
 
-    def shard(self, partition: int) -> Path:
+    def shard(self, partition: int) -> Location:
         return self.shards / f"shard-{partition:06d}.tar"
 
-    def index(self, partition: int) -> Path:
+    def index(self, partition: int) -> Location:
         return self.shards / f"shard-{partition:06d}.index.json"
 
-    def rejects_file(self, partition: int) -> Path:
+    def rejects_file(self, partition: int) -> Location:
         return self.rejects / f"part-{partition:06d}.jsonl"
 
-    def staging_dir(self, partition: int) -> Path:
+    def staging_dir(self, partition: int) -> Location:
         return self.staging / f"p{partition:06d}"
 
-    def listing_file(self, partition: int) -> Path:
+    def listing_file(self, partition: int) -> Location:
         return self.listing / f"part-{partition:06d}.jsonl"
 
-    def listing_rejects(self, partition: int) -> Path:
+    def listing_rejects(self, partition: int) -> Location:
         return self.listing / f"part-{partition:06d}.rejects.jsonl"
 
     def read_index(self, partition: int) -> dict[str, Any]:
-        return json.loads(self.index(partition).read_text(encoding="utf-8"))
+        return json.loads(self.index(partition).read_text())
 
     def is_finished(self, partition: int, verify: Verify = "size") -> bool:
         """Shard, rejects and index present, and the shard and rejects match the sizes the index recorded
@@ -78,7 +80,7 @@ class ShardLayout:
         shard, rejects = self.shard(partition), self.rejects_file(partition)
         try:
             recorded = self.read_index(partition)
-            sizes = (shard.stat().st_size, rejects.stat().st_size)
+            sizes = (shard.size(), rejects.size())
         except (OSError, ValueError):
             return False
         if recorded.get("partition") != partition or sizes != (recorded.get("bytes"), recorded.get("rejects_bytes")):
@@ -88,34 +90,34 @@ class ShardLayout:
 
     def unfinish(self, partition: int) -> None:
         """Make ``partition`` pending: drop its index (what marks it finished) and any half-staged batches."""
-        self.index(partition).unlink(missing_ok=True)
-        shutil.rmtree(self.staging_dir(partition), ignore_errors=True)
+        self.index(partition).remove()
+        self.staging_dir(partition).remove()
 
     def write_listing(self, partition: int, batches: list[dict[str, Any]], rejects: list[dict[str, Any]]) -> None:
-        _write_atomic(self.listing_file(partition), _jsonl(batches))
-        _write_atomic(self.listing_rejects(partition), _jsonl(rejects))
+        self.listing_file(partition).write_atomic(_jsonl(batches))
+        self.listing_rejects(partition).write_atomic(_jsonl(rejects))
 
     def read_listing(self, partition: int) -> list[dict[str, Any]]:
         """The fixed-batch rows :meth:`write_listing` wrote for ``partition``."""
         return _read_jsonl(self.listing_file(partition))
 
     def all_rejects(self) -> list[dict[str, Any]]:
-        return [row for path in sorted(self.rejects.glob("part-*.jsonl")) for row in _read_jsonl(path)]
+        return [row for path in self.rejects.glob("part-*.jsonl") for row in _read_jsonl(path)]
 
     def remove_scratch(self) -> None:
         """What only a running job needs: the listing and the staging folders."""
-        shutil.rmtree(self.listing, ignore_errors=True)
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self.listing.remove()
+        self.staging.remove()
 
 
 class JsonlStream:
-    """JSON lines written one at a time to a hidden temporary file beside ``path``; :meth:`commit` puts
-    the file in place atomically, :meth:`discard` removes it (a job that turns out not to own the folder)."""
+    """JSON lines written one at a time to a local temporary file (:meth:`Location.staging_file`);
+    :meth:`commit` puts it in place whole, :meth:`discard` removes it (a job that turns out not to own
+    the folder)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Location) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        self._tmp = path.staging_file()
         self._handle = self._tmp.open("wb")
 
     def write(self, row: dict[str, Any]) -> None:
@@ -123,34 +125,25 @@ class JsonlStream:
 
     def commit(self) -> None:
         self._handle.close()
-        os.replace(self._tmp, self.path)
+        self.path.publish(self._tmp)
 
     def discard(self) -> None:
         self._handle.close()
         self._tmp.unlink(missing_ok=True)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    _write_atomic(path, (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
+def write_json_atomic(path: Location, data: Any) -> None:
+    path.write_atomic((json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name unique to this attempt (two attempts of one task may overlap when a node
-    is presumed dead), then rename: readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as lines:
+def _read_jsonl(path: Location) -> list[dict[str, Any]]:
+    with path.open() as raw, io.TextIOWrapper(raw, encoding="utf-8") as lines:
         return [json.loads(line) for line in lines if line.strip()]
 
 
-def _file_sha256(path: Path) -> str:
+def _file_sha256(path: Location) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with path.open() as handle:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -174,21 +167,21 @@ def _tar_bytes(samples: list[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
-def stage_samples(layout: ShardLayout, partition: int, samples: list[dict[str, Any]]) -> Path:
+def stage_samples(layout: ShardLayout, partition: int, samples: list[dict[str, Any]]) -> Location:
     """Write one batch's encoded samples of ``partition``; the name depends only on the keys, so a
     retried batch overwrites its earlier attempt instead of adding a copy."""
     keys = sorted(s["__key__"] for s in samples)
     name = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:20]
     path = layout.staging_dir(partition) / f"{name}.tar"
-    _write_atomic(path, _tar_bytes(sorted(samples, key=lambda s: s["__key__"])))
+    path.write_atomic(_tar_bytes(sorted(samples, key=lambda s: s["__key__"])))
     return path
 
 
 def read_staged(layout: ShardLayout, partition: int) -> dict[str, dict[str, Any]]:
     """Every staged sample of ``partition`` by key (a key staged twice is the same sample: kept once)."""
     samples: dict[str, dict[str, Any]] = {}
-    for path in sorted(layout.staging_dir(partition).glob("*.tar")):
-        with tarfile.open(path, "r") as tar:
+    for path in layout.staging_dir(partition).glob("*.tar"):
+        with path.open() as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
             for info in tar:
                 key, _, member = info.name.partition(".")
                 samples.setdefault(key, {"__key__": key})
@@ -214,13 +207,13 @@ def finalize_partition(layout: ShardLayout, partition: int, written: list[str],
                      key=lambda r: (r["key"], r["source"]))
     data = _tar_bytes([staged[key] for key in keys])
     rejects_data = _jsonl(rejects)
-    _write_atomic(layout.shard(partition), data)
-    _write_atomic(layout.rejects_file(partition), rejects_data)
+    layout.shard(partition).write_atomic(data)
+    layout.rejects_file(partition).write_atomic(rejects_data)
     index = {"shard": layout.shard(partition).name, "partition": partition, "samples": keys,
              "rejected": len(rejects), "reasons": reject_counts(rejects), "bytes": len(data), "sha256": _sha256(data),
              "rejects_bytes": len(rejects_data), "rejects_sha256": _sha256(rejects_data)}
     write_json_atomic(layout.index(partition), index)
-    shutil.rmtree(layout.staging_dir(partition), ignore_errors=True)
+    layout.staging_dir(partition).remove()
     return index
 
 
@@ -228,10 +221,10 @@ def reject_counts(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
     return dict(sorted(Counter(r["reason"] for r in rows).items()))
 
 
-def read_samples(root: str | Path) -> Iterator[Sample]:
-    """Read a finished output folder back through webdataset, in shard and key order."""
-    urls = [str(p) for p in sorted(ShardLayout(root).shards.glob("shard-*.tar"))]
-    if not urls:
-        return
-    for raw in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
-        yield Sample.from_wds(raw)
+def read_samples(root: str | Path | Location) -> Iterator[Sample]:
+    """Read a finished output folder back through webdataset's tar reader, in shard and key order."""
+    for shard in ShardLayout(root).shards.glob("shard-*.tar"):
+        with shard.open() as stream:
+            files = wds.tariterators.tar_file_expander([{"url": shard.url, "stream": stream}])
+            for raw in wds.tariterators.group_by_keys(files):
+                yield Sample.from_wds(raw)

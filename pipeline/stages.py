@@ -74,12 +74,13 @@ def content_batching(config: PreprocessConfig) -> dict[str, int] | None:
 
 
 # -- load -----------------------------------------------------------------------------------------
-def _load_one(fields: dict[str, Any], image: ImageConfig) -> tuple[dict[str, Any], bytes]:
+def _load_one(fields: dict[str, Any], image: ImageConfig,
+              storage_options: dict[str, Any] | None = None) -> tuple[dict[str, Any], bytes]:
     record = InputRecord(**fields)
     result = {**fields, "status": "ok", "reason": "", "detail": "", "width": 0, "height": 0,
               "original_width": 0, "original_height": 0, "kept": []}
     try:
-        loaded = load_image(read_bytes(record), record.source, image)
+        loaded = load_image(read_bytes(record, storage_options), record.source, image)
         jpeg = encode_jpeg(loaded.image)
     except ImageRejected as rejected:
         result.update(status="rejected", reason=rejected.reason, detail=rejected.detail)
@@ -98,11 +99,11 @@ def _load_one(fields: dict[str, Any], image: ImageConfig) -> tuple[dict[str, Any
     return result, b""
 
 
-def load_batch(batch: pd.DataFrame, image: ImageConfig) -> pd.DataFrame:
+def load_batch(batch: pd.DataFrame, image: ImageConfig, storage_options: dict[str, Any] | None = None) -> pd.DataFrame:
     """Read, validate and JPEG-encode every input of each group; ``inputs`` gains status and sizes."""
     out = []
     for row in batch.to_dict("records"):
-        results, images = zip(*(_load_one(fields, image) for fields in json.loads(row["inputs"])))
+        results, images = zip(*(_load_one(fields, image, storage_options) for fields in json.loads(row["inputs"])))
         out.append({"batch": row["batch"], "partition": row["partition"], "inputs": json.dumps(results),
                     "images": list(images), "masks": [b""] * len(images), "faces": [b""] * len(images)})
     return pd.DataFrame(out, columns=GROUP_COLUMNS)
@@ -191,7 +192,7 @@ class _Writer:
     """Turns a group's results into staged samples and one result row per input."""
 
     def __init__(self, config: PreprocessConfig, content_hash: str) -> None:
-        self.layout = ShardLayout(config.output.path)
+        self.layout = ShardLayout(config.output.path, config.output.storage_options)
         self.content_hash = content_hash
 
     def __call__(self, group: Group, results: dict[int, Sample | Rejection]) -> list[dict[str, Any]]:
@@ -309,7 +310,7 @@ def sample_stages(ds: Any, config: PreprocessConfig, content_hash: str, alone: b
     import ray
 
     stages = config.stages
-    ds = ds.map_batches(load_batch, fn_kwargs={"image": config.image}, batch_format="pandas",
+    ds = ds.map_batches(load_batch, fn_kwargs={"image": config.image, "storage_options": config.input.storage_options}, batch_format="pandas",
                         batch_size=1 if alone else max(1, stages.load.batch_size // stages.annotate.batch_size),
                         compute=ray.data.TaskPoolStrategy(size=stages.load.concurrency), num_cpus=stages.load.num_cpus,
                         max_retries=stages.load.crash_retries)

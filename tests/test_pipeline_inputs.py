@@ -176,17 +176,17 @@ def test_finalize_is_idempotent_and_resume_trusts_size_or_checks_sha256(tmp_path
     stage_samples(layout, 0, samples)
     reject = {"key": "k", "source": "k.jpg", "reason": "too_small", "detail": "1x1"}
     index = finalize_partition(layout, 0, [s["__key__"] for s in samples], [reject])
-    assert index["bytes"] == layout.shard(0).stat().st_size and index["reasons"] == {"too_small": 1}
+    assert index["bytes"] == layout.shard(0).size() and index["reasons"] == {"too_small": 1}
     assert not layout.staging_dir(0).exists()
     assert finalize_partition(layout, 0, [s["__key__"] for s in samples], [reject]) == index
     assert layout.is_finished(0, "size") and layout.is_finished(0, "sha256")
     data = bytearray(layout.shard(0).read_bytes())
     data[700] ^= 0xFF
-    layout.shard(0).write_bytes(bytes(data))
+    layout.shard(0).write_atomic(bytes(data))
     assert layout.is_finished(0, "size") and not layout.is_finished(0, "sha256")
-    layout.shard(0).write_bytes(bytes(data[:-512]))
+    layout.shard(0).write_atomic(bytes(data[:-512]))
     assert not layout.is_finished(0, "size") and not layout.is_finished(0, "sha256")
-    layout.rejects_file(0).write_text("")
+    layout.rejects_file(0).write_atomic(b"")
     assert not layout.is_finished(0, "size")
 
 

@@ -212,19 +212,23 @@ def test_rerun_of_a_finished_job_is_a_no_op(ray_session, annotated_inputs, unint
     assert output_files(uninterrupted) == before
 
 
+def leave_as_interrupted(layout: ShardLayout, staged: int, rewritten: int, not_started: int) -> None:
+    """What a job killed mid-way leaves in a finished output (a local folder or an object store): a
+    partition with only staged batches (no index yet), one whose shard was being rewritten (bytes no longer
+    match its index), and one never started."""
+    layout.index(staged).remove()
+    layout.shard(staged).remove()
+    (layout.staging_dir(staged) / "0123.tar").write_atomic(b"partial garbage")
+    layout.shard(rewritten).write_atomic(layout.shard(rewritten).read_bytes()[:1000])
+    for path in (layout.shard(not_started), layout.index(not_started), layout.rejects_file(not_started)):
+        path.remove()
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(ray_session, annotated_inputs, uninterrupted, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(uninterrupted, out)
     layout = ShardLayout(out)
-    # What a job killed mid-way leaves: a partition with only staged batches (no index yet), one whose
-    # shard was being rewritten (bytes no longer match its index), and one never started.
-    layout.index(1).unlink()
-    layout.shard(1).unlink()
-    (layout.staging_dir(1)).mkdir(parents=True)
-    (layout.staging_dir(1) / "0123.tar").write_bytes(b"partial garbage")
-    layout.shard(2).write_bytes(layout.shard(2).read_bytes()[:1000])
-    for path in (layout.shard(5), layout.index(5), layout.rejects_file(5)):
-        path.unlink()
+    leave_as_interrupted(layout, staged=1, rewritten=2, not_started=5)
     cfg = import_config(annotated_inputs, out)
     summary = run_job(cfg)
     assert summary.processed_now == processed_inputs(cfg, {1, 2, 5}) and summary.inputs == INPUTS
@@ -248,9 +252,9 @@ def test_resume_trusts_recorded_sizes_and_checks_sha256_on_request(ray_session, 
     layout = ShardLayout(out)
     flipped = bytearray(layout.shard(3).read_bytes())
     flipped[700] ^= 0xFF  # inside the first member's data: same size, other bytes
-    layout.shard(3).write_bytes(bytes(flipped))
-    layout.shard(4).write_bytes(layout.shard(4).read_bytes()[:-512])
-    layout.rejects_file(6).write_text("")
+    layout.shard(3).write_atomic(bytes(flipped))
+    layout.shard(4).write_atomic(layout.shard(4).read_bytes()[:-512])
+    layout.rejects_file(6).write_atomic(b"")
     cfg = import_config(annotated_inputs, out)
     summary = run_job(cfg)
     assert summary.processed_now == processed_inputs(cfg, {4, 6}) > 0

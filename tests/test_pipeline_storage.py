@@ -19,6 +19,7 @@ from pipeline.storage import Location, UnsupportedStorage
 from tests.object_store import conditions_ignored, object_store_fixture  # noqa: F401 - registers the fixture
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test here talks to a server process (moto), some to Ray
 
 
 @pytest.fixture(params=["local", "object_store"])
@@ -235,3 +236,234 @@ def test_a_holder_whose_lease_was_taken_stops_local_and_object_store(root):
         with pytest.raises(OutputLocked, match="lost its lease: lease taken by job usurper"):
             lock.check()
     assert json.loads(location.read_bytes())["job_id"] == "usurper"  # release leaves the new holder's lease
+
+
+# -- the preprocessing job on the object store ---------------------------------------------------------
+# The cheapest operator the job accepts (each image a sample without subjects): these tests are about
+# where bytes go, not about models.
+BARE = "benchmarks.bench_pipeline_scale:BareSampler"
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """Local inputs of every kind: ``photos/`` (PNGs in two folders, a file that is no image, a text file,
+    a folder named like an image), ``photos.txt`` (a list of them with a missing and a repeated line) and
+    ``tars/`` (two caption shards)."""
+    from benchmarks.bench_pipeline_scale import write_images
+    from pipeline.example_inputs import write_caption_shard
+
+    root = tmp_path_factory.mktemp("inputs")
+    write_images(root / "photos", 9)
+    for index, image in enumerate(sorted((root / "photos").rglob("*.png"))):
+        if index % 2:  # a second folder, so the walk has a tree to walk
+            (root / "photos" / "more").mkdir(exist_ok=True)
+            image.rename(root / "photos" / "more" / image.name)
+    (root / "photos" / "broken.png").write_bytes(b"not an image")
+    (root / "photos" / "notes.txt").write_text("not an input")
+    (root / "photos" / "odd.png").mkdir()
+    (root / "photos" / "odd.png" / "inner.png").write_bytes((root / "photos" / "more" / "0000001.png").read_bytes())
+    listed = sorted(p.relative_to(root).as_posix() for p in (root / "photos").rglob("*.png") if p.is_file())
+    (root / "photos.txt").write_text("\n".join([*listed, "photos/gone.png", f"./{listed[0]}", "# a comment"]))
+    write_caption_shard(root / "tars" / "a.tar", names=("chelsea", "coffee", "rocket"), size=64)
+    write_caption_shard(root / "tars" / "b" / "c.tar", names=("astronaut", "horse"), size=64)
+    return root
+
+
+@pytest.fixture(scope="module")
+def uploaded(object_store, inputs) -> str:
+    """The same inputs under one prefix of the test server (what ``aws s3 sync`` would make)."""
+    import s3fs
+
+    prefix = object_store.url("inputs")
+    s3fs.S3FileSystem(**object_store.options).put(f"{inputs}/", prefix, recursive=True)
+    return prefix
+
+
+def input_config(kind: str, path: str, options: dict | None = None):
+    from pipeline.config import InputConfig
+
+    return InputConfig(kind=kind, path=path, extensions=(".png", ".jpg"), storage_options=options or {})
+
+
+@pytest.mark.parametrize("kind, name", [("folder", "photos"), ("list", "photos.txt"), ("shards", "tars")])
+def test_inputs_list_and_read_the_same_from_the_object_store_as_locally(object_store, inputs, uploaded, kind, name):
+    """Keys, order, partitions, skips and every input's bytes (a tar member by one ranged read) match."""
+    from pipeline.inputs import list_inputs, read_bytes
+
+    local = list_inputs(input_config(kind, str(inputs / name)))
+    remote = list_inputs(input_config(kind, f"{uploaded}/{name}", object_store.options))
+
+    def row(record):
+        return record.key, record.source, record.offset, record.size, record.caption, record.reason
+
+    assert [row(r) for r in remote.inputs] == [row(r) for r in local.inputs] and len(local.inputs) >= 5
+    assert [(s.reason, s.source.split(":")[-1]) for s in remote.skipped] == [
+        (s.reason, s.source.split(":")[-1]) for s in local.skipped]
+    assert all(r.path.startswith(uploaded) for r in remote.inputs)
+    for here, there in zip(local.inputs, remote.inputs):
+        if not here.reason:
+            assert read_bytes(there, object_store.options) == read_bytes(here)
+    expected_skips = {"folder": {"unsupported_extension", "not_a_file"}, "list": {"duplicate"}, "shards": set()}
+    assert {s.reason for s in remote.skipped} == expected_skips[kind]
+
+
+def job_config(input_path: str, output_path: str, options: dict | None = None, kind: str = "folder", **overrides):
+    from pipeline.config import PreprocessConfig
+
+    config = {
+        "input": {"kind": kind, "path": input_path, "extensions": [".png", ".jpg"]},
+        "output": {"path": output_path, "shard_size": 3, "lease_seconds": 30},
+        "image": {"max_side": 64, "min_side": 16},
+        "stages": {"load": {"batch_size": 2, "num_cpus": 0.25}, "annotate": {"batch_size": 2, "operator": BARE}},
+        "progress": False,
+        "qa_samples": 2,
+    }
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        config[section][name] = value
+    if options is not None:
+        config["input"]["storage_options"] = options if "://" in input_path else {}
+        config["output"]["storage_options"] = options if "://" in output_path else {}
+    return PreprocessConfig.model_validate(config)
+
+
+def result_files(root: Location) -> dict[str, bytes]:
+    """What defines a job's result: shards, indexes and rejects, by path under the output."""
+    return {f"{folder}/{p.name}": p.read_bytes() for folder in ("shards", "rejects") for p in (root / folder).glob("*")}
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_session, inputs, tmp_path_factory) -> Path:
+    """The folder job on local paths: what every object-store run must reproduce byte for byte."""
+    from pipeline.preprocess import run_job
+
+    out = tmp_path_factory.mktemp("local") / "out"
+    summary = run_job(job_config(str(inputs / "photos"), str(out)))
+    assert summary.written == 10 and summary.rejected == {"not_an_image": 1} and summary.shards == 4
+    return out
+
+
+def test_job_reads_and_writes_the_object_store_exactly_once(ray_session, object_store, uploaded, local_run):
+    from pipeline.preprocess import run_job
+
+    out = Location(object_store.url("job/out"), object_store.options)
+    summary = run_job(job_config(f"{uploaded}/photos", out.url, object_store.options))
+    assert (summary.written, summary.rejected, summary.shards) == (10, {"not_an_image": 1}, 4)
+    assert result_files(out) == result_files(Location(local_run))
+    manifest = json.loads((out / "manifest.json").read_bytes())
+    local_manifest = json.loads((local_run / "manifest.json").read_bytes())
+    for key in ("seen", "inputs", "written", "rejected", "skipped", "shards", "config_hash"):
+        assert manifest[key] == local_manifest[key], key
+    assert "storage_options" not in json.dumps(manifest) and "testing" not in json.dumps(manifest)  # no keys
+    names = sorted(p.url.removeprefix(out.url + "/") for p in out.glob("**/*"))
+    assert names == sorted(["contact_sheet.png", "manifest.json", "plan.json", "skipped.jsonl",
+                            *result_files(out)]), names  # no lease, staging, listing or temporary left
+    again = run_job(job_config(f"{uploaded}/photos", out.url, object_store.options))
+    assert again.processed_now == 0 and result_files(out) == result_files(Location(local_run))
+
+
+@pytest.mark.parametrize("kind, name", [("list", "photos.txt"), ("shards", "tars")])
+def test_list_and_shard_inputs_on_the_object_store_give_the_local_shards(ray_session, object_store, inputs,
+                                                                        uploaded, tmp_path, kind, name):
+    from pipeline.preprocess import run_job
+
+    local = Location(tmp_path / "out")
+    run_job(job_config(str(inputs / name), local.url, kind=kind))
+    out = Location(object_store.url(f"{kind}/out"), object_store.options)
+    summary = run_job(job_config(f"{uploaded}/{name}", out.url, object_store.options, kind=kind))
+    there, here = result_files(out), result_files(local)
+    assert summary.written >= 5 and there.keys() == here.keys()
+    assert {k: v for k, v in there.items() if k.endswith(".tar")} == {k: v for k, v in here.items() if k.endswith(".tar")}
+
+    def rejects(files: dict[str, bytes]) -> list[tuple]:  # a missing file's detail names its path or URL
+        return [(r["key"], r["source"], r["reason"]) for name, data in sorted(files.items())
+                if name.startswith("rejects/") for r in map(json.loads, data.splitlines())]
+
+    assert rejects(there) == rejects(here)
+
+
+def test_interrupted_object_store_job_resumes_to_the_same_shards(ray_session, object_store, uploaded, local_run):
+    """A finished output copied to the store, then left as a job killed mid-way leaves it: the rerun redoes
+    those three partitions and ends with the same bytes."""
+    import s3fs
+
+    from pipeline.preprocess import run_job
+    from pipeline.shards import ShardLayout
+    from tests.test_pipeline_job import leave_as_interrupted
+
+    fs = s3fs.S3FileSystem(**object_store.options)
+    out = Location(object_store.url("resume/out"), object_store.options)
+    fs.put(f"{local_run}/", out.path, recursive=True)
+    layout = ShardLayout(out)
+    leave_as_interrupted(layout, staged=1, rewritten=2, not_started=3)
+    summary = run_job(job_config(f"{uploaded}/photos", out.url, object_store.options))
+    assert summary.processed_now == 3 + 3 + 2 and summary.written == 10  # partitions 1, 2 and 3 (2 inputs)
+    assert result_files(out) == result_files(Location(local_run))
+    assert not layout.staging.exists() and not layout.lock.exists()
+
+
+def test_no_partial_object_is_visible_in_the_object_store(ray_session, object_store, uploaded, local_run):
+    """While the job runs, every shard, rejects file and index that can be listed already holds its final
+    bytes, an index appears only once its shard and rejects are there, and a second job is refused."""
+    import threading
+
+    import s3fs
+
+    from pipeline.preprocess import run_job
+
+    fs = s3fs.S3FileSystem(**object_store.options, use_listings_cache=False)
+    out = Location(object_store.url("watched/out"), object_store.options)
+    final = {f"{out.path}/{name}": data for name, data in result_files(Location(local_run)).items()}
+    config = job_config(f"{uploaded}/photos", out.url, object_store.options)
+    job = threading.Thread(target=run_job, args=(config,))
+    job.start()
+    seen: set[str] = set()
+    refused = False
+    deadline = time.monotonic() + 600  # the job alone takes ~10 s idle; the loaded 2-core machine is slower
+    while job.is_alive() and time.monotonic() < deadline:
+        listed = set(fs.find(out.path))
+        for path in listed & final.keys():
+            assert fs.cat_file(path) == final[path], f"{path} was visible before it was whole"
+            if path.endswith(".index.json"):
+                shard = path.removesuffix(".index.json")
+                rejects = shard.replace("/shards/shard-", "/rejects/part-")
+                assert {f"{shard}.tar", f"{rejects}.jsonl"} <= listed, f"{path} came before its shard or rejects"
+        seen |= listed & final.keys()
+        if not refused and f"{out.path}/lock.json" in listed:
+            with pytest.raises(OutputLocked, match="in use by job"):
+                run_job(config)
+            refused = True
+        time.sleep(0.02)
+    job.join(timeout=60)
+    assert not job.is_alive(), "the job did not finish in 600 s"
+    assert refused and seen, "nothing was watched while the job ran"
+    assert result_files(out) == result_files(Location(local_run))
+
+
+def test_what_object_storage_cannot_do_is_refused_before_anything_is_written(object_store, uploaded, inputs,
+                                                                             capsys):
+    from pipeline.inputs import list_inputs
+    from pipeline.preprocess import main
+
+    annotated = input_config("folder", f"{uploaded}/photos", object_store.options).model_copy(update={"annotated": True})
+    with pytest.raises(UnsupportedStorage, match="annotated inputs are imported from local files"):
+        list_inputs(annotated)
+    configs = Path(__file__).resolve().parents[1] / "configs" / "preprocess"
+    code = main(["--config", str(configs / "import_fastcomposer.yaml"), "--set", f"input.path={inputs / 'photos'}",
+                 "output.path=memory://mmdiff/out"])
+    assert code == 2 and "outputs need a local path or s3://" in capsys.readouterr().err
+    # the command line reaches the store with options set key by key; an empty input is refused there too
+    (inputs / "empty").mkdir(exist_ok=True)
+    out = Location(object_store.url("cli/out"), object_store.options)
+    code = main(["--config", str(configs / "import_fastcomposer.yaml"), "--set", f"input.path={inputs / 'empty'}",
+                 f"output.path={out.url}", *(f"output.storage_options.{k}={v}" for k, v in object_store.options.items())])
+    assert code == 2 and "holds no input" in capsys.readouterr().err and not out.exists()
