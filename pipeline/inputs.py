@@ -125,9 +125,12 @@ class DigestTable:
         digests, values = self._digests, self._values
         self._digests = np.zeros(2 * len(digests), np.uint64)
         self._values = np.zeros(2 * len(digests), np.int64)
-        for digest, value in zip(digests[digests != 0].tolist(), values[digests != 0].tolist()):
-            slot = self._slot(digest)
-            self._digests[slot], self._values[slot] = digest, value
+        used = np.flatnonzero(digests)
+        for start in range(0, len(used), 1 << 16):  # in chunks: no Python list of the whole table at once
+            chunk = used[start : start + (1 << 16)]
+            for digest, value in zip(digests[chunk].tolist(), values[chunk].tolist()):
+                slot = self._slot(digest)
+                self._digests[slot], self._values[slot] = digest, value
 
 
 def make_key(relative: str) -> str:
