@@ -170,12 +170,14 @@ def fixed_batches(records: list[InputRecord], batch_size: int) -> list[dict[str,
     return rows
 
 
-def _listing_source(files: list[Location]):
-    """Fixed-batch rows read by Ray Data's read tasks from the listing files (never through the driver)."""
+def _listing_source(files: list[Location], num_cpus: float):
+    """Fixed-batch rows read by Ray Data's read tasks from the listing files (never through the driver).
+    The reads are small: ``num_cpus`` (the load stage's share), not Ray Data's default of a whole CPU,
+    which the actor pools of a small machine may leave no room for."""
     import ray
 
-    return ray.data.read_text([f.path for f in files], filesystem=files[0].arrow_filesystem()).map(
-        lambda row: json.loads(row["text"]))
+    return ray.data.read_text([f.path for f in files], filesystem=files[0].arrow_filesystem(),
+                              num_cpus=num_cpus).map(lambda row: json.loads(row["text"]), num_cpus=num_cpus)
 
 
 def _finalize_task(root: Location, partition: int, written: list[str], rejects: list[dict[str, Any]]) -> dict[str, Any]:
@@ -302,7 +304,7 @@ def _process(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock, ch
                     finalizer.submit(partition, list(outcomes.pop(partition).values()))
 
     if remaining:
-        collect(_listing_source([layout.listing_file(k) for k in sorted(remaining)]))
+        collect(_listing_source([layout.listing_file(k) for k in sorted(remaining)], config.stages.load.num_cpus))
     if remaining:  # what a dying worker took down: again, one input per batch
         missing = [InputRecord(**fields) for k in sorted(remaining) for row in layout.read_listing(k)
                    for fields in json.loads(row["inputs"]) if fields["key"] not in outcomes.get(k, {})]
