@@ -199,7 +199,6 @@ class _Finalizer:
         self._root, self._lock, self._listed = layout.root, lock, listed
         self._limit = out.finalize_in_flight
         self._in_flight: list[Any] = []
-        self.written = 0
 
     def submit(self, partition: int, outcomes: list[dict[str, Any]]) -> None:
         self._lock.check()
@@ -217,7 +216,6 @@ class _Finalizer:
         if result["written"] + result["rejected"] != self._listed.size(result["partition"]):
             raise RuntimeError(f"accounting error: partition {result['partition']} has {self._listed.size(result['partition'])} "
                                f"inputs but its shard holds {result['written']} and its rejects {result['rejected']}")
-        self.written += result["written"]
 
     def drain(self) -> None:
         while self._in_flight:
