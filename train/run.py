@@ -18,7 +18,7 @@ from train.data import (
     manifest_hash,
 )
 from train.deepspeed_config import deepspeed_config
-from train.engine import Trainer, TrainerState, TrainingObjective, lr_scheduler
+from train.engine import SkippableAdamW, Trainer, TrainerState, TrainingObjective, lr_scheduler
 from train.export import register_model, save_adapter
 from train.samples import attention_overlay
 from train.validation import ValidationSet
@@ -55,12 +55,13 @@ def build_model(config: TrainConfig, accelerator: str = "cpu"):
 
 
 def make_engine(config: TrainConfig, model):
-    """The DeepSpeed engine around the model's training loss, with a torch AdamW on the trainable weights."""
+    """The DeepSpeed engine around the model's training loss, with a fused torch AdamW on the trainable
+    weights that skips non-finite steps on the device."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=config.optim.lr,
-                                  betas=config.optim.betas, weight_decay=config.optim.weight_decay)
+    optimizer = SkippableAdamW(list(model.trainable_parameters()), lr=config.optim.lr,
+                               betas=config.optim.betas, weight_decay=config.optim.weight_decay)
     engine, *_ = deepspeed.initialize(model=TrainingObjective(model), optimizer=optimizer,
                                       lr_scheduler=lr_scheduler(optimizer, config),
                                       config=deepspeed_config(config, get_accelerator().device_name()))
