@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from mmdiff.configuration import load_config
+from mmdiff.speed import apply_speed_options
 from train.config import TrainConfig
 from train.data import (
     BatchBuilder,
@@ -51,7 +52,9 @@ def build_model(config: TrainConfig, accelerator: str = "cpu"):
     else:
         pipe, vision = zoo.build(base), zoo.build(encoder)
     torch.manual_seed(config.seed)  # the trainable initialisation: the same on every rank and for every ZeRO stage
-    return MMDiffModel(pipe, vision, model_settings(config), base, encoder)
+    model = MMDiffModel(pipe, vision, model_settings(config), base, encoder)
+    apply_speed_options(model.unet, config.model.channels_last, config.model.compile)
+    return model
 
 
 def make_engine(config: TrainConfig, model):
