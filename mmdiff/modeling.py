@@ -18,9 +18,11 @@ from mmdiff import zoo
 from mmdiff.attention import CapturedAttention, MMDiffAttnProcessor, SelfAttnProcessor, SubjectConditioning
 from mmdiff.configuration import parse_config
 from mmdiff.image_encoder import SubjectImageEncoder
+from mmdiff.integrity import read_json, verify_manifest, write_manifest
 from mmdiff.losses import attention_constraint_sum, denoise_loss, inside_share, masks_at
 from mmdiff.model_config import MMDiffConfig
 from mmdiff.refiner import QueryMLP, SERefiner
+from mmdiff.subject_image import SUBJECT_FILL
 from mmdiff.text_fusion import TextFusion, fused_word_embeddings, install_fusion
 from mmdiff.zoo.spec import ModelSpec
 
@@ -50,6 +52,8 @@ class MMDiffModel(nn.Module):
                              f"{type(base_pipe).__name__}")
         self.config = config
         self.base_pipe = base_pipe
+        # the colour outside the subject in training crops: reference images are padded with it at inference
+        self.subject_fill: tuple[int, int, int] = SUBJECT_FILL
         self.base_spec, self.image_encoder_spec = base_spec, image_encoder_spec
         self.unet, self.vae = base_pipe.unet, base_pipe.vae
         encoders = [base_pipe.text_encoder] + ([base_pipe.text_encoder_2] if is_xl else [])
@@ -150,8 +154,10 @@ class MMDiffModel(nn.Module):
             "mmdiff": self.config.model_dump(mode="json"),
             "base": self.base_spec.model_dump(mode="json") if self.base_spec else None,
             "image_encoder": self.image_encoder_spec.model_dump(mode="json") if self.image_encoder_spec else None,
+            "subject_fill": list(self.subject_fill),
         }
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+        write_manifest(directory, [WEIGHTS_NAME, CONFIG_NAME])  # checked by from_pretrained
         return directory
 
     @classmethod
@@ -162,7 +168,10 @@ class MMDiffModel(nn.Module):
         config_path = adapter_dir / CONFIG_NAME
         if not config_path.is_file() or not (adapter_dir / WEIGHTS_NAME).is_file():
             raise ValueError(f"{adapter_dir}: not an MM-Diff adapter (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
+        verify_manifest(adapter_dir, [WEIGHTS_NAME, CONFIG_NAME])  # sizes and sha256, before reading anything
+        meta = read_json(config_path)
+        if not isinstance(meta, dict) or "mmdiff" not in meta:
+            raise ValueError(f"{config_path}: not an MM-Diff adapter config (no 'mmdiff' section)")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{config_path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
         config = parse_config(meta["mmdiff"], MMDiffConfig, str(config_path))
@@ -175,13 +184,21 @@ class MMDiffModel(nn.Module):
             image_encoder = ModelSpec.model_validate(meta["image_encoder"]).model_copy(
                 update={"device": base.device, "dtype": base.dtype})
         model = cls.from_specs(base, image_encoder, config)
-        weights = load_file(adapter_dir / WEIGHTS_NAME, device=str(model.device))
+        try:
+            weights = load_file(adapter_dir / WEIGHTS_NAME, device=str(model.device))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types; name the file
+            raise ValueError(f"{adapter_dir / WEIGHTS_NAME}: not a readable safetensors file (truncated or "
+                             f"corrupt?): {exc}") from None
         expected = set(model.trainable_state_dict())
         missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
         if missing or unexpected:
             raise ValueError(f"{adapter_dir / WEIGHTS_NAME}: does not match the model "
                              f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
         model.load_state_dict(weights, strict=False)
+        fill = meta.get("subject_fill", list(SUBJECT_FILL))  # adapters written before it was recorded: the default
+        if not (isinstance(fill, list) and len(fill) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in fill)):
+            raise ValueError(f"{config_path}: subject_fill {fill!r} is not an RGB colour [r, g, b] in 0..255")
+        model.subject_fill = tuple(fill)
         return model
 
     # -- encoders -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any
 import mlflow
 import torch.distributed as dist
 
+from mmdiff.integrity import write_manifest
 from train.config import TrainConfig
 
 __all__ = ["save_adapter", "register_model", "inference_requirements", "model_signature"]
@@ -104,10 +105,11 @@ def register_model(config: TrainConfig, adapter_dir: str | Path, run_id: str, da
         base_spec = Path(tmp) / "base_model.json"
         # which base; the device and dtype training loaded it in are not the inference rule (model_config)
         base_spec.write_text(config.model.base.model_dump_json(exclude={"device", "dtype"}))
+        checksums = write_manifest(tmp, [base_spec.name])  # the adapter carries its own; both checked at load
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_MODEL),
-                artifacts={"adapter": str(adapter_dir), "base_model": str(base_spec)},
+                artifacts={"adapter": str(adapter_dir), "base_model": str(base_spec), "checksums": str(checksums)},
                 code_paths=_stage_code(Path(tmp) / "code"), signature=model_signature(),
                 # the inference placement rule (mmdiff.placement) and the keys load_model(model_config=...)
                 # may override (pyfunc_model.py)

@@ -1,6 +1,13 @@
-"""One device-and-precision rule for inference (mmdiff.placement): auto resolves to the accelerator in bf16
-when there is one (the CPU in fp32 here); evaluation and serving pass device and dtype through; anything
-that reserves GPUs and would compute on the CPU is refused."""
+"""Loading a model for inference.
+
+- One device-and-precision rule (mmdiff.placement): auto resolves to the accelerator in bf16 when there is
+  one (the CPU in fp32 here); evaluation and serving pass device and dtype through; anything that
+  reserves GPUs and would compute on the CPU is refused.
+- Integrity: an adapter's files are checked against its checksums.json; a flipped byte or a truncated
+  file is an error naming the file.
+"""
+
+import shutil
 
 from pathlib import Path
 
@@ -74,3 +81,40 @@ def test_a_serving_app_reserving_gpus_for_cpu_work_is_refused():
     with pytest.raises(PlacementError, match="num_gpus=1 reserves GPUs for every replica but device is 'cpu'"):
         build_app({"num_gpus": 1, "device": "cpu"})
     build_app({"num_gpus": 1, "device": "auto", "dtype": "float16"})  # resolved in the replica, on its GPU
+
+
+def _flip(path: Path, offset: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("mmdiff_adapter.safetensors", "flip", "mmdiff_adapter.safetensors: sha256 does not match"),
+    ("mmdiff_config.json", "flip", "mmdiff_config.json: sha256 does not match"),
+    ("mmdiff_adapter.safetensors", "truncate", r"mmdiff_adapter.safetensors: \d+ bytes, .* records \d+"),
+    ("checksums.json", "truncate", "checksums.json: not a readable JSON document"),
+])
+def test_a_damaged_adapter_is_refused_naming_the_file(adapter, tmp_path, name, damage, message):
+    copy = Path(shutil.copytree(adapter, tmp_path / "adapter"))
+    if damage == "flip":
+        _flip(copy / name)
+    else:
+        (copy / name).write_bytes((copy / name).read_bytes()[:-7])
+    with pytest.raises(ValueError, match=message):
+        MMDiffModel.from_pretrained(ModelSpec(family="sd15", source="tiny"), copy)
+
+
+def test_an_adapter_without_checksums_still_names_a_truncated_file(adapter, tmp_path):
+    copy = Path(shutil.copytree(adapter, tmp_path / "adapter"))
+    (copy / "checksums.json").unlink()  # as written before manifests existed
+    config = (copy / "mmdiff_config.json").read_bytes()
+    (copy / "mmdiff_config.json").write_bytes(config[: len(config) // 2])
+    with pytest.raises(ValueError, match="mmdiff_config.json: not a readable JSON document"):
+        MMDiffModel.from_pretrained(ModelSpec(family="sd15", source="tiny"), copy)
+    (copy / "mmdiff_config.json").write_bytes(config)
+    weights = (copy / "mmdiff_adapter.safetensors").read_bytes()
+    (copy / "mmdiff_adapter.safetensors").write_bytes(weights[:-100])
+    with pytest.raises(ValueError, match="mmdiff_adapter.safetensors: not a readable safetensors file"):
+        MMDiffModel.from_pretrained(ModelSpec(family="sd15", source="tiny"), copy)
