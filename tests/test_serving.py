@@ -117,7 +117,8 @@ def test_registered_model_loads_in_the_requested_device_and_dtype(registry, tmp_
     with pytest.raises(ValueError, match="reserves 1 GPU.* would compute on the CPU"):
         mlflow.pyfunc.load_model(f"models:/{NAME}/1", model_config={"reserved_gpus": 1})
     # integrity: a flipped byte in the base spec or in the adapter is refused, naming the file
-    for damaged in ("artifacts/base_model.json", "artifacts/adapter/mmdiff_adapter.safetensors"):
+    adapter = flavor["artifacts"]["adapter"]["path"]
+    for damaged in (flavor["artifacts"]["base_model"]["path"], f"{adapter}/mmdiff_adapter.safetensors"):
         copy = Path(shutil.copytree(local, tmp_path / damaged.replace("/", "_")))
         content = bytearray((copy / damaged).read_bytes())
         content[len(content) // 2] ^= 0x01
