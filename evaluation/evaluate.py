@@ -162,8 +162,7 @@ def load_pipeline(uri: str, tracking_uri: str | None, device: str | None = None,
     """
     import mlflow
 
-    from mmdiff import MMDiffPipeline
-    from mmdiff.modeling import CONFIG_NAME
+    from mmdiff import MMDiffModel, MMDiffPipeline
     from mmdiff.integrity import read_json, verify_artifacts
     from mmdiff.placement import resolve_placement
 
@@ -186,10 +185,9 @@ def load_pipeline(uri: str, tracking_uri: str | None, device: str | None = None,
         else:
             adapter = local
         if base is None:
-            meta = read_json(adapter / CONFIG_NAME) if (adapter / CONFIG_NAME).is_file() else {}
-            if not meta.get("base"):
-                raise ValueError(f"--model {uri}: {adapter} records no base model (not an MM-Diff adapter?)")
-            base = ModelSpec.model_validate(meta["base"])
+            base = MMDiffModel.recorded_spec(adapter, "base")
+            if base is None:
+                raise ValueError(f"--model {uri}: {adapter} records no base model")
         device, dtype = resolve_placement(device or recorded.get("device") or "auto",
                                           dtype or recorded.get("dtype") or "auto", reserved_gpus,
                                           "evaluation's generate stage")

@@ -8,6 +8,7 @@ file too. No torch import (config code uses it).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MANIFEST_NAME", "IntegrityError", "file_sha256", "read_json", "verify_artifacts", "verify_files",
+__all__ = ["MANIFEST_NAME", "IntegrityError", "file_sha256", "folder_sha256", "read_json", "verify_artifacts", "verify_files",
            "verify_manifest", "write_manifest"]
 
 MANIFEST_NAME = "checksums.json"
@@ -109,3 +110,21 @@ def verify_manifest(folder: str | Path, required: Iterable[str]) -> bool:
         raise IntegrityError(f"{path}: does not list {unlisted}")
     verify_files({name: folder / name for name in files}, files, path)
     return True
+
+
+def folder_sha256(folder: str | Path) -> str:
+    """One sha256 over every file under ``folder`` (relative path and content), hidden entries skipped:
+    the content hash of a model folder, whatever its layout. Cached per process by path, size and mtime."""
+    folder = Path(folder).resolve()
+    listing = tuple(sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                           for p in folder.rglob("*")
+                           if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)))
+    return _listing_sha256(str(folder), listing)
+
+
+@functools.lru_cache(maxsize=32)
+def _listing_sha256(folder: str, listing: tuple[tuple[str, int, int], ...]) -> str:
+    digest = hashlib.sha256()
+    for name, _size, _mtime in listing:
+        digest.update(f"{name}\0{file_sha256(Path(folder) / name)}\n".encode())
+    return digest.hexdigest()

@@ -33,15 +33,85 @@ class Subject:
     face_embed: Any = None  # portrait variant: the ArcFace embedding (512 floats) of the face
 
 
+def load_mmdiff_adapter(pipe: Any, adapter_dir: str | Path, image_encoder: ModelSpec | None = None) -> "MMDiffPipeline":
+    """MM-Diff on a stock diffusers SD1.5 / SDXL pipeline, the way ``pipe.load_ip_adapter(...)`` adds
+    IP-Adapter: the pipeline's UNet and text encoders get MM-Diff's layers and the adapter's weights (in
+    place), the recorded image encoder is built on the pipeline's device and dtype, and the returned
+    :class:`MMDiffPipeline` generates with subjects::
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder_or_hub_id, torch_dtype=torch.bfloat16).to("cuda")
+        mm = load_mmdiff_adapter(pipe, "path/to/adapter")
+        image = mm("a [dog] on the beach", [dog_photo]).images[0]
+
+    The pipeline must be the base the adapter was trained on: its folder's content hash is checked.
+    """
+    return MMDiffPipeline(MMDiffModel.from_adapter(pipe, adapter_dir, image_encoder).eval())
+
+
 class MMDiffPipeline:
+    """``pipe(prompt, subjects)`` on an MM-Diff model. Build it with :meth:`from_pretrained` (an adapter
+    folder, with or without another base) or :func:`load_mmdiff_adapter` (a stock diffusers pipeline);
+    it keeps no per-call state, so one instance serves concurrent calls."""
+
     def __init__(self, model: MMDiffModel):
         self.model = model
         self.base = model.base_pipe
 
     @classmethod
-    def from_pretrained(cls, base: ModelSpec | str | Path, adapter_dir: str | Path,
-                        image_encoder: ModelSpec | None = None) -> "MMDiffPipeline":
+    def from_pretrained(cls, pretrained: ModelSpec | str | Path, adapter_dir: str | Path | None = None,
+                        image_encoder: ModelSpec | None = None, *, torch_dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None) -> "MMDiffPipeline":
+        """``from_pretrained(folder)``: a folder written by :meth:`save_pretrained`, on the base model and
+        image encoder it records (checked by content hash); ``from_pretrained(base, adapter_dir)``: that
+        base (a ModelSpec, a diffusers folder or a hub id) with the adapter.
+
+        ``torch_dtype`` and ``device`` place the whole model; without them the one-folder form follows
+        :mod:`mmdiff.placement` (auto: the GPU in bf16 when there is one, else the CPU in fp32) and the
+        two-argument form the base spec's own placement.
+        """
+        from mmdiff.placement import resolve_placement
+
+        if adapter_dir is None:
+            adapter_dir = pretrained
+            base = MMDiffModel.recorded_spec(adapter_dir, "base")
+            if base is None:
+                raise ValueError(f"{adapter_dir}: records no base model; pass it: from_pretrained(base, adapter_dir)")
+            device, torch_dtype = device or "auto", torch_dtype or "auto"
+        else:
+            base = pretrained
+            if not isinstance(base, ModelSpec):
+                family = MMDiffModel.read_adapter(adapter_dir)[1].base_family
+                base = ModelSpec(family=family, source=str(base))
+        if device is not None or torch_dtype is not None:
+            dtype_name = str(torch_dtype).removeprefix("torch.") if torch_dtype is not None else None
+            resolved, dtype_name = resolve_placement(str(device) if device is not None else base.device,
+                                                     dtype_name or base.dtype, who="MMDiffPipeline.from_pretrained")
+            base = base.model_copy(update={"device": resolved, "dtype": dtype_name})
         return cls(MMDiffModel.from_pretrained(base, adapter_dir, image_encoder).eval())
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the adapter (weights, config with the base and image encoder recorded, checksums): a
+        folder :meth:`from_pretrained` loads on another machine that has the same base and encoder."""
+        return self.model.save_pretrained(directory)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "MMDiffPipeline":
+        """Move (and cast) the whole model; under float16 a ``force_upcast`` VAE stays in float32."""
+        self.model.to(device=device, dtype=dtype)
+        if dtype == torch.float16 and getattr(self.model.vae.config, "force_upcast", False):
+            self.model.vae.to(torch.float32)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.unet.dtype
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """tqdm options of the denoising loop's bar (``disable=False`` shows it; the zoo builds it off)."""
+        self.base.set_progress_bar_config(**kwargs)
 
     def _resolve(self, prompts: list[str], subjects: Sequence[Any]) -> tuple[list[str], list[list[tuple[int, int]]], list[Any]]:
         """Prompts without markers, per-prompt subject spans, and the subjects' images."""

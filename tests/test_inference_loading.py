@@ -118,3 +118,43 @@ def test_an_adapter_without_checksums_still_names_a_truncated_file(adapter, tmp_
     (copy / "mmdiff_adapter.safetensors").write_bytes(weights[:-100])
     with pytest.raises(ValueError, match="mmdiff_adapter.safetensors: not a readable safetensors file"):
         MMDiffModel.from_pretrained(ModelSpec(family="sd15", source="tiny"), copy)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_a_stock_diffusers_pipeline_takes_the_adapter_and_the_saved_folder_travels(family, tmp_path):
+    """load_mmdiff_adapter on StableDiffusion(XL)Pipeline.from_pretrained equals MMDiffPipeline; the saved
+    folder, moved, loads by itself to the same images; a base whose content differs is refused by name."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from skimage import data
+
+    from mmdiff import MMDiffPipeline, Subject, load_mmdiff_adapter
+    from mmdiff.zoo import save_tiny
+
+    folder = save_tiny(family, tmp_path / "base", seed=0)
+    config = load_config(REPO / f"configs/mmdiff/tiny_{family}.yaml", MMDiffConfig)
+    model = MMDiffModel.from_specs(ModelSpec(family=family, source=str(folder)),
+                                   ModelSpec(family="clip_vision", source="tiny"), config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter, so the weights show in the images
+        for p in model.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.05)
+    adapter = model.save_pretrained(tmp_path / "adapter")
+    args = dict(num_inference_steps=2, height=64, width=64, output_type="np", seed=0)
+    subjects = [Subject("dog", data.chelsea())]
+    stock_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    stock = load_mmdiff_adapter(stock_class.from_pretrained(folder), adapter)
+    stock.set_progress_bar_config(disable=True)
+    reference = MMDiffPipeline.from_pretrained(ModelSpec(family=family, source=str(folder)), adapter)
+    expected = reference("a dog on the beach", subjects, **args).images
+    np.testing.assert_allclose(stock("a dog on the beach", subjects, **args).images, expected, atol=1e-6)
+    moved = Path(shutil.copytree(reference.save_pretrained(tmp_path / "saved"), tmp_path / "elsewhere"))
+    shutil.rmtree(tmp_path / "saved")
+    again = MMDiffPipeline.from_pretrained(moved, torch_dtype=torch.float32, device="cpu")
+    np.testing.assert_array_equal(again("a dog on the beach", subjects, **args).images, expected)
+    assert again.to(dtype=torch.bfloat16).dtype == torch.bfloat16
+    other = save_tiny(family, tmp_path / "other-base", seed=1)
+    with pytest.raises(ValueError, match=f"base model given \\({other}\\) is not the one this adapter was trained"):
+        MMDiffPipeline.from_pretrained(ModelSpec(family=family, source=str(other)), adapter)
+    with pytest.raises(ValueError, match="is not the one this adapter was trained"):
+        load_mmdiff_adapter(stock_class.from_pretrained(other), adapter)
