@@ -21,6 +21,7 @@ from mmdiff.image_encoder import SubjectImageEncoder
 from mmdiff.integrity import folder_sha256, read_json, verify_manifest, write_manifest
 from mmdiff.losses import attention_constraint_sum, denoise_loss, inside_share, masks_at
 from mmdiff.model_config import MMDiffConfig
+from mmdiff.provenance import source_commit
 from mmdiff.refiner import QueryMLP, SERefiner
 from mmdiff.subject_image import SUBJECT_FILL
 from mmdiff.text_fusion import TextFusion, fused_word_embeddings, install_fusion
@@ -160,6 +161,7 @@ class MMDiffModel(nn.Module):
             "base": source_record(self.base_spec) if self.base_spec else None,
             "image_encoder": source_record(self.image_encoder_spec) if self.image_encoder_spec else None,
             "subject_fill": list(self.subject_fill),
+            "mmdiff_commit": source_commit(),  # the code that wrote it
         }
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
         write_manifest(directory, [WEIGHTS_NAME, CONFIG_NAME])  # checked by from_adapter

@@ -158,3 +158,31 @@ def test_a_stock_diffusers_pipeline_takes_the_adapter_and_the_saved_folder_trave
         MMDiffPipeline.from_pretrained(ModelSpec(family=family, source=str(other)), adapter)
     with pytest.raises(ValueError, match="is not the one this adapter was trained"):
         load_mmdiff_adapter(stock_class.from_pretrained(other), adapter)
+
+
+def test_the_commit_is_known_from_a_checkout_an_image_build_and_a_vcs_install(tmp_path):
+    """Adapters record the commit of the code that wrote them; an installed copy has no .git beside it."""
+    import json
+    import subprocess
+    import sys
+
+    from mmdiff.provenance import source_commit
+
+    assert len(source_commit()) == 40  # this checkout
+    installed = tmp_path / "site"
+    (installed / "mmdiff").mkdir(parents=True)
+    shutil.copy(REPO / "mmdiff/provenance.py", installed / "mmdiff/provenance.py")
+    (installed / "mmdiff/__init__.py").write_text("")
+    info = installed / "mmdiff-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mmdiff\nVersion: 0.1\n")
+    (info / "direct_url.json").write_text(json.dumps({"url": "https://example.org/mmdiff.git",
+                                                      "vcs_info": {"vcs": "git", "commit_id": "c0ffee" * 6 + "abcd"}}))
+    script = "import mmdiff.provenance as p; print(p.source_commit())"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(installed)}
+    run = [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(installed)!r}); {script}"]
+    assert subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+                          ).stdout.strip() == "c0ffee" * 6 + "abcd"
+    env["MMDIFF_GIT_COMMIT"] = "1234abcd"
+    assert subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+                          ).stdout.strip() == "1234abcd"

@@ -20,6 +20,7 @@ import mlflow
 import torch.distributed as dist
 
 from mmdiff.integrity import write_manifest
+from mmdiff.provenance import source_commit
 from train.config import TrainConfig
 
 __all__ = ["save_adapter", "register_model", "inference_requirements", "model_signature"]
@@ -118,7 +119,7 @@ def register_model(config: TrainConfig, adapter_dir: str | Path, run_id: str, da
             )
     client = mlflow.MlflowClient(config.tracking_uri)
     version = client.get_model_version(name, info.registered_model_version)
-    tags = {"run_id": run_id, "data.manifest_hash": data_manifest_hash,
+    tags = {"run_id": run_id, "data.manifest_hash": data_manifest_hash, "mmdiff_commit": source_commit(),
             "base_model": config.model.base.source, "base_model.spec": json.dumps(config.model.base.model_dump(mode="json", exclude={"device", "dtype"}))}
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
