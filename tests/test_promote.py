@@ -18,6 +18,7 @@ import pytest
 from evaluation.promote import GatesConfig, LeaseError, main, promote
 
 NAME = "mmdiff-promote-race"
+pytestmark = pytest.mark.slow  # spawns two promoting processes
 GATES = {"alias": "champion", "rank_by": "dino", "gates": [{"metric": "dino", "limit": 0.0, "margin": 0.0}]}
 DINO = {"1": 0.5, "2": 0.6, "3": 0.7}  # champion v1; the races promote v2 and v3: every serial order ends on v3
 
