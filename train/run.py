@@ -77,7 +77,8 @@ def generate_sample(config: TrainConfig, adapter_dir: Path):
     from mmdiff import MMDiffPipeline
     from train.generate import load_subject
 
-    pipe = MMDiffPipeline.from_pretrained(config.model.base, adapter_dir)
+    # the inference placement rule (the GPU in bf16 when there is one), not the training spec's CPU/fp32 load
+    pipe = MMDiffPipeline.from_pretrained(config.model.base, adapter_dir, device="auto", torch_dtype="auto")
     subjects = [load_subject(ref) for ref in config.mlflow.sample_subjects]
     return pipe(config.mlflow.sample_prompt, subjects, num_inference_steps=config.mlflow.sample_steps,
                 height=config.data.resolution, width=config.data.resolution, seed=config.seed).images[0]
