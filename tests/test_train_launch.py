@@ -293,7 +293,7 @@ def test_a_planted_pickle_is_refused_and_never_run(zero2_run, tmp_path):
     shutil.copytree(zero2_run / "checkpoints" / "step-6", checkpoint)
     plant_pickle(checkpoint, "zero_pp_rank_1_mp_rank_00_optim_states.pt", marker)
     found = problems(tmp_path / "checkpoints", "step-6")
-    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: pickles globals no checkpoint holds: ['builtins.open']" in found
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: pickles globals no checkpoint holds: ['io.open']" in found
     with pytest.raises(Exception, match="weights_only"):
         weights_only_load(checkpoint / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     assert not marker.exists()

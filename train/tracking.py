@@ -106,6 +106,10 @@ class RunTracker:
         self.run_file, self.spool = output / "mlflow_run.json", output / "mlflow_spool"
         self.ops_file, self.sent_file = self.spool / "ops.jsonl", self.spool / "sent"
         self.offline, self._probed = offline or self.ops_file.is_file(), time.monotonic()
+        if self.ops_file.is_file():  # a line a kill cut short was never acknowledged: drop it before appending
+            data = self.ops_file.read_bytes()
+            if data and not data.endswith(b"\n"):
+                write_atomic(self.ops_file, data[: data.rfind(b"\n") + 1])
         record = json.loads(self.run_file.read_text()) if self.run_file.is_file() else {}
         self.run_id: str | None = record.get("run_id")
         spooled = [op["step"] for op in self._ops() if op["op"] == "metrics"]
@@ -213,20 +217,25 @@ class RunTracker:
                 target.parent.mkdir(parents=True)
                 (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
                 op = {**op, key: str(target)}
+        line = json.dumps(op) + "\n"
         with self.ops_file.open("a") as ops:
-            ops.write(json.dumps(op) + "\n")
+            end = ops.tell()
+            try:
+                ops.write(line)
+                ops.flush()
+            except OSError:  # a full disk: no half line is left for the next operation to run into
+                ops.truncate(end)
+                raise
 
     def _ops(self) -> list[dict[str, Any]]:
         if not self.ops_file.is_file():
             return []
-        # a line a kill cut short is the last one, and was never acknowledged: drop it
-        lines = self.ops_file.read_text().splitlines()
         ops = []
-        for line in lines:
+        for line in self.ops_file.read_text().splitlines():
             try:
                 ops.append(json.loads(line))
-            except ValueError:
-                break
+            except ValueError as exc:
+                raise ValueError(f"{self.ops_file}: not a spooled operation: {line[:80]!r}") from exc
         return ops
 
     def _retry(self) -> None:
