@@ -6,6 +6,7 @@ tests/test_train_*.py files.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import json
@@ -23,7 +24,8 @@ from preprocess.sample import Entity, Sample
 from train.config import DataSection
 from mmdiff import zoo
 from mmdiff.zoo.diffusion import tiny_tokenizer
-from train.data import BatchBuilder, ReaderPosition, ShardStream, make_loader, manifest_hash
+from train.data import BatchBuilder, ReaderPosition, ShardStream, make_loader
+from train.shards import Dataset
 
 PHOTOS = [  # (skimage photo, caption, subject word)
     ("chelsea", "a photo of a cat on a rug", "cat"),
@@ -48,21 +50,32 @@ def make_sample(index: int, size: int | tuple[int, int] = 64, crop: int = 32) ->
 
 
 def write_shards(folder: Path, num_samples: int = 8, per_shard: int = 4,
-                 sizes: list[tuple[int, int]] | None = None) -> Path:
-    """The preprocessing output layout (shards/*.tar + manifest.json) from real photos; ``sizes``
-    (height, width) are cycled over the samples (default: 64 x 64)."""
+                 sizes: list[tuple[int, int]] | None = None, index: bool = True) -> Path:
+    """The preprocessing output layout (shards/*.tar, their index.json unless ``index`` is false, and
+    manifest.json) from real photos; ``sizes`` (height, width) are cycled over the samples (default 64 x 64)."""
     (folder / "shards").mkdir(parents=True, exist_ok=True)
     for shard in range(0, num_samples, per_shard):
-        with tarfile.open(folder / "shards" / f"shard-{shard // per_shard:06d}.tar", "w") as tar:
-            for index in range(shard, min(shard + per_shard, num_samples)):
-                members = make_sample(index, sizes[index % len(sizes)] if sizes else 64).to_wds()
-                key = members.pop("__key__")
+        path = folder / "shards" / f"shard-{shard // per_shard:06d}.tar"
+        keys = []
+        with tarfile.open(path, "w") as tar:
+            for number in range(shard, min(shard + per_shard, num_samples)):
+                members = make_sample(number, sizes[number % len(sizes)] if sizes else 64).to_wds()
+                keys.append(members.pop("__key__"))
                 for ext, payload in members.items():
-                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info = tarfile.TarInfo(f"{keys[-1]}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
+        if index:
+            write_index(path, keys)
     (folder / "manifest.json").write_text(json.dumps({"written": num_samples, "manifest_hash": "test-manifest"}))
     return folder
+
+
+def write_index(shard: Path, keys: list[str]) -> None:
+    """The index pipeline.shards writes beside a shard: its keys, size and sha256."""
+    data = shard.read_bytes()
+    shard.with_name(shard.name.replace(".tar", ".index.json")).write_text(json.dumps(
+        {"shard": shard.name, "samples": keys, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
 
 
 def builder(data: DataSection) -> BatchBuilder:
@@ -95,7 +108,7 @@ def test_batches_follow_the_model_contract(tmp_path):
         token = tiny_tokenizer().decode([int(batch["input_ids"][row, index])]).strip()
         assert token and word.startswith(token) and batch["subject_token_index"][row, 1] == -1
         assert batch["subject_masks"][row, 0].sum() > 0 and batch["subject_masks"][row, 1].sum() == 0
-    assert manifest_hash(tmp_path) == "test-manifest"
+    assert Dataset.open(str(tmp_path)).manifest_hash() == "test-manifest"
 
 
 def test_dropout_removes_caption_and_subjects(tmp_path):
@@ -146,7 +159,7 @@ def test_bucket_batches_never_mix_shapes_and_drop_nothing(tmp_path):
     sizes = [(64, 64), (40, 100), (100, 40), (64, 64), (80, 48), (48, 80), (36, 110)]
     source, _ = stream(write_shards(tmp_path, num_samples=14, per_shard=4, sizes=sizes), aspect_buckets=True,
                        bucket_step=8)
-    epoch = list(itertools.takewhile(lambda b: b["reader"]["epoch"] == 0, itertools.islice(iter(source), 30)))
+    epoch = list(itertools.takewhile(lambda b: ReaderPosition.of_batch(b).epoch == 0, itertools.islice(iter(source), 30)))
     shapes = set()
     for batch in epoch:
         shape = batch["pixel_values"].shape[-2:]
@@ -180,7 +193,7 @@ def test_bucket_crop_moves_mask_box_and_sdxl_conditioning_with_the_image():
 
 
 def test_corrupt_samples_and_shards_are_skipped_and_reported(tmp_path):
-    folder = write_shards(tmp_path, num_samples=8, per_shard=4)
+    folder = write_shards(tmp_path, num_samples=8, per_shard=4, index=False)  # hand-made: nothing recorded
     shard = folder / "shards" / "shard-000000.tar"
     with tarfile.open(shard) as tar:  # rewrite with one JPEG garbled
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]

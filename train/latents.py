@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -31,13 +30,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 
 from mmdiff.zoo.spec import ModelSpec
+from pipeline.storage import Location
 from preprocess.sample import Sample
 
-__all__ = ["LatentSidecars", "cache_latents", "latent_dir", "member_name", "vae_tag"]
+__all__ = ["LatentSidecar", "cache_latents", "latent_dir", "member_name", "vae_tag"]
 
 log = logging.getLogger("train.latents")
 
@@ -48,39 +47,52 @@ def vae_tag(base: ModelSpec) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:12]
 
 
-def latent_dir(shards: str | Path, base: ModelSpec) -> Path:
-    return Path(shards) / "latents" / vae_tag(base)
+def latent_dir(shards: str | Path | Location, base: ModelSpec, storage_options: dict[str, Any] | None = None) -> Location:
+    """Where the latents of ``base``'s VAE for the dataset at ``shards`` live (a folder or an object prefix)."""
+    root = shards if isinstance(shards, Location) else Location(str(shards), dict(storage_options or {}))
+    return root / "latents" / vae_tag(base)
 
 
 def member_name(bucket: tuple[int, int]) -> str:
     return f"{bucket[0]}x{bucket[1]}.npy"
 
 
-class LatentSidecars:
-    """Adds the cached latents of each raw sample (``latent:<h>x<w>`` -> .npy bytes) as it streams by;
-    the sidecar of one shard is read when the stream enters that shard."""
+class LatentSidecar:
+    """The cached latents of one shard (its sidecar tar), looked up by sample key (``latent:<h>x<w>.npy`` ->
+    .npy bytes). The sidecar streams forward: keys asked in the order it was written (the shard's, sorted by
+    the pipeline) read it once; an earlier key reopens it. A missing sidecar has no latents."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self._shard: str | None = None
-        self._members: dict[str, dict[str, bytes]] = {}
+    def __init__(self, location: Location, retries: int = 3):
+        self.location, self.retries = location, retries
+        self._samples: Iterator[Any] | None = None
+        self._current: Any = None
+        self._absent = False
 
-    def _load(self, shard: str) -> None:
-        self._shard, self._members = shard, {}
-        path = self.folder / Path(shard).name
-        if not path.is_file():
-            return
-        with tarfile.open(path) as tar:
-            for info in tar.getmembers():
-                key, _, name = info.name.partition(".")
-                self._members.setdefault(key, {})[f"latent:{name}"] = tar.extractfile(info).read()
+    def find(self, key: str) -> dict[str, bytes]:
+        from train.shards import ShardInfo, ShardSkipped, read_samples
 
-    def attach(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for raw in samples:
-            if raw.get("__url__") != self._shard:
-                self._load(raw.get("__url__", ""))
-            raw.update(self._members.get(raw.get("__key__", ""), {}))
-            yield raw
+        if self._absent:
+            return {}
+        if self._samples is None or (self._current is not None and key < self._current.key):
+            self._samples, self._current = read_samples(ShardInfo(self.location), retries=self.retries), None
+        try:
+            while self._current is None or self._current.key < key:
+                self._current = next(self._samples, None)
+                if self._current is None:
+                    self._samples = iter(())  # spent: only an earlier key reopens it
+                    return {}
+        except ShardSkipped as exc:
+            self._absent = True
+            if exc.reason != "missing":
+                log.warning("latents %s: not used: %s", self.location, exc.reason)
+            return {}
+        if self._current.key != key:
+            return {}
+        return {f"latent:{ext}": payload for ext, payload in self._current.members.items()}
+
+    def close(self) -> None:
+        if self._samples is not None and hasattr(self._samples, "close"):
+            self._samples.close()
 
 
 def decode_latent(payload: bytes) -> torch.Tensor:
@@ -90,43 +102,48 @@ def decode_latent(payload: bytes) -> torch.Tensor:
 def cache_latents(config: Any, resolutions: list[int] | None = None) -> dict[str, Any]:
     """Write the sidecars for ``config`` (a TrainConfig) at ``resolutions`` (default: data.resolution)."""
     from mmdiff import zoo
-    from train.data import BatchBuilder, shard_paths
+    from train.data import BatchBuilder
+    from train.shards import Dataset, ShardSkipped, read_samples
 
     base = config.model.base
     vae = zoo.build(base).vae.eval()
-    out = latent_dir(config.data.shards, base)
-    out.mkdir(parents=True, exist_ok=True)
+    dataset = Dataset.open(config.data.shards, config.data.storage_options)
+    out = dataset.latents(vae_tag(base))
     layouts = [BatchBuilder(config.data.model_copy(update={"resolution": r}), [], None)
                for r in (resolutions or [config.data.resolution])]
     counts = {"samples": 0, "latents": 0, "unreadable": 0}
-    paths = shard_paths(config.data.shards)
-    for number, path in enumerate(paths, start=1):
-        target = out / Path(path).name
-        partial = target.with_suffix(".tar.partial")
-        with tarfile.open(partial, "w") as tar:
-            for raw in wds.tariterators.tarfile_samples([{"url": path}], handler=wds.handlers.warn_and_continue):
-                try:
-                    sample = Sample.from_wds(raw)
-                except ValueError as exc:  # training skips and reports it too
-                    counts["unreadable"] += 1
-                    log.warning("%s %s: not cached: %s", path, raw.get("__key__"), exc)
-                    continue
-                counts["samples"] += 1
-                for bucket, pixels in _crops(layouts, sample.image):
-                    with torch.no_grad():
-                        moments = vae.encode(pixels[None].to(vae.dtype)).latent_dist.parameters[0]
-                    payload = io.BytesIO()
-                    np.save(payload, moments.float().numpy().astype(np.float16), allow_pickle=False)
-                    info = tarfile.TarInfo(f"{sample.key}.{member_name(bucket)}")
-                    info.size = payload.tell()
-                    payload.seek(0)
-                    tar.addfile(info, payload)
-                    counts["latents"] += 1
-        os.replace(partial, target)  # a sidecar is complete or absent
-        log.info("latents: shard %d/%d %s (%d samples so far)", number, len(paths), Path(path).name, counts["samples"])
+    for number, shard in enumerate(dataset.shards, start=1):
+        target = out / shard.name
+        partial = target.staging_file()
+        try:
+            with tarfile.open(partial, "w") as tar:
+                for raw in read_samples(shard, config.data.verify, config.data.read_retries):
+                    try:
+                        sample = Sample.from_wds(raw.wds(shard.location.url))
+                    except ValueError as exc:  # training skips and reports it too
+                        counts["unreadable"] += 1
+                        log.warning("%s %s: not cached: %s", shard.location, raw.key, exc)
+                        continue
+                    counts["samples"] += 1
+                    for bucket, pixels in _crops(layouts, sample.image):
+                        with torch.no_grad():
+                            moments = vae.encode(pixels[None].to(vae.dtype)).latent_dist.parameters[0]
+                        payload = io.BytesIO()
+                        np.save(payload, moments.float().numpy().astype(np.float16), allow_pickle=False)
+                        info = tarfile.TarInfo(f"{sample.key}.{member_name(bucket)}")
+                        info.size = payload.tell()
+                        payload.seek(0)
+                        tar.addfile(info, payload)
+                        counts["latents"] += 1
+            target.publish(partial)  # a sidecar is complete or absent
+        except ShardSkipped as exc:
+            log.warning("latents: shard skipped: %s", exc)
+        finally:
+            partial.unlink(missing_ok=True)
+        log.info("latents: shard %d/%d %s (%d samples so far)", number, len(dataset.shards), shard.name, counts["samples"])
     summary = {"vae": base.model_dump(mode="json"), "tag": vae_tag(base), "resolutions": resolutions or [config.data.resolution],
                "aspect_buckets": config.data.aspect_buckets, "dtype": "float16", **counts}
-    (out / "latents.json").write_text(json.dumps(summary, indent=1))
+    (out / "latents.json").write_atomic(json.dumps(summary, indent=1).encode())
     return summary
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -10,13 +11,7 @@ import torch.distributed as dist
 
 from mmdiff.configuration import load_config
 from train.config import TrainConfig
-from train.data import (
-    BatchBuilder,
-    ShardStream,
-    dataset_profile,
-    make_loader,
-    manifest_hash,
-)
+from train.data import BatchBuilder, ShardStream, data_sources, make_loader
 from train.deepspeed_config import deepspeed_config
 from train.engine import Trainer, TrainerState, TrainingObjective, lr_scheduler
 from train.export import register_model, save_adapter
@@ -67,6 +62,15 @@ def make_engine(config: TrainConfig, model):
     return engine
 
 
+def mixture_hash(sources: list) -> str:
+    """The run's data identity: the manifest hash of its one source, else a hash of every source's hash
+    and weight."""
+    if len(sources) == 1:
+        return sources[0].dataset.manifest_hash()
+    lines = "".join(f"{s.dataset.manifest_hash()}\t{s.weight}\n" for s in sources)
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
 def generate_sample(config: TrainConfig, adapter_dir: Path):
     """An image from the exported adapter, loaded the way users load it (MMDiffPipeline.from_pretrained)."""
     from mmdiff import MMDiffPipeline
@@ -90,7 +94,8 @@ def train(config: TrainConfig) -> TrainerState:
 
     model = build_model(config, accelerator.device_name())
     engine = make_engine(config, model)
-    data_hash = manifest_hash(config.data.shards)
+    sources = data_sources(config.data)
+    data_hash = mixture_hash(sources)
     tracker = None
     if rank == 0:
         from train.tracking import RunTracker
@@ -98,7 +103,9 @@ def train(config: TrainConfig) -> TrainerState:
         tracker = RunTracker(config, data_hash, {"world_size": str(world), "zero_stage": str(config.deepspeed.zero_stage)},
                              model_settings(config).model_dump(mode="json"),
                              deepspeed_config(config, accelerator.device_name()))
-        tracker.dataset(config.data.shards, data_hash, dataset_profile(config.data.shards))
+        for source in sources:  # one dataset input per source, its digest the source's manifest hash
+            profile = {**source.dataset.profile(), **({"weight": source.weight} if len(sources) > 1 else {})}
+            tracker.dataset(source.dataset.url, source.dataset.manifest_hash(), profile)
 
     def on_checkpoint(step: int) -> None:
         adapter = save_adapter(engine, Path(config.output_dir) / "adapters" / f"step-{step}")
@@ -112,7 +119,7 @@ def train(config: TrainConfig) -> TrainerState:
     # under ZeRO-3 every rank takes part in each forward (the weights are gathered), so every rank generates
     generates = bool(config.validation.shards) and (rank == 0 or config.deepspeed.zero_stage == 3)
     validation = ValidationSet(config.validation.shards, config.validation.num_samples,
-                               config.data.max_subjects) if generates else None
+                               config.data.max_subjects, config.data.storage_options) if generates else None
 
     def on_validate(step: int) -> None:
         if validation is not None:
@@ -134,7 +141,7 @@ def train(config: TrainConfig) -> TrainerState:
     if trainer.load_checkpoint():
         log.info("rank %d: resumed at step %d", rank, trainer.state.step)
     workers = config.data.num_workers
-    stream = ShardStream(config.data.shards, config.data, BatchBuilder(config.data, model.tokenizers, model.image_processor),
+    stream = ShardStream(sources, config.data, BatchBuilder(config.data, model.tokenizers, model.image_processor),
                          config.seed, rank, world, trainer.state.positions,
                          first_worker=trainer.state.micro_batches % max(1, workers), base=config.model.base)
     try:

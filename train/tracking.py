@@ -80,9 +80,14 @@ class RunTracker:
 
     def dataset(self, folder: str | Path, digest: str, profile: dict[str, Any]) -> None:
         """The shards as the run's training input (MLflow dataset tracking): digest = manifest hash."""
-        folder = Path(folder).resolve()
-        dataset = mlflow.entities.Dataset(name=folder.name, digest=digest, source_type="local",
-                                          source=json.dumps({"uri": folder.as_uri()}),
+        url = str(folder)
+        if "://" in url and not url.startswith("file://"):  # object storage: the URL as given
+            name, source_type = url.rstrip("/").rpartition("/")[2], url.partition("://")[0]
+        else:
+            path = Path(url.removeprefix("file://")).resolve()
+            name, source_type, url = path.name, "local", path.as_uri()
+        dataset = mlflow.entities.Dataset(name=name, digest=digest, source_type=source_type,
+                                          source=json.dumps({"uri": url}),
                                           profile=json.dumps(profile, sort_keys=True))
         context = mlflow.entities.InputTag(key=mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT, value="training")
         self.client.log_inputs(self.run_id, [mlflow.entities.DatasetInput(dataset, tags=[context])])
