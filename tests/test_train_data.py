@@ -218,3 +218,153 @@ def test_sdxl_crop_corner_is_in_resized_pixels():
 
     square, corner, scale = cover_crop(Image.new("RGB", (400, 200)), (32, 32), Image.BICUBIC)
     assert square.size == (32, 32) and corner == (0, 16) and scale == 32 / 200  # 100 px of 200 -> 16 of 32
+
+
+# -- reading from object storage, exactly once, checked -------------------------------------------------
+from tests.object_store import object_store_fixture  # noqa: E402,F401 - registers the fixture
+
+
+def epoch_batches(loader, epochs: int = 1, limit: int = 80) -> list[dict]:
+    """Batches until every reader of ``loader`` has passed ``epochs`` epochs (a batch's position is its
+    reader's after it, so a batch of epoch e says e), bounded by ``limit``."""
+    out, done = [], set()
+    workers = max(1, loader.num_workers)
+    for batch in itertools.islice(loader, limit):
+        if ReaderPosition.of_batch(batch).epoch >= epochs:
+            done.add(batch["reader"]["worker"])
+            if len(done) == workers:
+                return out
+        else:
+            out.append(batch)
+    raise AssertionError(f"readers {sorted(done)} of {workers} finished {epochs} epoch(s) within {limit} batches")
+
+
+@pytest.fixture(scope="module")
+def s3_dataset(object_store, tmp_path_factory):
+    """14 samples in 5 shards of uneven size (3, 3, 3, 3, 2), written locally and copied to the object store."""
+    import s3fs
+
+    local = write_shards(tmp_path_factory.mktemp("local"), num_samples=14, per_shard=3)
+    url = object_store.url("train/data")
+    s3fs.S3FileSystem(**object_store.options, skip_instance_cache=True).put(f"{local}/", url, recursive=True)
+    return local, url, object_store.options
+
+
+def test_2_ranks_x_2_workers_read_every_sample_once_per_epoch_from_the_object_store_as_locally(s3_dataset):
+    local, url, options = s3_dataset
+    per_rank = []
+    for rank in (0, 1):
+        batches = {}
+        for where, opts in ((url, options), (str(local), {})):
+            source, data = stream(local, micro_batch_size=1, storage_options=opts)
+            ranked = ShardStream(where, data, source.builder, seed=7, rank=rank, world_size=2)
+            batches[where] = epoch_batches(make_loader(ranked, 2), epochs=2)
+        remote, here = batches[url], batches[str(local)]
+        assert keys(remote) == keys(here)  # the object store gives the local copy's stream, batch for batch
+        assert all(torch.equal(a["pixel_values"], b["pixel_values"]) for a, b in zip(remote, here))
+        per_rank.append(remote)
+    for epoch in (0, 1):
+        seen = [k for batches in per_rank for b in batches if ReaderPosition.of_batch(b).epoch == epoch for k in b["key"]]
+        assert sorted(seen) == [f"{i:06d}" for i in range(14)], epoch  # every sample once per epoch
+    # each of the 4 reader slots had shards of its own, balanced by their recorded sample counts
+    slots = {(rank, b["reader"]["worker"]): set() for rank, batches in enumerate(per_rank) for b in batches}
+    for rank, batches in enumerate(per_rank):
+        for b in batches:
+            if ReaderPosition.of_batch(b).epoch == 0:
+                slots[(rank, b["reader"]["worker"])].update(int(k) // 3 for k in b["key"])
+    assert len(slots) == 4 and all(slots.values())
+
+    # rank 1 resumed from the object store after its third batch reads on exactly as it did
+    source, data = stream(local, micro_batch_size=1, storage_options=options)
+    cut = per_rank[1][:3]
+    positions = {b["reader"]["worker"]: ReaderPosition.of_batch(b) for b in cut}
+    assert any(p.sources[0].buffer for p in positions.values())  # samples were waiting in a shuffle buffer
+    resumed = ShardStream(url, data, source.builder, seed=7, rank=1, world_size=2, positions=positions, first_worker=1)
+    again = epoch_batches(make_loader(resumed, 2), epochs=2)
+
+    def by_worker(batches: list[dict]) -> dict[int, list[str]]:
+        return {w: keys(b for b in batches if b["reader"]["worker"] == w) for w in (0, 1)}
+
+    assert by_worker(again) == by_worker(per_rank[1][3:])
+
+
+def test_a_truncated_shard_on_the_object_store_is_skipped_counted_and_named(s3_dataset):
+    import s3fs
+
+    local, url, options = s3_dataset
+    fs = s3fs.S3FileSystem(**options, skip_instance_cache=True)
+    damaged = url.replace("train/data", "train/truncated")
+    fs.put(f"{local}/", damaged, recursive=True)
+    shard = f"{damaged}/shards/shard-000001.tar"
+    fs.pipe_file(shard, (local / "shards" / "shard-000001.tar").read_bytes()[:3000])  # cut mid-sample
+    source, data = stream(local, micro_batch_size=1, storage_options=options)
+    batches = epoch_batches(make_loader(ShardStream(damaged, data, source.builder, seed=7), 0))
+    assert sorted(keys(batches)) == [f"{i:06d}" for i in range(14) if i // 3 != 1]  # the rest, once
+    rejected = [r for b in batches for r in b["rejected"]]
+    assert len(rejected) == 1 and rejected[0]["source"] == shard and "index recorded" in rejected[0]["reason"]
+
+
+def test_resume_refuses_positions_of_another_world_size(tmp_path):
+    folder = write_shards(tmp_path)
+    source, data = stream(folder)
+    saved = ReaderPosition.of_batch(next(iter(ShardStream(folder, data, source.builder, seed=7, rank=0, world_size=2))))
+    assert saved.slots == 2
+    resumed = ShardStream(folder, data, source.builder, seed=7, positions={0: saved})  # 1 rank now
+    with pytest.raises(ValueError, match="saved by 2 reader slots .* this run has 1"):
+        make_loader(resumed, 0)
+
+
+def test_a_transient_read_error_is_retried_from_where_it_stopped(tmp_path, caplog):
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    class FlakyFileSystem(LocalFileSystem):
+        """Local files whose every first read past byte 4096 of a file fails, as a dropped connection does."""
+
+        protocol = "flaky"
+        failed: set[str] = set()
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(str(path).removeprefix("flaky://"))
+
+        def _open(self, path, mode="rb", **kwargs):
+            handle = super()._open(path, mode, **kwargs)
+            read, failed = handle.read, FlakyFileSystem.failed
+
+            def flaky_read(size=-1):
+                if path.endswith(".tar") and path not in failed and handle.tell() > 4096:
+                    failed.add(path)
+                    raise ConnectionResetError(f"{path}: connection reset by peer")
+                return read(size)
+
+            handle.read = flaky_read
+            return handle
+
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+    folder = write_shards(tmp_path)
+    source, data = stream(folder, micro_batch_size=1, read_retries=2)
+    stream_ = ShardStream(f"flaky://{folder}", data, source.builder, seed=7)
+    with caplog.at_level("WARNING", logger="train.data"):
+        batches = epoch_batches(make_loader(stream_, 0))
+    assert sorted(keys(batches)) == [f"{i:06d}" for i in range(8)] and not any(b["rejected"] for b in batches)
+    assert len(FlakyFileSystem.failed) == 2 and "retry 1/2" in caplog.text
+
+
+@pytest.mark.parametrize("verify", ["size", "sha256"])
+def test_a_flipped_bit_in_a_jpeg_is_never_trained_on_silently(tmp_path, verify):
+    folder = write_shards(tmp_path)
+    shard = folder / "shards" / "shard-000001.tar"
+    data = bytearray(shard.read_bytes())
+    with tarfile.open(shard) as tar:
+        jpeg = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+    data[jpeg.offset_data + jpeg.size // 2] ^= 0x10  # one bit, size unchanged
+    shard.write_bytes(bytes(data))
+    source, data_section = stream(folder, micro_batch_size=1, verify=verify)
+    batches = epoch_batches(make_loader(ShardStream(folder, data_section, source.builder, seed=7), 0))
+    rejected = [r for b in batches for r in b["rejected"]]
+    assert [r["source"] for r in rejected] == [str(shard)] and "sha256" in rejected[0]["reason"]
+    if verify == "sha256":  # checked before use: none of its samples is trained on
+        assert sorted(keys(batches)) == [f"{i:06d}" for i in range(4)] and "none of its samples" in rejected[0]["reason"]
+    else:  # streamed, then reported at its end, naming what happened
+        assert len(keys(batches)) == 8 and "were read before" in rejected[0]["reason"]

@@ -275,3 +275,46 @@ def test_config_errors_stop_before_any_process_starts(tmp_path, capsys):
     assert main(["--config", CONFIG, "--num_gpus", "2", f"data.shards={shards}",
                  "model.mmdiff=configs/mmdiff/tiny_sdxl.yaml"]) == 2
     assert "does not match base_family sdxl" in capsys.readouterr().err
+
+
+from tests.object_store import object_store_fixture  # noqa: E402,F401 - registers the fixture
+
+
+def test_training_from_the_object_store_killed_mid_epoch_resumes_to_the_local_runs_losses(
+        zero2_run, shards, object_store, tmp_path):
+    """The shards on an S3 server (moto, loopback), 2 ranks from s3://: the same losses as the zero2 run
+    from the local copy. One rank is SIGKILLed mid-epoch; the rerun resumes from the step-3 checkpoint
+    (rank x worker positions mid-epoch, samples waiting in the shuffle buffer, fetched back by byte range)
+    and ends with the uninterrupted run's losses."""
+    import psutil
+    import s3fs
+
+    url = object_store.url("launch/shards")
+    s3fs.S3FileSystem(**object_store.options, skip_instance_cache=True).put(f"{shards}/", url, recursive=True)
+    out = tmp_path / "run"
+    args = [f"output_dir={out}", f"data.shards={url}", f"data.storage_options={json.dumps(object_store.options)}",
+            "schedule.checkpoint_every=3", "mlflow.registered_model=null", "mlflow.sample_prompt=null"]
+    launcher = start("--num_gpus", "2", "--master_port", str(free_port()), *args)
+    deadline = time.monotonic() + 400
+    try:
+        while not ((out / "losses.jsonl").is_file() and len(losses(out)) >= 4):  # past the step-3 checkpoint
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+        rank1 = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                 if "train.main" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+        assert len(rank1) == 1
+        rank1[0].kill()
+        launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        launcher.log.close()
+    assert launcher.returncode != 0
+    assert (out / "checkpoints" / "latest").read_text() == "step-3"  # mid-epoch: 2 steps per epoch per rank
+    launch(*args)
+    full, again = losses(zero2_run), losses(out)
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, again):
+        for name in ("loss", "denoise_loss", "attention_loss", "lr"):
+            assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), (a["step"], name)

@@ -39,7 +39,8 @@ class SourceSection(ConfigModel):
 
     shards: str  # a preprocessing output folder or URL, as data.shards
     weight: float = Field(1.0, gt=0)  # relative share of the samples drawn
-    storage_options: dict[str, Any] = Field(default_factory=dict)  # empty: data.storage_options
+    # empty: data.storage_options; kept out of dumps (MLflow params, resolved.yaml): they may hold keys
+    storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
 
 
 class DataSection(ConfigModel):
@@ -49,8 +50,9 @@ class DataSection(ConfigModel):
     # a mixture instead: [{shards: URL, weight: w}, ...]; every sample drawn picks a source by weight
     sources: list[SourceSection] = Field(default_factory=list)
     # options of the shards' filesystem (s3: endpoint_url, key, secret, client_kwargs, ...), as the
-    # preprocessing job's output.storage_options; empty: its defaults (AWS_* variables, ~/.aws)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    # preprocessing job's output.storage_options; empty: its defaults (AWS_* variables, ~/.aws). Kept out of
+    # dumps (MLflow params, resolved.yaml): they may hold keys
+    storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
     # what training checks before reading a shard: "size" (the size its index recorded; the sha256 is
     # computed as it streams and a mismatch reported at its end) or "sha256" (read whole and checked first)
     verify: Literal["size", "sha256"] = "size"
