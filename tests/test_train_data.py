@@ -100,7 +100,7 @@ def test_batches_follow_the_model_contract(tmp_path):
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and batch["pixel_values"].min() >= -1.0
     assert batch["input_ids"].shape == (2, 77) and batch["input_ids"].dtype == torch.long
     assert batch["subject_pixel_values"].shape == (2, 2, 3, 32, 32)  # the tiny image encoder's input
-    assert batch["subject_masks"].shape == (2, 2, 32, 32)
+    assert batch["subject_masks"].shape == (2, 2, 4, 4) and batch["subject_masks"].dtype == torch.uint8  # latent grid
     assert batch["subject_valid"].tolist() == [[True, False], [True, False]]
     for row, caption in enumerate(batch["caption"]):
         word = next(w for _, c, w in PHOTOS if c == caption)
@@ -163,7 +163,7 @@ def test_bucket_batches_never_mix_shapes_and_drop_nothing(tmp_path):
     shapes = set()
     for batch in epoch:
         shape = batch["pixel_values"].shape[-2:]
-        assert batch["subject_masks"].shape[-2:] == shape and batch["pixel_values"].shape[0] <= 2
+        assert batch["subject_masks"].shape[-2:] == (shape[0] // 8, shape[1] // 8) and batch["pixel_values"].shape[0] <= 2
         shapes.add(tuple(shape))
     assert len(shapes) >= 3 and all(h * w <= 32 * 32 and h % 8 == 0 and w % 8 == 0 for h, w in shapes)
     assert sorted(keys(epoch)) == [f"{i:06d}" for i in range(14)]  # every sample once, the last buckets short
@@ -175,11 +175,18 @@ def test_bucket_crop_moves_mask_box_and_sdxl_conditioning_with_the_image():
     data = DataSection(shards="unused", resolution=32, max_subjects=2, text_dropout=0.0, subject_dropout=0.0,
                        aspect_buckets=True, bucket_step=8)
     processor = zoo.build({"family": "clip_vision", "source": "tiny"}).processor
-    sdxl = BatchBuilder(data, [tiny_tokenizer(), tiny_tokenizer()], processor)  # two tokenizers: SDXL
+    # masks at the image's own resolution (latent_factor 1) to see them framed by the box
+    sdxl = BatchBuilder(data, [tiny_tokenizer(), tiny_tokenizer()], processor, latent_factor=1)  # two tokenizers: SDXL
     assert (24, 40) in aspect_buckets(32, 8, 4.0) and (40, 24) in aspect_buckets(32, 8, 4.0)
     sample = make_sample(1, size=(48, 96))  # 1:2 -> the 24 x 40 bucket (nearest aspect with area <= 32^2)
     example = sdxl.example(sample, random.Random(0))
     assert example["pixel_values"].shape == (3, 24, 40) and example["subject_masks"].shape == (2, 24, 40)
+    # at an SD VAE's latent grid (1/8) the uint8 coverage is the area average of the finer one: every
+    # supervised size below follows from it as the loss resizes it (mmdiff.losses.masks_at, area mode)
+    coarse = BatchBuilder(data, [tiny_tokenizer(), tiny_tokenizer()], processor).example(sample, random.Random(0))
+    assert coarse["subject_masks"].dtype == torch.uint8 and coarse["subject_masks"].shape == (2, 3, 5)
+    averaged = torch.nn.functional.interpolate(example["subject_masks"][None].float(), size=(3, 5), mode="area")[0]
+    assert (averaged - coarse["subject_masks"].float()).abs().max() <= 3
     # resized by 1/2 to 24 x 48 to cover the bucket, 4 px cut on each side
     assert example["original_size"].tolist() == [48, 96] and example["crop_top_left"].tolist() == [0, 4]
     expected = np.asarray(sample.image.resize((48, 24), Image.BICUBIC), np.float32)[:, 4:44]

@@ -156,13 +156,19 @@ def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tup
     return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - aspect))
 
 
+def cover_geometry(size: tuple[int, int], target: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], float]:
+    """How an image of ``size`` (height, width) is resized to cover ``target`` (height, width) and centre-cropped
+    to it: the resized size (height, width), the crop's top-left corner in resized pixels, the scale factor."""
+    h, w = size
+    scale = max(target[0] / h, target[1] / w)
+    rw, rh = max(target[1], round(w * scale)), max(target[0], round(h * scale))
+    return (rh, rw), ((rh - target[0]) // 2, (rw - target[1]) // 2), scale
+
+
 def cover_crop(image: Image.Image, target: tuple[int, int], resample: int) -> tuple[Image.Image, tuple[int, int], float]:
     """``image`` resized to cover ``target`` (height, width) and centre-cropped to it; returns the crop, its
     top-left corner in resized pixels (SDXL's ``crops_coords_top_left``) and the scale factor."""
-    w, h = image.size
-    scale = max(target[0] / h, target[1] / w)
-    rw, rh = max(target[1], round(w * scale)), max(target[0], round(h * scale))
-    top, left = (rh - target[0]) // 2, (rw - target[1]) // 2
+    (rh, rw), (top, left), scale = cover_geometry((image.height, image.width), target)
     resized = image.resize((rw, rh), resample)
     return resized.crop((left, top, left + target[1], top + target[0])), (top, left), scale
 
@@ -171,11 +177,16 @@ class BatchBuilder:
     """Decoded samples -> one batch in the model's contract (MMDiffModel.training_loss).
 
     ``tokenizers`` are the base model's (two for SDXL) and ``processor`` the image encoder's, so prompts
-    and subject crops are prepared exactly as at inference (mmdiff.prompting).
+    and subject crops are prepared exactly as at inference (mmdiff.prompting). ``latent_factor`` is the
+    VAE's downsampling (8 for SD1.5 and SDXL): subject masks travel at the latent resolution, the largest
+    the loss uses them at, as uint8 coverage (0..255, the share of each latent pixel's image pixels
+    inside the mask), from which every smaller supervised size follows by area averaging. With cached
+    latents for its bucket an example carries no pixels: the image is never decoded.
     """
 
-    def __init__(self, data: DataSection, tokenizers: list[Any], processor: Any):
+    def __init__(self, data: DataSection, tokenizers: list[Any], processor: Any, latent_factor: int = 8):
         self.data, self.tokenizers, self.processor = data, list(tokenizers), processor
+        self.latent_factor = latent_factor
         self.buckets = (aspect_buckets(data.resolution, data.bucket_step, data.bucket_max_aspect)
                         if data.aspect_buckets else [(data.resolution, data.resolution)])
 
@@ -183,13 +194,14 @@ class BatchBuilder:
         """The training crop of ``image``: its bucket, pixels [3, h, w] in [-1, 1], the crop's top-left
         corner in resized pixels and the resize factor (train/latents.py caches latents of these pixels)."""
         bucket = nearest_bucket((image.height, image.width), self.buckets)
-        cropped, corner, scale = cover_crop(image, bucket, Image.BICUBIC)
+        cropped, corner, scale = cover_crop(image if image.mode == "RGB" else image.convert("RGB"), bucket, Image.BICUBIC)
         pixels = torch.from_numpy(np.asarray(cropped, np.float32)).permute(2, 0, 1) / 127.5 - 1.0
         return bucket, pixels, corner, scale
 
     def example(self, sample: Sample, rng: random.Random, latents: dict[str, bytes] | None = None) -> dict[str, Any]:
         """One training example; ``latents`` (``latent:<h>x<w>.npy`` -> bytes) are the sample's cached VAE
-        latents, used when there are some for its bucket."""
+        latents, used when there are some for its bucket (``sample.image`` may then be undecoded: only its
+        size is read). Keys starting with ``_`` are the stream's, left out of batches."""
         d = self.data
         drop_text = rng.random() < d.text_dropout
         drop_subjects = drop_text or rng.random() < d.subject_dropout
@@ -206,23 +218,27 @@ class BatchBuilder:
         index[: len(token_index)] = token_index
         valid = (index >= 0) & (not drop_subjects)
         index[~valid] = -1
-        bucket, pixels, crop_top_left, scale = self.crop(sample.image)
-        masks = torch.zeros((s, *bucket))
+        size = (sample.image.height, sample.image.width)
+        bucket = nearest_bucket(size, self.buckets)
+        (rh, rw), (top, left), scale = cover_geometry(size, bucket)
+        # the crop in the stored image's pixels, averaged down to the latent grid (PIL's BOX filter)
+        region = (left * size[1] / rw, top * size[0] / rh, (left + bucket[1]) * size[1] / rw,
+                  (top + bucket[0]) * size[0] / rh)
+        grid = (bucket[1] // self.latent_factor, bucket[0] // self.latent_factor)
+        masks = torch.zeros((s, grid[1], grid[0]), dtype=torch.uint8)
         boxes = torch.zeros((s, 4))  # [x0, y0, x1, y1] in the training image's pixels, clipped to it
-        top, left = crop_top_left
         for i, entity in enumerate(entities):
             mask = Image.fromarray(sample.masks[i].astype(np.uint8) * 255)
-            masks[i] = torch.from_numpy(np.asarray(cover_crop(mask, bucket, Image.NEAREST)[0]) > 127)
+            masks[i] = torch.from_numpy(np.array(mask.resize(grid, Image.BOX, box=region)))
             x0, y0, x1, y1 = entity.box
             boxes[i] = torch.tensor([x0 * scale - left, y0 * scale - top, x1 * scale - left, y1 * scale - top])
         boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([bucket[1], bucket[0]] * 2, dtype=boxes.dtype))
         crops = subject_pixel_values(self.processor, list(sample.crops[: len(entities)])) if entities else None
-        size = self.processor.crop_size["height"], self.processor.crop_size["width"]
-        subject_pixels = torch.zeros((s, 3, *size))
+        crop_size = self.processor.crop_size["height"], self.processor.crop_size["width"]
+        subject_pixels = torch.zeros((s, 3, *crop_size))
         if crops is not None:
             subject_pixels[: len(crops)] = crops
         out = {
-            "pixel_values": pixels,
             "input_ids": encoded[0][0],
             "subject_pixel_values": subject_pixels,
             "subject_token_index": index,
@@ -231,14 +247,18 @@ class BatchBuilder:
             "subject_boxes": boxes,
             "caption": caption,
             "key": sample.key,
+            "_bucket": bucket,
+            "_pixels": lambda: self.crop(sample.image)[1],  # decoded only if the batch runs the VAE
         }
         cached = (latents or {}).get(f"latent:{member_name(bucket)}")
         if cached is not None and self.data.cached_latents:
             out["latent_parameters"] = decode_latent(cached)
+        else:
+            out["pixel_values"] = out.pop("_pixels")()
         if len(encoded) == 2:  # SDXL: second text encoder and the size conditioning
             out["input_ids_2"] = encoded[1][0]
-            out["original_size"] = torch.tensor([sample.image.height, sample.image.width])
-            out["crop_top_left"] = torch.tensor(crop_top_left)
+            out["original_size"] = torch.tensor(size)
+            out["crop_top_left"] = torch.tensor((top, left))
         if sample.faces is not None:
             faces = torch.zeros((s, sample.faces.shape[1]))
             rows = torch.from_numpy(np.nan_to_num(sample.faces[: len(entities)], nan=0.0))
@@ -248,9 +268,15 @@ class BatchBuilder:
 
     @staticmethod
     def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Stacked tensors, lists of the rest; a key some examples lack (cached latents) is left out."""
+        """Stacked tensors, lists of the rest. When some example has no cached latents the VAE runs for the
+        whole batch, so every example gets its pixels (decoded now); otherwise the batch has none."""
+        if any("latent_parameters" not in e for e in examples):
+            for example in examples:
+                example.pop("latent_parameters", None)
+                if "pixel_values" not in example:
+                    example["pixel_values"] = example["_pixels"]()
         batch: dict[str, Any] = {}
-        for name in [k for k in examples[0] if all(k in e for e in examples)]:
+        for name in [k for k in examples[0] if not k.startswith("_") and all(k in e for e in examples)]:
             values = [e[name] for e in examples]
             batch[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
         return batch
@@ -408,7 +434,9 @@ class ShardStream(IterableDataset):
     def _example(self, source: int, epoch: int, raw: dict[str, Any]) -> dict[str, Any]:
         # seeded by the sample itself: its dropout does not depend on which slot read it, or when
         rng = random.Random(f"{self.seed}/{source}/{epoch}/{raw['__url__'].rpartition('/')[2]}/{raw['__key__']}")
-        return self.builder.example(Sample.from_wds(raw), rng, {k: v for k, v in raw.items() if k.startswith("latent:")})
+        latents = {k: v for k, v in raw.items() if k.startswith("latent:")}
+        # with latents cached the image is only opened (its size), decoded later if the batch needs it
+        return self.builder.example(Sample.from_wds(raw, decode_image=not latents), rng, latents)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         logical, slot, slots = self._slot()
@@ -427,7 +455,7 @@ class ShardStream(IterableDataset):
             except ValueError as exc:
                 rejected.append(Rejected(str(raw.get("__url__", "?")), str(raw.get("__key__", "?")), str(exc)))
                 return None
-            shape = tuple(example["pixel_values"].shape)
+            shape = example["_bucket"]
             waiting.setdefault(shape, []).append((draw, ref, example))
             return shape
 

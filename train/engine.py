@@ -136,7 +136,7 @@ class Trainer:
         out = {}
         for name, value in batch.items():
             if isinstance(value, torch.Tensor):  # captions, keys and reader bookkeeping stay here
-                value = value.to(self.engine.device)
+                value = value.to(self.engine.device, non_blocking=True)  # the loader pins batches on GPUs
                 out[name] = value.to(dtype) if value.is_floating_point() else value
         return out
 

@@ -141,11 +141,13 @@ def train(config: TrainConfig) -> TrainerState:
     if trainer.load_checkpoint():
         log.info("rank %d: resumed at step %d", rank, trainer.state.step)
     workers = config.data.num_workers
-    stream = ShardStream(sources, config.data, BatchBuilder(config.data, model.tokenizers, model.image_processor),
-                         config.seed, rank, world, trainer.state.positions,
+    latent_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)  # the VAE's downsampling
+    builder = BatchBuilder(config.data, model.tokenizers, model.image_processor, latent_factor)
+    stream = ShardStream(sources, config.data, builder, config.seed, rank, world, trainer.state.positions,
                          first_worker=trainer.state.micro_batches % max(1, workers), base=config.model.base)
     try:
-        trainer.run(iter(make_loader(stream, workers)))
+        # pinned batches: their copies to the GPU overlap compute (the engine copies with non_blocking)
+        trainer.run(iter(make_loader(stream, workers, pin_memory=accelerator.device_name() == "cuda")))
         adapter = save_adapter(engine, Path(config.output_dir) / "adapter")
         if tracker is not None:
             tracker.directory(adapter, "adapter")
