@@ -9,7 +9,7 @@ taken from git into a temporary package) and the current one, alternating, ``--r
 Reported: CPU seconds (process time) per training image, median per loader, and their ratio; the CPU cores
 per GPU they imply at a given training speed are in docs/SIZING.md. ``--s3`` adds the current loader's
 wall time per image reading the same shards from a moto S3 server on loopback, against the local copy.
-Prints one line and writes benchmarks/results/bench_loader.json.
+Prints one line and writes benchmarks/results/bench_loader[_pixels][_<resolution>].json.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--s3", action="store_true")
+    parser.add_argument("--no-latents", action="store_true", help="no cached latents: the images are decoded")
     args = parser.parse_args()
     import torch
 
@@ -126,7 +127,7 @@ def main() -> None:
         folder = tmp / "data"
         write_dataset(folder, args.images, args.resolution, 16, base)
         data = DataSection(shards=str(folder), resolution=args.resolution, max_subjects=2, micro_batch_size=4,
-                           shuffle_buffer=16, text_dropout=0.0, subject_dropout=0.0)
+                           shuffle_buffer=16, text_dropout=0.0, subject_dropout=0.0, cached_latents=not args.no_latents)
 
         def run(module: types.ModuleType, shards: str, options: dict | None = None) -> tuple[float, float]:
             settings = data.model_copy(update={"shards": shards, "storage_options": options or {}})
@@ -135,7 +136,7 @@ def main() -> None:
             cpu, wall = time.process_time(), time.perf_counter()
             batches = list(itertools.islice(iter(stream), args.images // settings.micro_batch_size))
             assert sum(len(b["key"]) for b in batches) == args.images
-            assert all("latent_parameters" in b for b in batches), "the cached latents were not used"
+            assert all(("latent_parameters" in b) == settings.cached_latents for b in batches)
             return (time.process_time() - cpu) / args.images, (time.perf_counter() - wall) / args.images
 
         cpu: dict[str, list[float]] = {"before": [], "now": []}
@@ -143,11 +144,13 @@ def main() -> None:
             cpu["before"].append(run(before, str(folder))[0])
             cpu["now"].append(run(loader_now, str(folder))[0])
         result = {"images": args.images, "resolution": args.resolution, "repeats": args.repeats, "before": BEFORE,
+                  "cached_latents": not args.no_latents,
                   "cpu_ms_per_image_before": 1e3 * statistics.median(cpu["before"]),
                   "cpu_ms_per_image_now": 1e3 * statistics.median(cpu["now"]),
                   "samples_ms": {k: [1e3 * v for v in values] for k, values in cpu.items()}}
         result["ratio_now_over_before"] = result["cpu_ms_per_image_now"] / result["cpu_ms_per_image_before"]
-        line = (f"bench_loader: CPU per training image at {args.resolution} px with cached latents: "
+        line = (f"bench_loader: CPU per training image at {args.resolution} px "
+                f"{'without' if args.no_latents else 'with'} cached latents: "
                 f"{result['cpu_ms_per_image_before']:.1f} ms before, {result['cpu_ms_per_image_now']:.1f} ms now "
                 f"(ratio {result['ratio_now_over_before']:.2f})")
         if args.s3:
@@ -176,7 +179,8 @@ def main() -> None:
     print(line)
     from benchmarks.report import write_result
 
-    write_result("bench_loader", result)
+    name = "bench_loader" + ("_pixels" if args.no_latents else "") + ("" if args.resolution == 512 else f"_{args.resolution}")
+    write_result(name, result)
 
 
 if __name__ == "__main__":

@@ -375,3 +375,4 @@ def test_a_flipped_bit_in_a_jpeg_is_never_trained_on_silently(tmp_path, verify):
         assert sorted(keys(batches)) == [f"{i:06d}" for i in range(4)] and "none of its samples" in rejected[0]["reason"]
     else:  # streamed, then reported at its end, naming what happened
         assert len(keys(batches)) == 8 and "were read before" in rejected[0]["reason"]
+

@@ -318,3 +318,36 @@ def test_training_from_the_object_store_killed_mid_epoch_resumes_to_the_local_ru
     for a, b in zip(full, again):
         for name in ("loss", "denoise_loss", "attention_loss", "lr"):
             assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), (a["step"], name)
+
+
+def test_a_3_to_1_mixture_follows_its_weights_and_logs_both_dataset_inputs(mlflow_server, tmp_path):
+    import itertools
+
+    from mmdiff.configuration import load_config
+    from test_train_data import builder
+    from train.config import TrainConfig
+    from train.data import ReaderPosition, ShardStream, data_sources
+    from train.run import log_datasets
+    from train.tracking import RunTracker
+
+    general = write_shards(tmp_path / "general", num_samples=8)
+    portraits = write_shards(tmp_path / "portraits", num_samples=4, per_shard=2)
+    (portraits / "manifest.json").write_text(json.dumps({"written": 4, "manifest_hash": "portrait-manifest"}))
+    config = load_config("configs/train/tiny_test.yaml", TrainConfig, {
+        "output_dir": str(tmp_path / "run"), "data.shards": None, "data.resolution": 32,
+        "data.sources": [{"shards": str(general), "weight": 3}, {"shards": str(portraits), "weight": 1}],
+        "data.micro_batch_size": 4, "data.text_dropout": 0.0, "data.subject_dropout": 0.0,
+        "mlflow.tracking_uri": mlflow_server})
+    sources = data_sources(config.data)
+    mixed = ShardStream(sources, config.data, builder(config.data), seed=7)
+    batches = list(itertools.islice(iter(mixed), 100))  # 400 samples
+    positions = [ReaderPosition.of_batch(b).sources for b in batches]
+    assert [s.drawn for s in positions[-1]] == [300, 100]  # 3:1 over 400 samples ...
+    assert all([s.drawn for s in p] == [3 * (n + 1), n + 1] for n, p in enumerate(positions))  # ... at every step
+    assert [s.epoch for s in positions[-1]] == [37, 24]  # each source cycles its own epochs (8 and 4 samples)
+    Path(config.output_dir).mkdir(parents=True)
+    tracker = RunTracker(config, "mixture")
+    log_datasets(tracker, sources)
+    inputs = mlflow.MlflowClient(config.tracking_uri).get_run(tracker.run_id).inputs.dataset_inputs
+    assert {(i.dataset.name, i.dataset.digest, json.loads(i.dataset.profile)["weight"]) for i in inputs} == {
+        ("general", "test-manifest", 3.0), ("portraits", "portrait-manifest", 1.0)}

@@ -68,7 +68,9 @@ class DataSection(ConfigModel):
     cached_latents: bool = True
     max_subjects: int = 2
     micro_batch_size: int = 1  # per rank
-    num_workers: int = 0  # DataLoader workers per rank
+    # DataLoader workers per rank; None: enough for the planned images/s per GPU at the measured CPU cost per
+    # training image, within the node's cores (train.data.default_num_workers, docs/SIZING.md)
+    num_workers: int | None = Field(None, ge=0)
     shuffle_buffer: int = 64
     text_dropout: float = 0.05  # caption and subjects dropped: unconditional for guidance
     subject_dropout: float = 0.05  # subjects dropped, caption kept

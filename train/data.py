@@ -12,8 +12,9 @@ shard being read and the byte and number of its next sample, and the byte ranges
 the shuffle buffer; the examples waiting in unfilled aspect buckets), and a resumed slot opens that shard
 at that byte and fetches the waiting samples by range: nothing before them is read again.
 
-``data.sources`` mixes datasets: every draw picks a source by weight (seeded per slot and draw), each
-source keeps its own epochs, and the counts drawn per source travel with the position. A shard or sample
+``data.sources`` mixes datasets: every draw takes the source furthest behind its weighted share of the
+slot's draws so far, so the mixture follows the weights at every step; each source keeps its own epochs,
+and the counts drawn per source travel with the position (the run logs them). A shard or sample
 that cannot be used is skipped, and reported with the next batch (shard and sample named), never fatal.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -48,6 +50,7 @@ __all__ = [
     "SourcePosition",
     "assign_shards",
     "data_sources",
+    "default_num_workers",
     "make_loader",
 ]
 
@@ -116,6 +119,26 @@ def data_sources(data: DataSection) -> list[Source]:
     if data.sources:
         return [Source(Dataset.open(s.shards, s.storage_options or data.storage_options), s.weight) for s in data.sources]
     return [Source(Dataset.open(data.shards, data.storage_options))]
+
+
+# CPU seconds per training image of one reader slot (one core), measured by benchmarks.bench_loader at 512 px
+# and 1024 px (docs/SIZING.md): with cached latents, and decoding the image for the VAE
+LOADER_CPU_S_PER_IMAGE = {True: {512: 0.0112, 1024: 0.0266}, False: {512: 0.0293, 1024: 0.117}}
+# the training images/s one GPU consumes at most (docs/SIZING.md: an H100 at 40 % MFU, SD1.5 512 px cached)
+PLANNED_IMAGES_PER_S = 183
+
+
+def default_num_workers(data: DataSection, ranks_per_node: int, cores: int | None = None) -> int:
+    """DataLoader workers per rank that keep up with :data:`PLANNED_IMAGES_PER_S` at the measured CPU cost
+    per image (interpolated in pixels between the measured resolutions), with 25 % headroom, within this
+    node's cores less one per rank (the training process itself)."""
+    measured = LOADER_CPU_S_PER_IMAGE[data.cached_latents]
+    (low, low_s), (high, high_s) = sorted(measured.items())
+    share = (data.resolution ** 2 - low ** 2) / (high ** 2 - low ** 2)
+    per_image = max(low_s, low_s + share * (high_s - low_s))
+    needed = math.ceil(per_image * PLANNED_IMAGES_PER_S * 1.25)
+    available = (cores or os.cpu_count() or 1) // max(1, ranks_per_node) - 1
+    return max(0, min(needed, available))
 
 
 def assign_shards(shards: list[ShardInfo], seed: int, epoch: int, slot: int, slots: int) -> tuple[list[int], bool]:
@@ -473,10 +496,10 @@ class ShardStream(IterableDataset):
                 wait(-len(saved.pending) + draw, ref, raw)
         try:
             while True:
-                source = 0
-                if len(readers) > 1:
-                    source = random.Random(f"{self.seed}/mix/{slot}/{position.draws}").choices(
-                        range(len(readers)), self.weights)[0]
+                # the source furthest behind its share of the draws so far (ties: the first): every prefix
+                # of a slot's draws follows the weights to within one sample, deterministically
+                source = max(range(len(readers)), key=lambda i: (
+                    (position.draws + 1) * self.weights[i] - position.sources[i].drawn, -i))
                 epoch, ref, raw = readers[source].next()
                 position.draws += 1
                 shape = wait(position.draws, [source, epoch, *ref], raw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch.distributed as dist
 
 from mmdiff.configuration import load_config
 from train.config import TrainConfig
-from train.data import BatchBuilder, ShardStream, data_sources, make_loader
+from train.data import BatchBuilder, ShardStream, data_sources, default_num_workers, make_loader
 from train.deepspeed_config import deepspeed_config
 from train.engine import Trainer, TrainerState, TrainingObjective, lr_scheduler
 from train.export import register_model, save_adapter
@@ -71,6 +72,25 @@ def mixture_hash(sources: list) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()[:16]
 
 
+def log_datasets(tracker, sources: list) -> None:
+    """One MLflow dataset input per source, its digest the source's manifest hash (its weight in a mixture)."""
+    for source in sources:
+        profile = {**source.dataset.profile(), **({"weight": source.weight} if len(sources) > 1 else {})}
+        tracker.dataset(source.dataset.url, source.dataset.manifest_hash(), profile)
+
+
+def drawn_per_source(state: TrainerState, sources: list, device: torch.device | str) -> dict[str, float]:
+    """The samples drawn from each source by every reader slot of every rank (a sum over the ranks)."""
+    counts = torch.zeros(len(sources), dtype=torch.float64, device=device)
+    for position in state.positions.values():
+        for i, source in enumerate(position.sources):
+            counts[i] += source.drawn
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    names = [s.dataset.url.rstrip("/").rpartition("/")[2] or s.dataset.url for s in sources]
+    return {f"data.drawn/{i}-{name}": float(n) for i, (name, n) in enumerate(zip(names, counts.tolist()))}
+
+
 def generate_sample(config: TrainConfig, adapter_dir: Path):
     """An image from the exported adapter, loaded the way users load it (MMDiffPipeline.from_pretrained)."""
     from mmdiff import MMDiffPipeline
@@ -103,9 +123,7 @@ def train(config: TrainConfig) -> TrainerState:
         tracker = RunTracker(config, data_hash, {"world_size": str(world), "zero_stage": str(config.deepspeed.zero_stage)},
                              model_settings(config).model_dump(mode="json"),
                              deepspeed_config(config, accelerator.device_name()))
-        for source in sources:  # one dataset input per source, its digest the source's manifest hash
-            profile = {**source.dataset.profile(), **({"weight": source.weight} if len(sources) > 1 else {})}
-            tracker.dataset(source.dataset.url, source.dataset.manifest_hash(), profile)
+        log_datasets(tracker, sources)
 
     def on_checkpoint(step: int) -> None:
         adapter = save_adapter(engine, Path(config.output_dir) / "adapters" / f"step-{step}")
@@ -141,6 +159,9 @@ def train(config: TrainConfig) -> TrainerState:
     if trainer.load_checkpoint():
         log.info("rank %d: resumed at step %d", rank, trainer.state.step)
     workers = config.data.num_workers
+    if workers is None:
+        workers = default_num_workers(config.data, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        log.info("rank %d: data.num_workers %d (derived from the measured CPU cost per image)", rank, workers)
     latent_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)  # the VAE's downsampling
     builder = BatchBuilder(config.data, model.tokenizers, model.image_processor, latent_factor)
     stream = ShardStream(sources, config.data, builder, config.seed, rank, world, trainer.state.positions,
@@ -148,8 +169,11 @@ def train(config: TrainConfig) -> TrainerState:
     try:
         # pinned batches: their copies to the GPU overlap compute (the engine copies with non_blocking)
         trainer.run(iter(make_loader(stream, workers, pin_memory=accelerator.device_name() == "cuda")))
+        drawn = drawn_per_source(trainer.state, sources, engine.device)
+        log.info("rank %d: samples drawn per source, all ranks: %s", rank, drawn)
         adapter = save_adapter(engine, Path(config.output_dir) / "adapter")
         if tracker is not None:
+            tracker.metrics(drawn, trainer.state.step)
             tracker.directory(adapter, "adapter")
             if config.mlflow.sample_prompt:
                 tracker.image(generate_sample(config, adapter), f"samples/generated-step-{trainer.state.step:06d}.png")
