@@ -123,7 +123,7 @@ def data_sources(data: DataSection) -> list[Source]:
 
 # CPU seconds per training image of one reader slot (one core), measured by benchmarks.bench_loader at 512 px
 # and 1024 px (docs/SIZING.md): with cached latents, and decoding the image for the VAE
-LOADER_CPU_S_PER_IMAGE = {True: {512: 0.0112, 1024: 0.0266}, False: {512: 0.0293, 1024: 0.117}}
+LOADER_CPU_S_PER_IMAGE = {True: {512: 0.0112, 1024: 0.0226}, False: {512: 0.0293, 1024: 0.0917}}
 # the training images/s one GPU consumes at most (docs/SIZING.md: an H100 at 40 % MFU, SD1.5 512 px cached)
 PLANNED_IMAGES_PER_S = 183
 
