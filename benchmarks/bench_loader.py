@@ -6,7 +6,8 @@ One dataset of real photos (scikit-image, resized to about 1.5x the training res
 with cached latents for the training bucket, read by one reader slot in this process (no workers), as a
 rank's DataLoader worker does: the loader of commit ``BEFORE`` (its train/data.py and train/latents.py,
 taken from git into a temporary package) and the current one, alternating, ``--repeats`` times each.
-Reported: CPU seconds (process time) per training image, median per loader, and their ratio; the CPU cores
+The subject crops go through a 224 px CLIP image processor, as for the real
+image encoder (the tokenizer is the tiny twin's: the real one's files are on the model hub). Reported: CPU seconds (process time) per training image, median per loader, and their ratio; the CPU cores
 per GPU they imply at a given training speed are in docs/SIZING.md. ``--s3`` adds the current loader's
 wall time per image reading the same shards from a moto S3 server on loopback, against the local copy.
 Prints one line and writes benchmarks/results/bench_loader[_pixels][_<resolution>].json.
@@ -120,7 +121,9 @@ def main() -> None:
     torch.set_num_threads(1)  # a DataLoader worker's share
     base = ModelSpec(family="sd15", source="tiny", seed=0)
     tokenizer = zoo.build(base).tokenizer
-    processor = zoo.build({"family": "clip_vision", "source": "tiny"}).processor
+    from mmdiff.zoo.clip_vision import _processor
+
+    processor = _processor(224)  # the real image encoder's input (ViT-L/14, 224 px), not the tiny twin's
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         tmp = Path(tmp)
         before = loader_before(tmp / "code")
