@@ -68,8 +68,8 @@ EVAL_EXPERIMENT = "mmdiff-eval"  # for models given as a folder (no training run
 
 
 class GenerationSettings(ConfigModel):
-    steps: int = 30
-    guidance_scale: float = 7.5
+    steps: int = 25  # the official inference defaults (docs/MODEL.md)
+    guidance_scale: float = 5.0
     height: int | None = None  # None: the base model's default size
     width: int | None = None
     # where the model under evaluation computes (mmdiff.placement); None: the model's recorded rule, auto
@@ -162,8 +162,8 @@ def load_pipeline(uri: str, tracking_uri: str | None, device: str | None = None,
     """
     import mlflow
 
-    from mmdiff import MMDiffPipeline
-    from mmdiff.modeling import CONFIG_NAME
+    from mmdiff import MMDiffModel, MMDiffPipeline
+    from mmdiff.integrity import read_json, verify_artifacts
     from mmdiff.placement import resolve_placement
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,14 +179,15 @@ def load_pipeline(uri: str, tracking_uri: str | None, device: str | None = None,
             flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
             artifacts, recorded = flavor["artifacts"], flavor.get("model_config") or {}
             adapter = local / artifacts["adapter"]["path"]
-            base = ModelSpec.model_validate_json((local / artifacts["base_model"]["path"]).read_text())
+            paths = {name: local / a["path"] for name, a in artifacts.items()}
+            verify_artifacts({"base_model.json": paths["base_model"]}, paths.get("checksums"))
+            base = ModelSpec.model_validate(read_json(paths["base_model"]))
         else:
             adapter = local
         if base is None:
-            meta = json.loads((adapter / CONFIG_NAME).read_text()) if (adapter / CONFIG_NAME).is_file() else {}
-            if not meta.get("base"):
-                raise ValueError(f"--model {uri}: {adapter} records no base model (not an MM-Diff adapter?)")
-            base = ModelSpec.model_validate(meta["base"])
+            base = MMDiffModel.recorded_spec(adapter, "base")
+            if base is None:
+                raise ValueError(f"--model {uri}: {adapter} records no base model")
         device, dtype = resolve_placement(device or recorded.get("device") or "auto",
                                           dtype or recorded.get("dtype") or "auto", reserved_gpus,
                                           "evaluation's generate stage")
