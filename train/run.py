@@ -99,6 +99,8 @@ def train(config: TrainConfig) -> TrainerState:
                              model_settings(config).model_dump(mode="json"),
                              deepspeed_config(config, accelerator.device_name()))
         tracker.dataset(config.data.shards, data_hash, dataset_profile(config.data.shards))
+        if (report := Path(config.data.shards) / "report").is_dir():  # pipeline.report, beside the dataset input
+            tracker.directory(report, "data_report")
 
     def on_checkpoint(step: int) -> None:
         adapter = save_adapter(engine, Path(config.output_dir) / "adapters" / f"step-{step}")
