@@ -124,8 +124,9 @@ class PreprocessConfig(ConfigModel):
     quality: QualityConfig = QualityConfig()  # preprocess.quality: optional filters, each with its reason
     progress: bool = True
     qa_samples: int = 16  # samples drawn into <out>/contact_sheet.png at the end (0: none)
-    # <out>/report/report.html at the end (pipeline.report): histograms over the first report_samples samples (0: no report)
-    report_samples: int = Field(default=5000, ge=0)
+    # <out>/report/report.html at the end (pipeline.report): histograms over the first report_samples samples
+    # (0: no report; `python -m pipeline.report <out>` writes one for any finished folder)
+    report_samples: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _heads_need_embeddings(self) -> "PreprocessConfig":
