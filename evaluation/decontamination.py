@@ -75,7 +75,10 @@ def training_manifest(run_id: str | None, tracking_uri: str | None) -> tuple[dic
         tags = {t.key: t.value for t in dataset_input.tags}
         if tags.get(mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT) != "training":
             continue
-        uri = json.loads(dataset_input.dataset.source).get("uri", "")
+        try:  # RunTracker.dataset logs {"uri": "file:///..."}; another logger may log the URI itself
+            uri = json.loads(dataset_input.dataset.source).get("uri", "")
+        except (ValueError, AttributeError):
+            uri = dataset_input.dataset.source
         folder = Path(urllib.parse.unquote(urllib.parse.urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
         manifest = folder / "manifest.json"
         if manifest.is_file():
