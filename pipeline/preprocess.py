@@ -60,16 +60,21 @@ class _Content(ConfigModel):
     annotate: Any
     operator: str | None
     batching: dict[str, int] | None  # pipeline.stages.content_batching: batched inference is not bit-exact
-    curation: dict[str, Any] | None = None  # pipeline.curation_config.curation_content (None: absent from the hash)
+
+
+class _CuratedContent(_Content):
+    """A job with curation (pipeline.curation_config.curation_content); one without keeps its old hash."""
+
+    curation: dict[str, Any]
 
 
 def content_hash(config: PreprocessConfig) -> str:
-    return config_hash(_Content(input_kind=config.input.kind, annotated=config.input.annotated,
-                                extensions=config.input.extensions,
-                                shard_size=config.output.shard_size, image=config.image.model_dump(mode="json"),
-                                annotate=config.annotate.model_dump(mode="json"),
-                                operator=config.stages.annotate.operator, batching=content_batching(config),
-                                curation=curation_content(config)))
+    curation = curation_content(config)
+    fields = dict(input_kind=config.input.kind, annotated=config.input.annotated, extensions=config.input.extensions,
+                  shard_size=config.output.shard_size, image=config.image.model_dump(mode="json"),
+                  annotate=config.annotate.model_dump(mode="json"), operator=config.stages.annotate.operator,
+                  batching=content_batching(config))
+    return config_hash(_Content(**fields) if curation is None else _CuratedContent(**fields, curation=curation))
 
 
 @dataclass
