@@ -37,7 +37,8 @@ class MMDiffConfig(ConfigModel):
     max_subjects: int = Field(3, ge=1)
     subject_scale: float = 0.8  # official default
     subject_null_key: bool = True  # official: no null key (set false for converted official weights)
-    start_step: int = Field(10, ge=0)  # denoising step at which subject conditioning starts (inference)
+    # denoising step at which subject conditioning starts (inference); 0 as every official demo
+    start_step: int = Field(0, ge=0)
     supervised_layers: list[str] = Field(default_factory=lambda: list(FASTCOMPOSER_LAYERS))
     # chosen on the learning check's validation split, in fp32 and bf16 (docs/MODEL.md)
     attention_loss_kind: Literal["balanced_l1", "mask_nll"] = "mask_nll"

@@ -93,6 +93,13 @@ class MLflowSection(ConfigModel):
     sample_prompt: str | None = None
     sample_subjects: list[str] = Field(default_factory=list)
     sample_steps: int = 20
+    # the tracking server down when the job starts (train/launch.py checks it for preflight_wait_s seconds):
+    # "fail" stops before any rank starts, "spool" trains and tracks into <output_dir>/mlflow_spool until it
+    # answers. Down during the run (past the MLflow client's own retries), training always goes on spooling.
+    on_unreachable: Literal["fail", "spool"] = "fail"
+    preflight_wait_s: float = Field(20.0, ge=0)
+    retry_every_s: float = Field(30.0, gt=0)  # while spooling, how often the server is asked again
+    end_wait_s: float = Field(60.0, ge=0)  # at the end, how long to wait for the server to take the spool
 
 
 class ValidationSection(ConfigModel):

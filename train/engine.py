@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from train.checkpoint import Checkpoints, kept_checkpoints, write_atomic
 from train.config import TrainConfig
 from train.data import ReaderPosition
 
@@ -29,8 +28,6 @@ __all__ = [
     "Trainer",
     "TrainerState",
     "TrainingObjective",
-    "kept_checkpoints",
-    "latest_checkpoint",
     "lr_scheduler",
     "step_seed",
 ]
@@ -95,21 +92,12 @@ class TrainerState:
         return cls(**data)
 
 
-def kept_checkpoints(scores: dict[int, float], keep_last: int, best_mode: str | None) -> set[int]:
-    """The steps whose checkpoints retention keeps: the newest ``keep_last``, plus the best score (if
-    ``best_mode`` is "min" or "max"; ties go to the earlier step)."""
-    steps = sorted(scores)
-    kept = set(steps[-keep_last:])
-    if best_mode and steps:
-        sign = 1 if best_mode == "min" else -1
-        kept.add(min(steps, key=lambda s: (sign * scores[s], s)))
-    return kept
-
-
-def latest_checkpoint(checkpoint_dir: Path) -> str | None:
-    """The tag DeepSpeed's ``latest`` file names, or None for a fresh run."""
-    latest = checkpoint_dir / "latest"
-    return latest.read_text().strip() if latest.is_file() else None
+def _history_step(row: str) -> float:
+    """The step of a losses.jsonl row; infinite for a row a kill cut short (it is dropped)."""
+    try:
+        return json.loads(row)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class Trainer:
@@ -247,37 +235,19 @@ class Trainer:
             dropped = set(scores) - kept
             self.state.checkpoint_scores = {s: scores[s] for s in sorted(kept)}  # saved with this checkpoint
         self._since_checkpoint = []
-        tag = f"step-{step}"
-        # the frozen base (UNet, VAE, text encoders) is rebuilt from its spec, not stored per checkpoint
-        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, exclude_frozen_parameters=True)
-        (self.checkpoint_dir / tag / f"trainer_state_rank{self.rank}.json").write_text(self.state.to_json())
-        if dist.is_initialized():
-            dist.barrier()
-        if self.on_checkpoint:
-            self.on_checkpoint(step)
-        if dropped and int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one deleter per node (and per filesystem)
-            for old in sorted(dropped):
-                for folder in (self.checkpoint_dir, Path(self.config.output_dir) / "adapters"):
-                    shutil.rmtree(folder / f"step-{old}", ignore_errors=True)
-            log.info("retention: removed checkpoints %s, kept %s", sorted(dropped), sorted(self.state.checkpoint_scores))
-        if dist.is_initialized():
-            dist.barrier()  # nobody reads the checkpoint folder while it is being pruned
+        Checkpoints(self.checkpoint_dir, self.engine.device).save(
+            self.engine, step, self.state.to_json(), self.on_checkpoint, dropped,
+            (Path(self.config.output_dir) / "adapters",))
 
     def load_checkpoint(self) -> bool:
-        """Restore the latest checkpoint (weights, optimizer, this rank's data position); False if none."""
-        tag = latest_checkpoint(self.checkpoint_dir)
-        if tag is None:
-            return False
-        state_file = self.checkpoint_dir / tag / f"trainer_state_rank{self.rank}.json"
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{state_file}: missing; was the checkpoint written with another number of ranks?")
-        path, _ = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag, load_module_strict=False)
-        if path is None:
-            raise RuntimeError(f"{self.checkpoint_dir / tag}: DeepSpeed could not load the checkpoint")
-        self.state = TrainerState.from_json(state_file.read_text())
-        self.state.nonfinite_in_row = 0
-        # steps after the checkpoint are redone; drop their rows from the loss history
+        """Restore the newest complete, verified checkpoint (weights, optimizer, this rank's data position);
+        False if there is none (train/checkpoint.py)."""
+        state = Checkpoints(self.checkpoint_dir, self.engine.device).resume(self.engine)
+        if state is not None:
+            self.state = state
+            self.state.nonfinite_in_row = 0
+        # steps after the checkpoint (all of them, without one) are redone; drop their rows from the history
         if self.rank == 0 and self.history_path.is_file():
-            rows = [r for r in self.history_path.read_text().splitlines() if json.loads(r)["step"] <= self.state.step]
-            self.history_path.write_text("".join(r + "\n" for r in rows))
-        return True
+            rows = [r for r in self.history_path.read_text().splitlines() if _history_step(r) <= self.state.step]
+            write_atomic(self.history_path, "".join(r + "\n" for r in rows).encode())
+        return state is not None
