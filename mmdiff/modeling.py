@@ -171,7 +171,9 @@ class MMDiffModel(nn.Module):
         if image_encoder is None:
             if meta.get("image_encoder") is None:
                 raise ValueError(f"{config_path}: no image encoder recorded; pass image_encoder=")
-            image_encoder = ModelSpec.model_validate(meta["image_encoder"])
+            # the recorded encoder, placed with the base: one device and dtype for the whole model
+            image_encoder = ModelSpec.model_validate(meta["image_encoder"]).model_copy(
+                update={"device": base.device, "dtype": base.dtype})
         model = cls.from_specs(base, image_encoder, config)
         weights = load_file(adapter_dir / WEIGHTS_NAME, device=str(model.device))
         expected = set(model.trainable_state_dict())

@@ -130,22 +130,26 @@ class MMDiffPipeline:
 
         ids, token_index = [], None
         for tokenizer in model.tokenizers:
-            per_prompt = [tokenize_with_subjects(tokenizer, p, s) for p, s in zip(prompts, spans)]
-            ids.append(torch.stack([i for i, _ in per_prompt]))
-            token_index = torch.stack([t for _, t in per_prompt]) if n_subjects else None
+            tokenized = [tokenize_with_subjects(tokenizer, p, s) for p, s in zip(prompts, spans)]
+            ids.append(torch.stack([i for i, _ in tokenized]))
+            token_index = torch.stack([t for _, t in tokenized]) if n_subjects else None
         plain_embeds, plain_pooled = model.encode_text(ids)
         embeds, pooled, conditioning = plain_embeds, plain_pooled, None
         if n_subjects:
-            shared = all(s is per_prompt[0] for s in per_prompt)  # encode shared images once
-            pixels = torch.stack([subject_pixel_values(model.image_processor, i) for i in images[:1 if shared else None]])
-            valid = torch.ones(n_prompts, n_subjects, dtype=torch.bool, device=model.device)
+            # subjects shared by every prompt are encoded once, not once per prompt
+            rows = per_prompt[:1] if all(s is per_prompt[0] for s in per_prompt) else per_prompt
+            pixels = torch.stack([subject_pixel_values(model.image_processor, i) for i in images[:len(rows)]])
             faces = None
             if cfg.portrait:
-                if any(not isinstance(s, Subject) or s.face_embed is None for row in per_prompt for s in row):
-                    raise ValueError("portrait model: every subject needs Subject(word, image, face_embed)")
+                if any(not isinstance(s, Subject) or s.face_embed is None for row in rows for s in row):
+                    raise ValueError("portrait model: every subject needs Subject(word, image, face_embed), "
+                                     "face_embed being the ArcFace embedding of the subject's face")
                 faces = torch.stack([torch.stack([torch.as_tensor(s.face_embed, dtype=torch.float32) for s in row])
-                                     for row in per_prompt])
-            cls_embeds, tokens = model.encode_subjects(pixels.expand(n_prompts, *pixels.shape[1:]), valid, faces)
+                                     for row in rows])
+            valid = torch.ones(len(rows), n_subjects, dtype=torch.bool, device=model.device)
+            cls_embeds, tokens = model.encode_subjects(pixels, valid, faces)
+            cls_embeds, tokens = cls_embeds.expand(n_prompts, -1, -1), tokens.expand(n_prompts, -1, -1)
+            valid = valid.expand(n_prompts, -1)
             embeds, pooled = model.encode_text(ids, token_index, valid, cls_embeds)
             tokens, valid = tokens.repeat_interleave(num_images_per_prompt, 0), valid.repeat_interleave(num_images_per_prompt, 0)
             if guidance_scale > 1.0:  # unconditional rows: no subjects

@@ -131,3 +131,37 @@ def test_tokenize_with_subjects_finds_word_tokens(pipe):
     with pytest.raises(ValueError, match="beyond"):
         long = "a " * 100 + "dog"
         tokenize_with_subjects(tokenizer, long, [(len(long) - 3, len(long))])
+
+
+def test_portrait_model_generates_with_face_embeddings_and_refuses_without():
+    """The portrait variant (the official release's): queries from an ArcFace embedding per subject."""
+    config = load_config("configs/mmdiff/tiny_sd15.yaml", MMDiffConfig, {"portrait": True})
+    torch.manual_seed(0)
+    model = MMDiffModel.from_specs(ModelSpec(family="sd15", source="tiny"),
+                                   ModelSpec(family="clip_vision", source="tiny"), config)
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    portrait = MMDiffPipeline(model)
+    faces = torch.randn(2, 512, generator=torch.Generator().manual_seed(0))
+    woman = [Subject("woman", data.astronaut(), faces[0])]
+    out = portrait(["a woman on the beach", "a woman in the snow"], woman, seed=0, **GEN).images
+    assert out.shape == (2, 64, 64, 3) and np.isfinite(out).all()
+    other = portrait("a woman on the beach", [Subject("woman", data.astronaut(), faces[1])], seed=0, **GEN).images
+    assert np.abs(other[0] - out[0]).max() > 1e-4  # the face embedding conditions the image
+    for subjects in ([Subject("woman", data.astronaut())], [data.astronaut()]):
+        prompt = "a woman" if isinstance(subjects[0], Subject) else "a [woman]"
+        with pytest.raises(ValueError, match="portrait model: every subject needs .*face_embed"):
+            portrait(prompt, subjects, seed=0, **GEN)
+
+
+def test_subjects_shared_by_every_prompt_are_encoded_once(pipe):
+    seen = []
+    hook = pipe.model.image_encoder.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
+    try:
+        quick = {**GEN, "num_inference_steps": 1, "guidance_scale": 1.0, "output_type": "latent"}
+        pipe(["a dog on the beach", "a dog in the snow", "a dog"], [Subject("dog", data.chelsea())], seed=0, **quick)
+        pipe(["a [dog]", "a [cat]"], [[data.chelsea()], [data.coffee()]], seed=0, **quick)
+    finally:
+        hook.remove()
+    assert seen == [1, 2]  # one image for three prompts sharing it; one per prompt otherwise

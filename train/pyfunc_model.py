@@ -2,7 +2,8 @@
 
 Logged by path, so loading it imports this file instead of unpickling an object; the packages it imports
 (``mmdiff``, ``preprocess.image_io``) travel with the model as ``code_paths``. Artifacts: ``adapter`` (the
-safetensors adapter folder) and ``base_model`` (the base ModelSpec as JSON, loaded in its own dtype).
+safetensors adapter folder) and ``base_model`` (the base ModelSpec as JSON: which model; where and in which
+precision it runs is the ``model_config`` rule below, not the training spec's).
 
 Input: one row per request, the fields of :class:`GenerateRequest` (``prompt`` with each subject word
 marked as ``[word]``, ``subjects`` as base64 images in the order of the marks, optional ``seed``,
@@ -11,8 +12,10 @@ Every row is checked against :class:`ServingLimits` (bounds, image bytes, the de
 image header, prompt tokens) before any generation; an error names the row and the field at fault.
 Rows that agree on everything but prompt, subjects and seed run as one pipeline call.
 
-``load_model(uri, model_config={...})`` accepts ``device`` and ``dtype`` (override the base spec's) and
-``limits`` (a :class:`ServingLimits` mapping).
+``load_model(uri, model_config={...})`` accepts ``device`` and ``dtype`` (the registered model records
+``auto``: :mod:`mmdiff.placement`'s rule, bf16 on an accelerator, the CPU in fp32 without one),
+``reserved_gpus`` (the GPUs the loading replica holds: loading refuses to compute on the CPU with them)
+and ``limits`` (a :class:`ServingLimits` mapping).
 """
 
 from __future__ import annotations
@@ -175,11 +178,16 @@ class MMDiffPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         from mmdiff import MMDiffPipeline
+        from mmdiff.placement import resolve_placement
         from mmdiff.zoo.spec import ModelSpec
 
         settings = dict(context.model_config or {})
         base = ModelSpec.model_validate_json(Path(context.artifacts["base_model"]).read_text())
-        base = base.model_copy(update={k: settings[k] for k in ("device", "dtype") if settings.get(k)})
+        # the recorded rule (auto: the accelerator in bf16, else the CPU in fp32) or the caller's override;
+        # never the training spec's placement (models registered before the rule record "")
+        device, dtype = resolve_placement(settings.get("device") or "auto", settings.get("dtype") or "auto",
+                                          settings.get("reserved_gpus") or 0, "the registered model's loader")
+        base = base.model_copy(update={"device": device, "dtype": dtype})
         self.pipe = MMDiffPipeline.from_pretrained(base, context.artifacts["adapter"])
         limits = ServingLimits.model_validate(settings.get("limits") or {})
         if limits.max_subjects is None or limits.max_subjects > self.pipe.model.config.max_subjects:
