@@ -301,7 +301,7 @@ class MMDiffModel(nn.Module):
         return self.unet.conv_in.weight.device
 
     # -- training -------------------------------------------------------------------------------
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def training_loss(self, batch: dict[str, torch.Tensor], return_attention_maps: bool = True) -> dict[str, torch.Tensor]:
         """Denoising loss + weighted attention constraint on one batch (keys: see docs/DESIGN.md / README).
 
         ``latent_parameters`` [B, 2C, h, w] (the VAE posterior's mean and log-variance, cached by
@@ -310,7 +310,8 @@ class MMDiffModel(nn.Module):
         "denoise_loss", "attention_loss", "inside_share/<down|mid|up>" (a metric of the supervised map,
         NaN without a subject),
         and the detached maps (for logging) of the subject tokens, "attention_maps", and of the class
-        words, "text_attention_maps", both [B, S, h, w].
+        words, "text_attention_maps", both [B, S, h, w], unless ``return_attention_maps`` is False (the
+        training loop asks for them on sample steps only).
         """
         cfg = self.config
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -374,7 +375,7 @@ class MMDiffModel(nn.Module):
         # the share of the supervised attention inside the subject's mask, per UNet part (down / mid / up)
         losses.update({f"inside_share/{part}": torch.stack(values).nanmean() for part, values in shares.items()})
         losses["loss"] = losses["denoise_loss"] + cfg.attention_loss_weight * losses["attention_loss"]
-        for key, form in (("attention_maps", "subject"), ("text_attention_maps", "text")):
+        for key, form in (("attention_maps", "subject"), ("text_attention_maps", "text")) if return_attention_maps else ():
             maps = [self._as_image(getattr(layer, form).mean(1), latents.shape[-2:]) for layer in captured]
             losses[key] = (torch.stack(maps).mean(0) if maps
                            else latents.new_zeros(valid.shape[0], valid.shape[1], *latents.shape[-2:]).float()).detach()

@@ -31,6 +31,10 @@ class ModelSection(ConfigModel):
     # UNet activation checkpointing (recompute in backward): None keeps the MM-Diff config's
     # gradient_checkpointing, true/false overrides it for this run
     gradient_checkpointing: bool | None = None
+    # UNet speed options (mmdiff/speed.py): NHWC weights and activations for the GPU's convolution kernels,
+    # and torch.compile of the UNet (compiled in place on the first steps of each input shape)
+    channels_last: bool = False
+    compile: bool = False
 
 
 class DataSection(ConfigModel):
@@ -134,6 +138,9 @@ class TrainConfig(ConfigModel):
         for name in ("text_dropout", "subject_dropout"):
             if not 0.0 <= getattr(self.data, name) < 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1)")
+        if self.model.channels_last and self.deepspeed.zero_stage == 3:
+            raise ValueError("model.channels_last needs deepspeed.zero_stage < 3: ZeRO-3 partitions the UNet's "
+                             "weights as flat tensors and gathers them in the default layout")
         if self.schedule.keep_best_by and not self.schedule.keep_last:
             raise ValueError("schedule.keep_best_by needs schedule.keep_last >= 1 (with keep_last 0 every checkpoint is kept)")
         if self.optim.lr_warmup_steps > self.schedule.max_steps:

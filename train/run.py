@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mmdiff.configuration import load_config
+from mmdiff.speed import apply_speed_options
 from train.config import TrainConfig
 from train.data import (
     BatchBuilder,
@@ -23,7 +24,7 @@ from train.data import (
     manifest_hash,
 )
 from train.deepspeed_config import deepspeed_config
-from train.engine import Trainer, TrainerState, TrainingObjective, lr_scheduler
+from train.engine import SkippableAdamW, Trainer, TrainerState, TrainingObjective, lr_scheduler
 from train.export import save_adapter
 from train.samples import attention_overlay
 from train.validation import ValidationSet
@@ -56,16 +57,19 @@ def build_model(config: TrainConfig, accelerator: str = "cpu"):
     else:
         pipe, vision = zoo.build(base), zoo.build(encoder)
     torch.manual_seed(config.seed)  # the trainable initialisation: the same on every rank and for every ZeRO stage
-    return MMDiffModel(pipe, vision, model_settings(config), base, encoder)
+    model = MMDiffModel(pipe, vision, model_settings(config), base, encoder)
+    apply_speed_options(model.unet, config.model.channels_last, config.model.compile)
+    return model
 
 
 def make_engine(config: TrainConfig, model):
-    """The DeepSpeed engine around the model's training loss, with a torch AdamW on the trainable weights."""
+    """The DeepSpeed engine around the model's training loss, with a fused torch AdamW on the trainable
+    weights that skips non-finite steps on the device."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    optimizer = torch.optim.AdamW(list(model.trainable_parameters()), lr=config.optim.lr,
-                                  betas=config.optim.betas, weight_decay=config.optim.weight_decay)
+    optimizer = SkippableAdamW(list(model.trainable_parameters()), lr=config.optim.lr,
+                               betas=config.optim.betas, weight_decay=config.optim.weight_decay)
     engine, *_ = deepspeed.initialize(model=TrainingObjective(model), optimizer=optimizer,
                                       lr_scheduler=lr_scheduler(optimizer, config),
                                       config=deepspeed_config(config, get_accelerator().device_name()))
@@ -141,6 +145,8 @@ def train(config: TrainConfig) -> TrainerState:
                 data_hash, {"world_size": str(world), "zero_stage": str(config.deepspeed.zero_stage)},
                 model_settings(config).model_dump(mode="json"), deepspeed_config(config, accelerator.device_name()))
             tracker.dataset(config.data.shards, data_hash, dataset_profile(config.data.shards))
+            if (report := Path(config.data.shards) / "report").is_dir():  # pipeline.report, beside the dataset input
+                tracker.directory(report, "data_report")
         state = _train(config, model, engine, tracker, rank, world)
         if tracker is not None:
             adapter = Path(config.output_dir) / "adapter"
