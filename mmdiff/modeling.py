@@ -103,7 +103,7 @@ class MMDiffModel(nn.Module):
             supervised = any(name.startswith(prefix + ".") for prefix in cfg.supervised_layers)
             to_k = getattr(layer.to_k, "base_layer", layer.to_k)
             processors[name] = MMDiffAttnProcessor(name.removesuffix(".processor"), to_k.out_features,
-                                                   to_k.in_features, cfg.lora_rank, supervised)
+                                                   to_k.in_features, cfg.lora_rank, supervised, cfg.subject_null_key)
         cross = [p for p in processors.values() if isinstance(p, MMDiffAttnProcessor)]
         self.unet.set_attn_processor(processors)
         return cross
@@ -180,7 +180,8 @@ class MMDiffModel(nn.Module):
             raise ValueError(f"{config_path}: not an MM-Diff adapter config (no 'mmdiff' section)")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{config_path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
-        return meta, parse_config(meta["mmdiff"], MMDiffConfig, str(config_path))
+        # adapters saved before the subject null key existed have none
+        return meta, parse_config({"subject_null_key": False, **meta["mmdiff"]}, MMDiffConfig, str(config_path))
 
     @classmethod
     def recorded_spec(cls, adapter_dir: str | Path, key: str) -> ModelSpec | None:
@@ -386,11 +387,12 @@ class MMDiffModel(nn.Module):
         """The constraint, averaged over every (layer, form, subject) term that carries signal.
 
         A term is left out (not counted as zero) when its subject is padded, has no class word (text
-        form), shares its sample with no other subject (subject form: the map is then 1/K everywhere),
-        or has vanished from the layer's mask.
+        form), shares its sample with no other subject in a model without a null key (subject form: the
+        map is then 1/K everywhere), or has vanished from the layer's mask.
         """
         cfg = self.config
-        who = {"text": valid & (token_index >= 0), "subject": valid & (valid.sum(1, keepdim=True) >= 2)}
+        who = {"text": valid & (token_index >= 0),
+               "subject": valid if cfg.subject_null_key else valid & (valid.sum(1, keepdim=True) >= 2)}
         forms = ["text", "subject"] if cfg.attention_loss_tokens == "both" else [cfg.attention_loss_tokens]
         aspect = latent_size[1] / latent_size[0]
         total, count = masks.new_zeros(()), masks.new_zeros(())

@@ -133,7 +133,7 @@ def test_zero2_run_is_tracked_in_mlflow(zero2_run, mlflow_server):
     assert params["model.base.source"] == "tiny" and params["optim.lr_schedule"] == "cosine"
     assert params["deepspeed.config.zero_optimization.reduce_bucket_size"] == "20000000"
     # the model settings themselves, not only the path of their file (configs/mmdiff/tiny_sd15.yaml)
-    assert params["mmdiff.lora_rank"] == "4" and params["mmdiff.attention_loss_kind"] == "balanced_l1"
+    assert params["mmdiff.lora_rank"] == "4" and params["mmdiff.attention_loss_kind"] == "mask_nll"
     assert json.loads(params["mmdiff.supervised_layers"])[0] == "down_blocks.0"
     assert run.data.tags["data.manifest_hash"] == "test-manifest"
     assert len(run.data.tags["git_commit"]) >= 40 and run.data.tags["world_size"] == "2"
