@@ -122,23 +122,27 @@ def data_sources(data: DataSection) -> list[Source]:
 
 
 # CPU seconds per training image of one reader slot (one core), measured by benchmarks.bench_loader at 512 px
-# and 1024 px (docs/SIZING.md): with cached latents, and decoding the image for the VAE
-LOADER_CPU_S_PER_IMAGE = {True: {512: 0.0112, 1024: 0.0226}, False: {512: 0.0293, 1024: 0.0917}}
-# the training images/s one GPU consumes at most (docs/SIZING.md: an H100 at 40 % MFU, SD1.5 512 px cached)
-PLANNED_IMAGES_PER_S = 183
+# and 1024 px (docs/SIZING.md), with cached latents (True) and decoding the image for the VAE (False) ...
+LOADER_CPU_S_PER_IMAGE = {True: {512: 0.0120, 1024: 0.0219}, False: {512: 0.0300, 1024: 0.0946}}
+# ... and the training images/s one GPU consumes at most there (docs/SIZING.md: an H100 at 40 % MFU,
+# SD1.5 at 512 px, SDXL at 1024 px)
+PLANNED_IMAGES_PER_S = {True: {512: 182.5, 1024: 25.5}, False: {512: 120.5, 1024: 19.4}}
 
 
 def default_num_workers(data: DataSection, ranks_per_node: int, cores: int | None = None) -> int:
-    """DataLoader workers per rank that keep up with :data:`PLANNED_IMAGES_PER_S` at the measured CPU cost
-    per image (interpolated in pixels between the measured resolutions), with 25 % headroom, within this
-    node's cores less one per rank (the training process itself)."""
-    measured = LOADER_CPU_S_PER_IMAGE[data.cached_latents]
-    (low, low_s), (high, high_s) = sorted(measured.items())
-    share = (data.resolution ** 2 - low ** 2) / (high ** 2 - low ** 2)
-    per_image = max(low_s, low_s + share * (high_s - low_s))
-    needed = math.ceil(per_image * PLANNED_IMAGES_PER_S * 1.25)
+    """DataLoader workers per rank that keep up with the planned images/s at the measured CPU cost per image
+    (both interpolated in pixels between the measured resolutions), with 25 % headroom, within this node's
+    cores less one per rank (the training process itself)."""
+
+    def at_resolution(table: dict[int, float]) -> float:
+        (low, low_value), (high, high_value) = sorted(table.items())
+        share = min(1.0, max(0.0, (data.resolution ** 2 - low ** 2) / (high ** 2 - low ** 2)))
+        return low_value + share * (high_value - low_value)
+
+    cores_needed = (at_resolution(LOADER_CPU_S_PER_IMAGE[data.cached_latents])
+                    * at_resolution(PLANNED_IMAGES_PER_S[data.cached_latents]))
     available = (cores or os.cpu_count() or 1) // max(1, ranks_per_node) - 1
-    return max(0, min(needed, available))
+    return max(0, min(math.ceil(cores_needed * 1.25), available))
 
 
 def assign_shards(shards: list[ShardInfo], seed: int, epoch: int, slot: int, slots: int) -> tuple[list[int], bool]:
