@@ -10,7 +10,7 @@ The subject crops go through a 224 px CLIP image processor, as for the real
 image encoder (the tokenizer is the tiny twin's: the real one's files are on the model hub). Reported: CPU seconds (process time) per training image, median per loader, and their ratio; the CPU cores
 per GPU they imply at a given training speed are in docs/SIZING.md. ``--s3`` adds the current loader's
 wall time per image reading the same shards from a moto S3 server on loopback, against the local copy.
-Prints one line and writes benchmarks/results/bench_loader[_pixels][_<resolution>].json.
+Prints one line and writes benchmarks/results/bench_loader[_pixels][_<resolution>][_s3].json.
 """
 
 from __future__ import annotations
@@ -182,7 +182,8 @@ def main() -> None:
     print(line)
     from benchmarks.report import write_result
 
-    name = "bench_loader" + ("_pixels" if args.no_latents else "") + ("" if args.resolution == 512 else f"_{args.resolution}")
+    name = ("bench_loader" + ("_pixels" if args.no_latents else "") + ("" if args.resolution == 512 else f"_{args.resolution}")
+            + ("_s3" if args.s3 else ""))
     write_result(name, result)
 
 
