@@ -27,6 +27,21 @@ from benchmarks.report import write_result
 REPO = Path(__file__).resolve().parent.parent
 
 
+def reader_stub() -> dict:
+    """A batch's ``reader`` entry (where its reader slot stands) for a synthetic batch, in the layout of the
+    ``train.data.ReaderPosition`` importable here (the layout changes between revisions)."""
+    from dataclasses import MISSING, fields
+
+    from train.data import ReaderPosition
+
+    def default(f):
+        if f.default_factory is not MISSING:
+            return f.default_factory()
+        return f.default if f.default is not MISSING else ([] if f.name == "pending" else 0)
+
+    return {"worker": 0, **{f.name: default(f) for f in fields(ReaderPosition)}}
+
+
 def worker(steps: int, out: str) -> None:
     """Runs in the side's own tree (cwd and PYTHONPATH): only APIs both sides share."""
     import deepspeed
@@ -45,7 +60,7 @@ def worker(steps: int, out: str) -> None:
     model = build_model(config)
     engine = make_engine(config, model)
     batch = {**_batch(model, config.data.resolution, config.data.micro_batch_size),
-             "reader": {"worker": 0, "epoch": 0, "offset": 0, "pending": []}, "rejected": []}
+             "reader": reader_stub(), "rejected": []}
     Trainer.save_checkpoint = lambda self: None  # not what is measured
     torch.manual_seed(0)
     Trainer(config, engine, TrainerState()).run(iter(lambda: batch, None))

@@ -106,6 +106,7 @@ def photos(count: int, size: int | None = None):
 def train_section(family: str, resolution: int) -> Callable[[Run], dict]:
     def section(run: Run) -> dict:
         from benchmarks.bench_flops import build_training_model, training_batch, training_flops
+        from benchmarks.bench_train_loop import reader_stub
         from mmdiff.configuration import load_config
         from train.config import TrainConfig
         from train.engine import Trainer, TrainerState
@@ -126,7 +127,7 @@ def train_section(family: str, resolution: int) -> Callable[[Run], dict]:
             subjects = config.data.max_subjects
             one = training_batch(model, size, subjects, device="cpu")
             batch = {**{k: v.expand(config.data.micro_batch_size, *v.shape[1:]).contiguous() for k, v in one.items()},
-                     "reader": {"worker": 0, "epoch": 0, "offset": 0, "pending": []}, "rejected": []}
+                     "reader": reader_stub(), "rejected": []}
             trainer = Trainer(config, engine, TrainerState())
             calls, seconds = run.timed(lambda: trainer.advance(batch, time.perf_counter()), warmup=2, most=1 if run.smoke else 30)
         meta = build_training_model(f"tiny_{family}" if run.smoke else family, "tiny" if run.smoke else "random")
