@@ -38,6 +38,7 @@ import yaml
 from PIL import Image
 
 from evaluation.benchmark import BenchmarkSpec, Case, benchmark_hash, list_cases
+from evaluation.decontamination import benchmark_files, check_training_data
 from mmdiff.configuration import ConfigModel, load_config, parse_overrides
 from mmdiff.zoo.spec import ModelSpec
 from pipeline.config import RayConfig, StageConfig
@@ -68,8 +69,8 @@ EVAL_EXPERIMENT = "mmdiff-eval"  # for models given as a folder (no training run
 
 
 class GenerationSettings(ConfigModel):
-    steps: int = 30
-    guidance_scale: float = 7.5
+    steps: int = 25  # the official inference defaults (docs/MODEL.md)
+    guidance_scale: float = 5.0
     height: int | None = None  # None: the base model's default size
     width: int | None = None
     # where the model under evaluation computes (mmdiff.placement); None: the model's recorded rule, auto
@@ -95,6 +96,9 @@ class EvaluationConfig(ConfigModel):
     output_dir: str
     tracking_uri: str | None = None  # None: --tracking-uri or MLFLOW_TRACKING_URI
     progress: bool = True
+    # the model's training manifest must record a decontamination check covering this benchmark's reference
+    # photos (evaluation.decontamination); False: a loud warning instead of a refusal
+    require_decontaminated: bool = False
 
 
 def load_evaluation_config(path: str | Path, overrides: dict[str, Any] | None = None) -> EvaluationConfig:
@@ -162,8 +166,8 @@ def load_pipeline(uri: str, tracking_uri: str | None, device: str | None = None,
     """
     import mlflow
 
-    from mmdiff import MMDiffPipeline
-    from mmdiff.modeling import CONFIG_NAME
+    from mmdiff import MMDiffModel, MMDiffPipeline
+    from mmdiff.integrity import read_json, verify_artifacts
     from mmdiff.placement import resolve_placement
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,14 +183,15 @@ def load_pipeline(uri: str, tracking_uri: str | None, device: str | None = None,
             flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
             artifacts, recorded = flavor["artifacts"], flavor.get("model_config") or {}
             adapter = local / artifacts["adapter"]["path"]
-            base = ModelSpec.model_validate_json((local / artifacts["base_model"]["path"]).read_text())
+            paths = {name: local / a["path"] for name, a in artifacts.items()}
+            verify_artifacts({"base_model.json": paths["base_model"]}, paths.get("checksums"))
+            base = ModelSpec.model_validate(read_json(paths["base_model"]))
         else:
             adapter = local
         if base is None:
-            meta = json.loads((adapter / CONFIG_NAME).read_text()) if (adapter / CONFIG_NAME).is_file() else {}
-            if not meta.get("base"):
-                raise ValueError(f"--model {uri}: {adapter} records no base model (not an MM-Diff adapter?)")
-            base = ModelSpec.model_validate(meta["base"])
+            base = MMDiffModel.recorded_spec(adapter, "base")
+            if base is None:
+                raise ValueError(f"--model {uri}: {adapter} records no base model")
         device, dtype = resolve_placement(device or recorded.get("device") or "auto",
                                           dtype or recorded.get("dtype") or "auto", reserved_gpus,
                                           "evaluation's generate stage")
@@ -493,6 +498,7 @@ def run_evaluation(config: EvaluationConfig, model_uri: str, tracking_uri: str |
     cases = list_cases(config.benchmark)
     if not cases:
         raise ValueError(f"benchmark {config.benchmark.name}: no cases")
+    check_training_data(source.run_id, tracking_uri, benchmark_files(cases), config.require_decontaminated)
     out_dir = Path(config.output_dir)
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)

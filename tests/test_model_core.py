@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mmdiff import MMDiffConfig, MMDiffModel, MMDiffPipeline, Subject
+from mmdiff.subject_image import SUBJECT_FILL
 from mmdiff.configuration import load_config
 from mmdiff.zoo.spec import ModelSpec
 from skimage import data
@@ -69,8 +70,8 @@ def test_reference_image_changes_output(model):
 def test_gradients_reach_exactly_the_trainable_set(model):
     # Acceptance 3.
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(("lora" in n or n.split(".")[0] in {"text_fusions", "query_mlp", "refiner"})
-                             for n in trainable)
+    assert trainable and all(("lora" in n or n.endswith(".processor.null_key")
+                              or n.split(".")[0] in {"text_fusions", "query_mlp", "refiner"}) for n in trainable)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
     optimizer.zero_grad()
@@ -129,7 +130,12 @@ def test_captured_attention_matches_eager_softmax(model):
             ks = ks.unflatten(-1, (h, -1)).transpose(1, 2)
             logits = q @ ks.transpose(-1, -2) / q.shape[-1] ** 0.5
             keep_cols = batch["subject_valid"].repeat_interleave(model.config.num_tokens, 1)[:, None, None, :]
-            sprobs = torch.softmax(logits.masked_fill(~keep_cols, float("-inf")), -1)
+            columns = keep_cols.shape[-1]
+            if proc.null_key is not None:  # the background key joins the softmax, and is not a subject column
+                null_logit = (q * proc.null_key.view(1, h, 1, -1)).sum(-1, keepdim=True) / q.shape[-1] ** 0.5
+                logits = torch.cat([logits, null_logit], -1)
+                keep_cols = torch.cat([keep_cols, keep_cols.new_ones(*keep_cols.shape[:-1], 1)], -1)
+            sprobs = torch.softmax(logits.masked_fill(~keep_cols, float("-inf")), -1)[..., :columns]
             expected_subject = sprobs.unflatten(-1, (3, -1)).mean(-1)
             torch.testing.assert_close(captured[name].subject, expected_subject, atol=1e-5, rtol=0)
             # Acceptance 5: the padded slot gets no attention.
@@ -170,9 +176,16 @@ def test_save_load_round_trip(model, tmp_path):
             p.add_(torch.randn_like(p) * 0.02)
     family = model.config.base_family
     model.base_spec, model.image_encoder_spec = ModelSpec(family=family, source="tiny"), ENCODER
-    adapter = model.save_pretrained(tmp_path / "adapter")
-    assert sorted(f.name for f in adapter.iterdir()) == ["mmdiff_adapter.safetensors", "mmdiff_config.json"]
+    model.subject_fill = (12, 34, 56)  # the training crops' fill travels with the adapter
+    try:
+        adapter = model.save_pretrained(tmp_path / "adapter")
+    finally:
+        model.subject_fill = SUBJECT_FILL
+    assert sorted(f.name for f in adapter.iterdir()) == ["checksums.json", "mmdiff_adapter.safetensors",
+                                                         "mmdiff_config.json"]
     loaded = MMDiffPipeline.from_pretrained(ModelSpec(family=family, source="tiny"), adapter)
+    assert loaded.model.subject_fill == (12, 34, 56)
+    loaded.model.subject_fill = SUBJECT_FILL
     args = dict(subject_scale=1.0, start_step=0, seed=0, **GEN)
     a = MMDiffPipeline(model)("a dog on the beach", [Subject("dog", data.chelsea())], **args).images
     b = loaded("a dog on the beach", [Subject("dog", data.chelsea())], **args).images

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -115,6 +116,15 @@ def test_registered_model_loads_in_the_requested_device_and_dtype(registry, tmp_
         assert image.size == (64, 64) and np.asarray(image).std() > 0
     with pytest.raises(ValueError, match="reserves 1 GPU.* would compute on the CPU"):
         mlflow.pyfunc.load_model(f"models:/{NAME}/1", model_config={"reserved_gpus": 1})
+    # integrity: a flipped byte in the base spec or in the adapter is refused, naming the file
+    adapter = flavor["artifacts"]["adapter"]["path"]
+    for damaged in (flavor["artifacts"]["base_model"]["path"], f"{adapter}/mmdiff_adapter.safetensors"):
+        copy = Path(shutil.copytree(local, tmp_path / damaged.replace("/", "_")))
+        content = bytearray((copy / damaged).read_bytes())
+        content[len(content) // 2] ^= 0x01
+        (copy / damaged).write_bytes(bytes(content))
+        with pytest.raises(ValueError, match=f"{Path(damaged).name}: sha256 does not match"):
+            mlflow.pyfunc.load_model(str(copy))
 
 
 def test_mlflow_models_serve_answers_outside_the_repository(registry, tmp_path):

@@ -37,8 +37,8 @@ def load_subject(ref: str) -> Image.Image:
     return Image.open(path).convert("RGB")
 
 
-def generate(model_uri: str, prompt: str, subjects: list[Image.Image], seed: int = 0, steps: int = 30,
-             guidance_scale: float = 7.5, device: str | None = None, dtype: str | None = None) -> Image.Image:
+def generate(model_uri: str, prompt: str, subjects: list[Image.Image], seed: int = 0, steps: int = 25,
+             guidance_scale: float = 5.0, device: str | None = None, dtype: str | None = None) -> Image.Image:
     """One image from a registered model, on ``device`` in ``dtype`` (None: the model's rule, auto: the
     GPU in bf16 when there is one, else the CPU in fp32)."""
     from train.pyfunc_model import encode_image
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subject", action="append", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance_scale", type=float, default=5.0)
     parser.add_argument("--device", help="default: the model's rule (auto: the GPU when there is one)")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"),
                         help="default: the model's rule (auto: bfloat16 on a GPU, float32 on the CPU)")

@@ -27,7 +27,6 @@ import io
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -90,8 +89,8 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, description="the scene; mark each subject word as [word]")
     subjects: list[str] = Field(default_factory=list, description="base64 images, one per [word], in order")
     seed: int = Field(0, ge=0, le=2**63 - 1)
-    num_inference_steps: int = 30
-    guidance_scale: float = Field(7.5, ge=0.0)
+    num_inference_steps: int = 25  # the official inference defaults (docs/MODEL.md)
+    guidance_scale: float = Field(5.0, ge=0.0)
     height: int | None = None
     width: int | None = None
 
@@ -172,6 +171,16 @@ def encode_image(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def read_base_spec(artifacts: dict[str, str]) -> Any:
+    """The registered model's base ModelSpec, its file checked against the model's ``checksums`` artifact
+    (the adapter's own files are checked when it loads)."""
+    from mmdiff.integrity import read_json, verify_artifacts
+    from mmdiff.zoo.spec import ModelSpec
+
+    verify_artifacts({"base_model.json": artifacts["base_model"]}, artifacts.get("checksums"))
+    return ModelSpec.model_validate(read_json(artifacts["base_model"]))
+
+
 class MMDiffPyfunc(mlflow.pyfunc.PythonModel):
     # MLflow loads this file under a generated module name: callers catch the errors of the loaded copy
     RequestError = RequestError
@@ -179,10 +188,9 @@ class MMDiffPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from mmdiff import MMDiffPipeline
         from mmdiff.placement import resolve_placement
-        from mmdiff.zoo.spec import ModelSpec
 
         settings = dict(context.model_config or {})
-        base = ModelSpec.model_validate_json(Path(context.artifacts["base_model"]).read_text())
+        base = read_base_spec(context.artifacts)
         # the recorded rule (auto: the accelerator in bf16, else the CPU in fp32) or the caller's override;
         # never the training spec's placement (models registered before the rule record "")
         device, dtype = resolve_placement(settings.get("device") or "auto", settings.get("dtype") or "auto",

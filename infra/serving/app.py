@@ -5,7 +5,7 @@
     mmdiff-serve --model-uri models:/mmdiff@champion    # infra/serving/cli.py
 
 Routes: ``POST /generate`` with JSON ``{"prompt": "a [cat] on a beach", "subjects": [<base64 image>],
-"seed": 0, "num_inference_steps": 30, "guidance_scale": 7.5, "height": 512, "width": 512}`` answers
+"seed": 0, "num_inference_steps": 25, "guidance_scale": 5.0, "height": 512, "width": 512}`` answers
 ``image/png`` (headers ``x-model-name``, ``x-model-version``); ``GET /healthz`` (the process answers) and
 ``GET /readyz`` (a model is loaded: name, version, last alias check, load).
 
