@@ -188,11 +188,15 @@ def busy(status: int, field: str, message: str, retry_after_s: float) -> JSONRes
                         headers={"retry-after": str(max(1, math.ceil(retry_after_s)))})
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (field ``body``) as soon as it passes ``limit`` bytes."""
+def refuse_declared_oversize(request: Request, limit: int) -> None:
+    """A body whose Content-Length is over ``limit`` is refused before anything is read or queued."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise RequestError("body", f"{declared} bytes, at most {limit} bytes", status=413)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (field ``body``) as soon as it passes ``limit`` bytes."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -313,6 +317,7 @@ class MMDiffServer:
         job = None
         try:
             timeout = request_timeout(request, config)
+            refuse_declared_oversize(request, config.limits.max_body_bytes)
             if self.uploads >= config.max_uploads:
                 self.counts["refused_busy"] += 1
                 return busy(429, "body", f"{self.uploads} uploads in progress, at most {config.max_uploads}; retry",
