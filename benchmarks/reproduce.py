@@ -550,7 +550,6 @@ def main(argv: list[str] | None = None) -> dict:
     chosen = {"seeds": args.seeds, "references": args.references, "gen_steps": args.gen_steps}
     sizes = Sizes(**{**asdict(sizes), **{k: v for k, v in chosen.items() if v}})
     out = args.out or RESULTS / ("reproduce_quick" if args.quick else "reproduce")
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     started, timings = time.perf_counter(), {}
     rng = np.random.default_rng(0)
     train_ids, held_out = split_identities()
@@ -616,4 +615,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # the design's 2 cores
     main()
