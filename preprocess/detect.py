@@ -90,7 +90,7 @@ class Detector:
         todo = [i for i, p in enumerate(phrases) if p]
         if not todo:
             return results
-        images = [images[i].convert("RGB") for i in todo]
+        images = [images[i] if images[i].mode == "RGB" else images[i].convert("RGB") for i in todo]
         prompts, spans = zip(*(build_prompt(phrases[i]) for i in todo))
         logits, boxes = (self._forward_official if self.backend == "official" else self._forward_transformers)(images, list(prompts))
         probs = logits.float().sigmoid().cpu()
@@ -101,8 +101,11 @@ class Detector:
 
     def _forward_transformers(self, images, prompts):
         processor = self.model.processor
+        # The processor resizes, rescales, normalises and pads with torch on the device it is given: only
+        # the uint8 pixels leave the host (numpy views, no PIL conversion).
+        pixels = [torch.from_numpy(np.asarray(image)).to(self.device).permute(2, 0, 1) for image in images]
         # prompts longer than the model's text length are cut, as the official code does
-        inputs = processor(images=images, text=prompts, padding="longest", truncation=True,
+        inputs = processor(images=pixels, text=prompts, padding="longest", truncation=True, device=self.device,
                            max_length=self.model.model.config.max_text_len, return_tensors="pt").to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         outputs = self.model.model(**inputs)
