@@ -105,9 +105,10 @@ class ShardLayout:
         return [row for path in self.rejects.glob("part-*.jsonl") for row in _read_jsonl(path)]
 
     def remove_temporaries(self) -> None:
-        """The temporary files that writes killed mid-way left beside their final names."""
+        """The temporary files that writes killed mid-way left beside their final names (not the lease's:
+        another job may be trying to create it right now)."""
         for folder in (self.root, self.shards, self.rejects, self.listing):
-            folder.remove_temporaries()
+            folder.remove_temporaries(keep=f".{self.lock.name}.")
 
     def remove_scratch(self) -> None:
         """What only a running job needs: the listing and the staging folders."""

@@ -245,10 +245,12 @@ class Location:
         finally:
             probe.remove()
 
-    def remove_temporaries(self) -> None:
-        """Remove the temporary files of writes that never finished in this folder (a killed writer's)."""
+    def remove_temporaries(self, keep: str | None = None) -> None:
+        """Remove the temporary files of writes that never finished in this folder (a killed writer's),
+        except those whose name starts with ``keep``."""
         for tmp in self.glob(TEMPORARY_PATTERN):
-            tmp.remove()
+            if not (keep and tmp.name.startswith(keep)):
+                tmp.remove()
 
     def remove(self) -> None:
         """Remove the file, or the folder (prefix) and everything under it; nothing there is fine."""
