@@ -12,6 +12,7 @@ from PIL import Image
 
 from mmdiff.configuration import ConfigModel
 from mmdiff.subject_image import SUBJECT_FILL, square_subject_image
+from preprocess.image_io import as_rgb
 
 __all__ = ["CropConfig", "SubjectCropper", "square_box"]
 
@@ -40,7 +41,7 @@ class SubjectCropper:
 
     def __call__(self, image: Image.Image, boxes: np.ndarray, masks: np.ndarray) -> np.ndarray:
         c = self.config
-        image = image if image.mode == "RGB" else image.convert("RGB")
+        image = as_rgb(image)
         width, height = image.size
         if masks.shape[1:] != (height, width) or len(masks) != len(boxes):
             raise ValueError(f"masks {masks.shape} do not match {len(boxes)} boxes on a {width}x{height} image")

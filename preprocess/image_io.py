@@ -16,7 +16,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mmdiff.configuration import ConfigModel
 
 __all__ = ["ImageConfig", "ImageRejected", "ImageHeader", "LoadedImage", "ImageLoader", "check_decode_budget",
-           "load_image", "to_rgb", "resize_bicubic"]
+           "load_image", "to_rgb", "resize_bicubic", "device_pixels", "as_rgb"]
 
 
 class ImageConfig(ConfigModel):
@@ -157,7 +157,20 @@ def resize_bicubic(image: Image.Image, size: tuple[int, int]) -> Image.Image:
 
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
     resized = torch.nn.functional.interpolate(pixels, size=(size[1], size[0]), mode="bicubic", antialias=True)
-    return Image.fromarray(resized[0].permute(1, 2, 0).numpy(), "RGB")
+    return Image.fromarray(resized[0].permute(1, 2, 0).contiguous().numpy(), "RGB")
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """``image`` in mode RGB: itself when it is (PIL's convert would copy it), else converted."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def device_pixels(images: list[Image.Image], device: Any) -> list[Any]:
+    """Each image as an RGB uint8 [3, H, W] tensor on ``device``: what a processor's torch path takes to
+    resize and normalise there (only uint8 pixels cross from the host)."""
+    import torch
+
+    return [torch.from_numpy(np.array(as_rgb(image))).to(device).permute(2, 0, 1) for image in images]
 
 
 def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:

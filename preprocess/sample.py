@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from preprocess.image_io import as_rgb
+
 FORMAT_VERSION = 1
 JPEG_QUALITY = 95
 # zlib level 1: a third of the default level's (6) encoding time for crops about 8 % larger; lossless either way
@@ -159,7 +161,7 @@ class Sample:
 
 def encode_jpeg(image: Image.Image) -> bytes:
     """The ``jpg`` member of ``image``: RGB, JPEG quality :data:`JPEG_QUALITY`."""
-    return _encode(image.convert("RGB"), "JPEG", quality=JPEG_QUALITY)
+    return _encode(as_rgb(image), "JPEG", quality=JPEG_QUALITY)
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs: Any) -> bytes:
