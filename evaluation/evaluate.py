@@ -29,7 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -38,6 +38,7 @@ import yaml
 from PIL import Image
 
 from evaluation.benchmark import BenchmarkSpec, Case, benchmark_hash, list_cases
+from evaluation.decontamination import benchmark_files, check_training_data
 from mmdiff.configuration import ConfigModel, load_config, parse_overrides
 from mmdiff.zoo.spec import ModelSpec
 from pipeline.config import RayConfig, StageConfig
@@ -68,10 +69,14 @@ EVAL_EXPERIMENT = "mmdiff-eval"  # for models given as a folder (no training run
 
 
 class GenerationSettings(ConfigModel):
-    steps: int = 30
-    guidance_scale: float = 7.5
+    steps: int = 25  # the official inference defaults (docs/MODEL.md)
+    guidance_scale: float = 5.0
     height: int | None = None  # None: the base model's default size
     width: int | None = None
+    # where the model under evaluation computes (mmdiff.placement); None: the model's recorded rule, auto
+    # (the GPU in bf16 when there is one); an actor holding GPUs (generate.num_gpus) refuses the CPU
+    device: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
 
 
 class MetricModels(ConfigModel):
@@ -91,6 +96,9 @@ class EvaluationConfig(ConfigModel):
     output_dir: str
     tracking_uri: str | None = None  # None: --tracking-uri or MLFLOW_TRACKING_URI
     progress: bool = True
+    # the model's training manifest must record a decontamination check covering this benchmark's reference
+    # photos (evaluation.decontamination); False: a loud warning instead of a refusal
+    require_decontaminated: bool = False
 
 
 def load_evaluation_config(path: str | Path, overrides: dict[str, Any] | None = None) -> EvaluationConfig:
@@ -101,6 +109,15 @@ def load_evaluation_config(path: str | Path, overrides: dict[str, Any] | None = 
         raise ConfigError(f"{path}: benchmark.pairs needs metrics.locate (a grounding_dino detector)")
     if config.benchmark.portraits and config.metrics.face is None:
         raise ConfigError(f"{path}: benchmark.portraits needs metrics.face (an insightface model)")
+    if config.generate.num_gpus and (config.generation.device or "auto").startswith("cpu"):
+        raise ConfigError(f"{path}: generate.num_gpus={config.generate.num_gpus:g} reserves GPUs but "
+                          f"generation.device is {config.generation.device!r}: the actors would hold the GPUs and "
+                          "compute on the CPU (set generation.device to auto or cuda, or generate.num_gpus to 0)")
+    metric_specs = [m for m in (config.metrics.clip, config.metrics.dino, config.metrics.face,
+                                config.metrics.locate.model if config.metrics.locate else None) if m is not None]
+    if config.score.num_gpus and all(m.device.startswith("cpu") for m in metric_specs):
+        raise ConfigError(f"{path}: score.num_gpus={config.score.num_gpus:g} reserves GPUs but every metric "
+                          "model's device is cpu (set metrics.*.device to cuda, or score.num_gpus to 0)")
     return config
 
 
@@ -139,15 +156,22 @@ def resolve_source(uri: str, tracking_uri: str | None) -> ModelSource:
     return ModelSource(uri, None)
 
 
-def load_pipeline(uri: str, tracking_uri: str | None):
-    """The MMDiffPipeline of a registered version, a run's adapter or an adapter folder."""
+def load_pipeline(uri: str, tracking_uri: str | None, device: str | None = None, dtype: str | None = None,
+                  reserved_gpus: float = 0):
+    """The MMDiffPipeline of a registered version, a run's adapter or an adapter folder.
+
+    ``device`` / ``dtype`` override the model's recorded placement rule (a registered model's
+    ``model_config``; ``auto`` otherwise), resolved by :func:`mmdiff.placement.resolve_placement`, which
+    refuses the CPU when ``reserved_gpus`` > 0. The training spec's device and dtype are never used.
+    """
     import mlflow
 
-    from mmdiff import MMDiffPipeline
-    from mmdiff.modeling import CONFIG_NAME
+    from mmdiff import MMDiffModel, MMDiffPipeline
+    from mmdiff.integrity import read_json, verify_artifacts
+    from mmdiff.placement import resolve_placement
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = None
+        base, recorded = None, {}
         if uri.startswith(("models:/", "runs:/")):
             if tracking_uri:  # models:/ resolution reads the process-wide registry URI
                 mlflow.set_tracking_uri(tracking_uri)
@@ -156,17 +180,22 @@ def load_pipeline(uri: str, tracking_uri: str | None):
         else:
             local = Path(uri)
         if (local / "MLmodel").is_file():  # a pyfunc model: its artifacts are the adapter and the base spec
-            artifacts = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
+            flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+            artifacts, recorded = flavor["artifacts"], flavor.get("model_config") or {}
             adapter = local / artifacts["adapter"]["path"]
-            base = ModelSpec.model_validate_json((local / artifacts["base_model"]["path"]).read_text())
+            paths = {name: local / a["path"] for name, a in artifacts.items()}
+            verify_artifacts({"base_model.json": paths["base_model"]}, paths.get("checksums"))
+            base = ModelSpec.model_validate(read_json(paths["base_model"]))
         else:
             adapter = local
         if base is None:
-            meta = json.loads((adapter / CONFIG_NAME).read_text()) if (adapter / CONFIG_NAME).is_file() else {}
-            if not meta.get("base"):
-                raise ValueError(f"--model {uri}: {adapter} records no base model (not an MM-Diff adapter?)")
-            base = ModelSpec.model_validate(meta["base"])
-        return MMDiffPipeline.from_pretrained(base, adapter)
+            base = MMDiffModel.recorded_spec(adapter, "base")
+            if base is None:
+                raise ValueError(f"--model {uri}: {adapter} records no base model")
+        device, dtype = resolve_placement(device or recorded.get("device") or "auto",
+                                          dtype or recorded.get("dtype") or "auto", reserved_gpus,
+                                          "evaluation's generate stage")
+        return MMDiffPipeline.from_pretrained(base.model_copy(update={"device": device, "dtype": dtype}), adapter)
 
 
 # -- the two stages --------------------------------------------------------------------------------
@@ -194,10 +223,10 @@ class GenerateStage:
     """Actor: loads the model once; generates each case's image into ``image_dir``."""
 
     def __init__(self, model_uri: str, tracking_uri: str | None, generation: dict, image_dir: str,
-                 face: dict | None = None, threads: int | None = None):
+                 face: dict | None = None, threads: int | None = None, reserved_gpus: float = 0):
         _set_threads(threads)
-        self.pipe = load_pipeline(model_uri, tracking_uri)
         self.settings = GenerationSettings.model_validate(generation)
+        self.pipe = load_pipeline(model_uri, tracking_uri, self.settings.device, self.settings.dtype, reserved_gpus)
         self.image_dir = Path(image_dir)
         self.image_dir.mkdir(parents=True, exist_ok=True)
         self.face = None
@@ -430,7 +459,7 @@ def _stream(config: EvaluationConfig, rows: list[dict], model_uri: str, tracking
     ds = ds.map_batches(GenerateStage, fn_constructor_kwargs={
         "model_uri": model_uri, "tracking_uri": tracking_uri, "generation": config.generation.model_dump(),
         "image_dir": str(image_dir), "face": config.metrics.face.model_dump() if config.metrics.face else None,
-        "threads": _threads(gen),
+        "threads": _threads(gen), "reserved_gpus": gen.num_gpus,
     }, batch_format="pandas", batch_size=gen.batch_size, compute=ray.data.ActorPoolStrategy(size=gen.concurrency),
         num_cpus=gen.num_cpus, num_gpus=gen.num_gpus)
     ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"metrics": config.metrics.model_dump(mode="json"),
@@ -448,7 +477,8 @@ def _stream(config: EvaluationConfig, rows: list[dict], model_uri: str, tracking
 def _run_loop(config: EvaluationConfig, rows: list[dict], model_uri: str, tracking_uri: str | None, image_dir: Path,
               bar) -> list[dict]:
     generate = GenerateStage(model_uri, tracking_uri, config.generation.model_dump(), str(image_dir),
-                             config.metrics.face.model_dump() if config.metrics.face else None, _threads(config.generate))
+                             config.metrics.face.model_dump() if config.metrics.face else None, _threads(config.generate),
+                             config.generate.num_gpus)
     score = ScoreStage(config.metrics.model_dump(mode="json"), _threads(config.score))
     out = []
     for start in range(0, len(rows), config.score.batch_size):
@@ -468,6 +498,7 @@ def run_evaluation(config: EvaluationConfig, model_uri: str, tracking_uri: str |
     cases = list_cases(config.benchmark)
     if not cases:
         raise ValueError(f"benchmark {config.benchmark.name}: no cases")
+    check_training_data(source.run_id, tracking_uri, benchmark_files(cases), config.require_decontaminated)
     out_dir = Path(config.output_dir)
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)

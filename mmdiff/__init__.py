@@ -11,6 +11,7 @@ _EXPORTS = {
     "MMDiffModel": "mmdiff.modeling",
     "MMDiffPipeline": "mmdiff.pipeline",
     "Subject": "mmdiff.pipeline",
+    "load_mmdiff_adapter": "mmdiff.pipeline",
     "find_words": "mmdiff.prompting",
     "parse_markers": "mmdiff.prompting",
     "subject_pixel_values": "mmdiff.prompting",

@@ -34,7 +34,8 @@ class MMDiffConfig(ConfigModel):
     text_encoder_lora_rank: int = Field(0, ge=0)  # LoRA on every text encoder's q, k, v, out (official: yes)
     max_subjects: int = Field(3, ge=1)
     subject_scale: float = 0.8  # official default
-    start_step: int = Field(10, ge=0)  # denoising step at which subject conditioning starts (inference)
+    # denoising step at which subject conditioning starts (inference); 0 as every official demo
+    start_step: int = Field(0, ge=0)
     supervised_layers: list[str] = Field(default_factory=lambda: list(FASTCOMPOSER_LAYERS))
     attention_loss_kind: Literal["balanced_l1", "mask_nll"] = "balanced_l1"
     attention_loss_tokens: Literal["text", "subject", "both"] = "text"  # chosen by the learning check (docs/MODEL.md)

@@ -18,9 +18,12 @@ from mmdiff import zoo
 from mmdiff.attention import CapturedAttention, MMDiffAttnProcessor, SelfAttnProcessor, SubjectConditioning
 from mmdiff.configuration import parse_config
 from mmdiff.image_encoder import SubjectImageEncoder
+from mmdiff.integrity import folder_sha256, read_json, verify_manifest, write_manifest
 from mmdiff.losses import attention_constraint_sum, denoise_loss, inside_share, masks_at
 from mmdiff.model_config import MMDiffConfig
+from mmdiff.provenance import source_commit
 from mmdiff.refiner import QueryMLP, SERefiner
+from mmdiff.subject_image import SUBJECT_FILL
 from mmdiff.text_fusion import TextFusion, fused_word_embeddings, install_fusion
 from mmdiff.zoo.spec import ModelSpec
 
@@ -50,6 +53,8 @@ class MMDiffModel(nn.Module):
                              f"{type(base_pipe).__name__}")
         self.config = config
         self.base_pipe = base_pipe
+        # the colour outside the subject in training crops: reference images are padded with it at inference
+        self.subject_fill: tuple[int, int, int] = SUBJECT_FILL
         self.base_spec, self.image_encoder_spec = base_spec, image_encoder_spec
         self.unet, self.vae = base_pipe.unet, base_pipe.vae
         encoders = [base_pipe.text_encoder] + ([base_pipe.text_encoder_2] if is_xl else [])
@@ -141,45 +146,102 @@ class MMDiffModel(nn.Module):
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write the trainable weights (safetensors) and the config (JSON) to ``directory``."""
+        """Write the trainable weights (safetensors), the config (JSON) and their checksums to ``directory``.
+
+        The base model and the image encoder are recorded by what identifies them (family, source, seed,
+        options; for a folder or a hub id also the hub revision and the content sha256 of its files),
+        never by the device and dtype they ran in, so loading can check it got the same models.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}, directory / WEIGHTS_NAME)
         meta = {
             "format_version": FORMAT_VERSION,
             "mmdiff": self.config.model_dump(mode="json"),
-            "base": self.base_spec.model_dump(mode="json") if self.base_spec else None,
-            "image_encoder": self.image_encoder_spec.model_dump(mode="json") if self.image_encoder_spec else None,
+            "base": source_record(self.base_spec) if self.base_spec else None,
+            "image_encoder": source_record(self.image_encoder_spec) if self.image_encoder_spec else None,
+            "subject_fill": list(self.subject_fill),
+            "mmdiff_commit": source_commit(),  # the code that wrote it
         }
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+        write_manifest(directory, [WEIGHTS_NAME, CONFIG_NAME])  # checked by from_adapter
         return directory
 
-    @classmethod
-    def from_pretrained(cls, base: ModelSpec | str | Path, adapter_dir: str | Path,
-                        image_encoder: ModelSpec | None = None) -> "MMDiffModel":
-        """Base model (spec, diffusers folder or hub id) + an adapter written by :meth:`save_pretrained`."""
+    @staticmethod
+    def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], MMDiffConfig]:
+        """An adapter folder's checked metadata and config (files verified against its checksums first)."""
         adapter_dir = Path(adapter_dir)
         config_path = adapter_dir / CONFIG_NAME
         if not config_path.is_file() or not (adapter_dir / WEIGHTS_NAME).is_file():
             raise ValueError(f"{adapter_dir}: not an MM-Diff adapter (needs {CONFIG_NAME} and {WEIGHTS_NAME})")
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
+        verify_manifest(adapter_dir, [WEIGHTS_NAME, CONFIG_NAME])  # sizes and sha256, before reading anything
+        meta = read_json(config_path)
+        if not isinstance(meta, dict) or "mmdiff" not in meta:
+            raise ValueError(f"{config_path}: not an MM-Diff adapter config (no 'mmdiff' section)")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{config_path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
-        config = parse_config(meta["mmdiff"], MMDiffConfig, str(config_path))
+        return meta, parse_config(meta["mmdiff"], MMDiffConfig, str(config_path))
+
+    @classmethod
+    def recorded_spec(cls, adapter_dir: str | Path, key: str) -> ModelSpec | None:
+        """The ``base`` or ``image_encoder`` spec an adapter records (placed by ModelSpec's defaults)."""
+        record = cls.read_adapter(adapter_dir)[0].get(key)
+        return None if record is None else spec_of(record)
+
+    @classmethod
+    def from_pretrained(cls, base: ModelSpec | str | Path, adapter_dir: str | Path,
+                        image_encoder: ModelSpec | None = None) -> "MMDiffModel":
+        """Base model (spec, diffusers folder or hub id) + an adapter written by :meth:`save_pretrained`.
+
+        The base is checked against the one the adapter records before it is built.
+        """
+        meta, config = cls.read_adapter(adapter_dir)
         if not isinstance(base, ModelSpec):
             base = ModelSpec(family=config.base_family, source=str(base))
+        check_source(meta.get("base"), base, "base model", Path(adapter_dir) / CONFIG_NAME)
+        return cls.from_adapter(zoo.build(base), adapter_dir, image_encoder, base, checked=True)
+
+    @classmethod
+    def from_adapter(cls, base_pipe: Any, adapter_dir: str | Path, image_encoder: ModelSpec | None = None,
+                     base_spec: ModelSpec | None = None, checked: bool = False) -> "MMDiffModel":
+        """MM-Diff installed into a built base pipeline (a stock diffusers one, changed in place, as
+        ``load_ip_adapter`` does) with an adapter's weights.
+
+        The base is checked against the one the adapter records (``base_spec``, else the folder or hub
+        id the pipeline was loaded from); the image encoder is the recorded one unless given, built on
+        the UNet's device and in its dtype.
+        """
+        adapter_dir = Path(adapter_dir)
+        config_path = adapter_dir / CONFIG_NAME
+        meta, config = cls.read_adapter(adapter_dir)
+        if base_spec is None and base_pipe.config.get("_name_or_path"):
+            base_spec = ModelSpec(family=config.base_family, source=str(base_pipe.config["_name_or_path"]))
+        if base_spec is not None and not checked:
+            check_source(meta.get("base"), base_spec, "base model", config_path)
+        placement = {"device": str(base_pipe.unet.device), "dtype": str(base_pipe.unet.dtype).removeprefix("torch.")}
         if image_encoder is None:
             if meta.get("image_encoder") is None:
                 raise ValueError(f"{config_path}: no image encoder recorded; pass image_encoder=")
-            image_encoder = ModelSpec.model_validate(meta["image_encoder"])
-        model = cls.from_specs(base, image_encoder, config)
-        weights = load_file(adapter_dir / WEIGHTS_NAME, device=str(model.device))
+            image_encoder = spec_of(meta["image_encoder"])
+        check_source(meta.get("image_encoder"), image_encoder, "image encoder", config_path)
+        # one device and dtype for the whole model: the base's
+        image_encoder = image_encoder.model_copy(update=placement)
+        model = cls(base_pipe, zoo.build(image_encoder), config, base_spec, image_encoder)
+        try:
+            weights = load_file(adapter_dir / WEIGHTS_NAME, device=str(model.device))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types; name the file
+            raise ValueError(f"{adapter_dir / WEIGHTS_NAME}: not a readable safetensors file (truncated or "
+                             f"corrupt?): {exc}") from None
         expected = set(model.trainable_state_dict())
         missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
         if missing or unexpected:
             raise ValueError(f"{adapter_dir / WEIGHTS_NAME}: does not match the model "
                              f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
         model.load_state_dict(weights, strict=False)
+        fill = meta.get("subject_fill", list(SUBJECT_FILL))  # adapters written before it was recorded: the default
+        if not (isinstance(fill, list) and len(fill) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in fill)):
+            raise ValueError(f"{config_path}: subject_fill {fill!r} is not an RGB colour [r, g, b] in 0..255")
+        model.subject_fill = tuple(fill)
         return model
 
     # -- encoders -------------------------------------------------------------------------------
@@ -238,7 +300,7 @@ class MMDiffModel(nn.Module):
         return self.unet.conv_in.weight.device
 
     # -- training -------------------------------------------------------------------------------
-    def training_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def training_loss(self, batch: dict[str, torch.Tensor], return_attention_maps: bool = True) -> dict[str, torch.Tensor]:
         """Denoising loss + weighted attention constraint on one batch (keys: see docs/DESIGN.md / README).
 
         ``latent_parameters`` [B, 2C, h, w] (the VAE posterior's mean and log-variance, cached by
@@ -247,7 +309,8 @@ class MMDiffModel(nn.Module):
         "denoise_loss", "attention_loss", "inside_share/<down|mid|up>" (a metric of the supervised map,
         NaN without a subject),
         and the detached maps (for logging) of the subject tokens, "attention_maps", and of the class
-        words, "text_attention_maps", both [B, S, h, w].
+        words, "text_attention_maps", both [B, S, h, w], unless ``return_attention_maps`` is False (the
+        training loop asks for them on sample steps only).
         """
         cfg = self.config
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -311,7 +374,7 @@ class MMDiffModel(nn.Module):
         # the share of the supervised attention inside the subject's mask, per UNet part (down / mid / up)
         losses.update({f"inside_share/{part}": torch.stack(values).nanmean() for part, values in shares.items()})
         losses["loss"] = losses["denoise_loss"] + cfg.attention_loss_weight * losses["attention_loss"]
-        for key, form in (("attention_maps", "subject"), ("text_attention_maps", "text")):
+        for key, form in (("attention_maps", "subject"), ("text_attention_maps", "text")) if return_attention_maps else ():
             maps = [self._as_image(getattr(layer, form).mean(1), latents.shape[-2:]) for layer in captured]
             losses[key] = (torch.stack(maps).mean(0) if maps
                            else latents.new_zeros(valid.shape[0], valid.shape[1], *latents.shape[-2:]).float()).detach()
@@ -345,3 +408,51 @@ class MMDiffModel(nn.Module):
         h = round((n * size[0] / size[1]) ** 0.5)
         grid = probs.transpose(1, 2).reshape(probs.shape[0], probs.shape[2], h, n // h)
         return F.interpolate(grid.float(), size=tuple(size), mode="bilinear", align_corners=False)
+
+
+# -- what identifies a model, recorded in adapters ---------------------------------------------------
+FINGERPRINT_KEYS = ("revision", "sha256")
+
+
+def source_record(spec: ModelSpec) -> dict[str, Any]:
+    """What identifies the model ``spec`` names, without where it runs: family, source, seed, options,
+    and for a folder or a hub id in the local cache the hub revision and the content sha256 of its files.
+    A generated model (tiny, random) is fixed by its seed."""
+    record = spec.model_dump(mode="json", exclude={"device", "dtype"})
+    if spec.is_tiny or spec.is_random:
+        return record
+    folder, revision = Path(spec.source).expanduser(), None
+    if not folder.is_dir():
+        try:  # a hub id: the snapshot in the local cache (never the network)
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(spec.source, local_files_only=True))
+            revision = folder.name
+        except Exception:  # noqa: BLE001 - not in the cache, or not a hub id: nothing here to hash
+            return {**record, "revision": None, "sha256": None}
+    return {**record, "revision": revision, "sha256": folder_sha256(folder)}
+
+
+def spec_of(record: dict[str, Any]) -> ModelSpec:
+    return ModelSpec.model_validate({k: v for k, v in record.items() if k not in FINGERPRINT_KEYS})
+
+
+def check_source(recorded: dict[str, Any] | None, given: ModelSpec, what: str, config_path: Path) -> None:
+    """Refuse ``given`` when it is not the model the adapter records (by content hash, or for generated
+    models by source, seed and options); an adapter that records nothing is not checked."""
+    if not recorded:
+        return
+    mine = source_record(given)
+    if recorded.get("sha256"):
+        if mine.get("sha256") != recorded["sha256"]:
+            found = f"content sha256 {mine['sha256'][:16]}" if mine.get("sha256") else "no hashable files"
+            raise ValueError(f"{config_path}: the {what} given ({given.source}) is not the one this adapter was "
+                             f"trained with ({recorded.get('source')}, sha256 {recorded['sha256'][:16]}): {found}")
+        return
+    identity = ("family", "source", "seed", "options")
+    if spec_of(recorded).is_tiny or spec_of(recorded).is_random:
+        if any(mine.get(k) != recorded.get(k) for k in identity if k in recorded):
+            raise ValueError(f"{config_path}: the {what} given ({given.source}, seed {given.seed}) is not the "
+                             f"generated one this adapter was trained with ({recorded.get('source')}, seed "
+                             f"{recorded.get('seed')})")
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmdiff.subject_image import square_subject_image
+from mmdiff.subject_image import SUBJECT_FILL, square_subject_image
 
 MARKER = re.compile(r"\[([^\[\]]+)\]")
 
@@ -26,6 +27,11 @@ def tokenize_with_subjects(tokenizer: Any, prompt: str, spans: Sequence[tuple[in
     encoded = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_offsets_mapping=True)
     offsets = encoded["offset_mapping"]
+    read = max(b for _, b in offsets)
+    if read < len(prompt.rstrip()):
+        warnings.warn(f"prompt {prompt!r} is longer than the {tokenizer.model_max_length} tokens the text encoder "
+                      f"reads: {prompt[read:].strip()!r} is dropped (shorten the prompt)", TruncatedPromptWarning,
+                      stacklevel=3)
     indices = []
     for start, end in spans:
         if not 0 <= start < end <= len(prompt):
@@ -38,6 +44,21 @@ def tokenize_with_subjects(tokenizer: Any, prompt: str, spans: Sequence[tuple[in
     return torch.tensor(encoded["input_ids"], dtype=torch.long), torch.tensor(indices, dtype=torch.long)
 
 
+class TruncatedPromptWarning(UserWarning):
+    """A prompt longer than the text encoder reads: its end is dropped."""
+
+
+def _plural_hint(prompt: str, word: str) -> str:
+    """A hint when ``prompt`` holds ``word`` as a plural ("two dogs"): each subject needs its own word."""
+    stem = word[:-1] if word.endswith("y") else word
+    plural = re.search(rf"\b{re.escape(stem)}(s|es|ies)\b", prompt, flags=re.IGNORECASE)
+    if plural is None:
+        return ""
+    return (f"; the prompt has the plural {plural.group(0)!r}: a subject is bound to one singular class word, "
+            f"so name each subject on its own, e.g. 'a {word} and a {word}' with two subjects, or 'a {word}' "
+            "with one")
+
+
 def find_words(prompt: str, words: Sequence[str]) -> list[tuple[int, int]]:
     """Character span of each word (whole word, case-insensitive, first unused occurrence) in ``prompt``."""
     spans: list[tuple[int, int]] = []
@@ -45,7 +66,9 @@ def find_words(prompt: str, words: Sequence[str]) -> list[tuple[int, int]]:
         matches = [m.span() for m in re.finditer(rf"\b{re.escape(word)}\b", prompt, flags=re.IGNORECASE)]
         free = [span for span in matches if span not in spans]
         if not free:
-            raise ValueError(f"subject word {word!r} is not in the prompt {prompt!r}")
+            taken = " again (each occurrence is bound to an earlier subject)" if matches else ""
+            raise ValueError(f"subject word {word!r} is not in the prompt {prompt!r}{taken}"
+                             f"{'' if matches else _plural_hint(prompt, word)}")
         spans.append(free[0])
     return spans
 
@@ -87,13 +110,17 @@ def load_subject_image(image: Any, name: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def subject_pixel_values(processor: Any, images: Sequence[Any]) -> torch.Tensor:
+def subject_pixel_values(processor: Any, images: Sequence[Any], fill: Sequence[int] = SUBJECT_FILL,
+                         names: Sequence[str] | None = None) -> torch.Tensor:
     """Subject images (PIL, uint8 arrays or paths) -> image-encoder input [S, 3, h, w].
 
-    Training crops and user images alike are padded to a square with the training fill and resized to
-    the encoder's input size (:func:`mmdiff.subject_image.square_subject_image`); the processor then
-    only rescales and normalises.
+    Training crops and user images alike are padded to a square with the training crops' ``fill`` (the
+    adapter records it) and resized to the encoder's input size
+    (:func:`mmdiff.subject_image.square_subject_image`); the processor then only rescales and
+    normalises. ``names`` name the images in errors (default ``subject <i>``).
     """
     size = processor.crop_size["height"]
-    squared = [square_subject_image(load_subject_image(image, f"subject {i}"), size) for i, image in enumerate(images)]
+    names = names or [f"subject {i}" for i in range(len(images))]
+    squared = [square_subject_image(load_subject_image(image, name), size, tuple(fill))
+               for image, name in zip(images, names)]
     return processor(images=squared, do_resize=False, do_center_crop=False, return_tensors="pt").pixel_values

@@ -36,8 +36,11 @@ from typing import Any
 from mmdiff.configuration import ConfigModel, config_hash, load_config, parse_overrides
 from pipeline.config import PreprocessConfig
 from pipeline.contact_sheet import contact_sheet
+from pipeline.curation_config import curation_content, curation_enabled
+from pipeline.dedup import curation_manifest, needs_listing, run_curation
 from pipeline.inputs import InputRecord, Skip, iter_listing, iter_partitions
 from pipeline.lock import OutputLock, OutputLocked
+from pipeline.report import write_report
 from pipeline.shards import JsonlStream, ShardLayout, finalize_partition, write_json_atomic
 from pipeline.stages import RECORD_FIELDS, UNWRITTEN, content_batching, sample_stages
 from pipeline.storage import Location, OutputUnwritable, UnsupportedStorage
@@ -62,12 +65,19 @@ class _Content(ConfigModel):
     batching: dict[str, int] | None  # pipeline.stages.content_batching: batched inference is not bit-exact
 
 
+class _CuratedContent(_Content):
+    """A job with curation (pipeline.curation_config.curation_content); one without keeps its old hash."""
+
+    curation: dict[str, Any]
+
+
 def content_hash(config: PreprocessConfig) -> str:
-    return config_hash(_Content(input_kind=config.input.kind, annotated=config.input.annotated,
-                                extensions=config.input.extensions,
-                                shard_size=config.output.shard_size, image=config.image.model_dump(mode="json"),
-                                annotate=config.annotate.model_dump(mode="json"),
-                                operator=config.stages.annotate.operator, batching=content_batching(config)))
+    curation = curation_content(config)
+    fields = dict(input_kind=config.input.kind, annotated=config.input.annotated, extensions=config.input.extensions,
+                  shard_size=config.output.shard_size, image=config.image.model_dump(mode="json"),
+                  annotate=config.annotate.model_dump(mode="json"), operator=config.stages.annotate.operator,
+                  batching=content_batching(config))
+    return config_hash(_Content(**fields) if curation is None else _CuratedContent(**fields, curation=curation))
 
 
 @dataclass
@@ -129,6 +139,7 @@ def _list(config: PreprocessConfig, layout: ShardLayout, skipped: JsonlStream) -
         listed.skipped_sha256.update(f"{item.source}\t{item.reason}\n".encode("utf-8", "surrogateescape"))
         skipped.write(item.row())
 
+    every_partition = needs_listing(config, layout)  # the curation pass reads finished partitions too
     for members in iter_partitions(iter_listing(config.input), config.output.shard_size, skip):
         partition = members[0].partition
         listed.seen += len(members)
@@ -136,12 +147,14 @@ def _list(config: PreprocessConfig, layout: ShardLayout, skipped: JsonlStream) -
         listed.partitions = partition + 1
         for record in members:
             listed.listing_sha256.update(f"{record.key}\t{partition}\t{record.reason}\n".encode())
-        if layout.is_finished(partition, config.output.verify):
+        finished = layout.is_finished(partition, config.output.verify)
+        if finished and not every_partition:
             continue
         work = [r for r in members if not r.reason]
         layout.write_listing(partition, fixed_batches(work, config.stages.annotate.batch_size),
                              [_reject_row(r, r.reason, r.detail) for r in members if r.reason])
-        listed.todo[partition] = len(work)
+        if not finished:
+            listed.todo[partition] = len(work)
     return listed
 
 
@@ -262,6 +275,8 @@ def _run_locked(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock)
     skipped.commit()
     if listed.todo:
         _init_ray(config)
+        if curation_enabled(config):  # pipeline.dedup: duplicates and benchmark overlap out before any model
+            run_curation(config, layout, listed.partitions, listed.todo)
         _process(config, layout, lock, chash, listed)
     layout.remove_scratch()
     summary = _write_manifest(config, layout, chash, listed, sum(listed.todo.values()), time.perf_counter() - started)
@@ -270,6 +285,11 @@ def _run_locked(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock)
             contact_sheet(layout.root, layout.root / "contact_sheet.png", config.qa_samples)
         except Exception as exc:  # noqa: BLE001 - the QA picture never fails a finished job
             summary.notes.append(f"contact sheet not drawn: {type(exc).__name__}: {exc}")
+    if config.report_samples:
+        try:
+            write_report(layout.root, config.report_samples)
+        except Exception as exc:  # noqa: BLE001 - nor does the report (pipeline.report)
+            summary.notes.append(f"data report not written: {type(exc).__name__}: {exc}")
     if lock.taken_over:
         summary.notes.append(lock.taken_over)
     return summary
@@ -359,10 +379,12 @@ def _write_manifest(config: PreprocessConfig, layout: ShardLayout, chash: str, l
         "seen": listed.seen, "inputs": listed.inputs, "written": written, "rejected": counts, "skipped": skipped,
         # the storage options may hold keys: never written out
         "shards": shards, "config_hash": chash, "config": config.model_dump(
-            mode="json", exclude={"input": {"storage_options"}, "output": {"storage_options"}}),
+            mode="json", exclude={"input": {"storage_options"}, "output": {"storage_options"},
+                                  "decontamination": {"storage_options"}}),
         "models": {name: data.get("model") for name in ("caption", "detect", "segment", "faces")
                    if (data := getattr(config.annotate, name)) is not None},
     }
+    manifest.update(curation_manifest(layout))
     manifest["manifest_hash"] = hashlib.sha256(json.dumps(
         {k: manifest[k] for k in ("seen", "inputs", "written", "rejected", "skipped", "shards", "config_hash")},
         sort_keys=True

@@ -101,6 +101,10 @@ class ShardLayout:
         """The fixed-batch rows :meth:`write_listing` wrote for ``partition``."""
         return _read_jsonl(self.listing_file(partition))
 
+    def read_listing_rejects(self, partition: int) -> list[dict[str, Any]]:
+        """The inputs of ``partition`` the listing rejected (:meth:`write_listing`)."""
+        return _read_jsonl(self.listing_rejects(partition))
+
     def all_rejects(self) -> list[dict[str, Any]]:
         return [row for path in self.rejects.glob("part-*.jsonl") for row in _read_jsonl(path)]
 

@@ -44,6 +44,7 @@ from preprocess.faces import EMBEDDING_DIM
 from preprocess.filters import Kept
 from preprocess.image_io import ImageConfig, ImageRejected, as_rgb, load_image
 from preprocess.phrases import Phrase
+from preprocess.quality import subject_rejection
 from preprocess.sample import Sample, encode_jpeg
 
 __all__ = ["load_batch", "ModelStage", "SampleStage", "write_batch", "sample_stages",
@@ -197,11 +198,15 @@ class _Writer:
     def __init__(self, config: PreprocessConfig, content_hash: str) -> None:
         self.layout = ShardLayout(config.output.path, config.output.storage_options)
         self.content_hash = content_hash
+        self.quality = config.quality
 
     def __call__(self, group: Group, results: dict[int, Sample | Rejection]) -> list[dict[str, Any]]:
         staged: list[dict[str, Any]] = []
         for i, result in results.items():
             fields = group.inputs[i]
+            if isinstance(result, Sample) and (small := subject_rejection(
+                    result.masks, self.quality, fields["source"], [e.word for e in result.entities])):
+                result = Rejection(*small)  # preprocess.quality: min_subject_area
             if isinstance(result, Rejection):
                 group.reject(i, result)
                 continue

@@ -119,3 +119,86 @@ def fill_leaving(folder: Path, free: int) -> Path:
     ballast = folder / "ballast"
     ballast.write_bytes(bytes(stat.f_bavail * stat.f_frsize - free))
     return ballast
+
+
+class SwitchableProxy:
+    """A TCP proxy on 127.0.0.1 in front of ``target_port`` that can be taken down (new connections refused,
+    open ones cut) and brought back on the same port: a server outage without restarting the server."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self._connections: list = []
+        self._lock = threading.Lock()
+        self._listener = self._listen(0)
+        self.port = self._listener.getsockname()[1]
+        self._accepting = threading.Thread(target=self._accept, args=(self._listener,), daemon=True)
+        self._accepting.start()
+
+    @staticmethod
+    def _listen(port: int):
+        import socket
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(64)
+        return listener
+
+    def _accept(self, listener) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed: the proxy is down
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._connections += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.close()
+                except OSError:
+                    pass
+
+    @property
+    def up(self) -> bool:
+        return self._listener is not None
+
+    def down(self) -> None:
+        import socket
+
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+                connection.close()
+            except OSError:
+                pass
+
+    def restore(self) -> None:
+        if self._listener is None:
+            self._listener = self._listen(self.port)
+            threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def close(self) -> None:
+        self.down()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mmdiff import MMDiffConfig, MMDiffModel, MMDiffPipeline, Subject
+from mmdiff.subject_image import SUBJECT_FILL
 from mmdiff.configuration import load_config
 from mmdiff.zoo.spec import ModelSpec
 from skimage import data
@@ -170,9 +171,16 @@ def test_save_load_round_trip(model, tmp_path):
             p.add_(torch.randn_like(p) * 0.02)
     family = model.config.base_family
     model.base_spec, model.image_encoder_spec = ModelSpec(family=family, source="tiny"), ENCODER
-    adapter = model.save_pretrained(tmp_path / "adapter")
-    assert sorted(f.name for f in adapter.iterdir()) == ["mmdiff_adapter.safetensors", "mmdiff_config.json"]
+    model.subject_fill = (12, 34, 56)  # the training crops' fill travels with the adapter
+    try:
+        adapter = model.save_pretrained(tmp_path / "adapter")
+    finally:
+        model.subject_fill = SUBJECT_FILL
+    assert sorted(f.name for f in adapter.iterdir()) == ["checksums.json", "mmdiff_adapter.safetensors",
+                                                         "mmdiff_config.json"]
     loaded = MMDiffPipeline.from_pretrained(ModelSpec(family=family, source="tiny"), adapter)
+    assert loaded.model.subject_fill == (12, 34, 56)
+    loaded.model.subject_fill = SUBJECT_FILL
     args = dict(subject_scale=1.0, start_step=0, seed=0, **GEN)
     a = MMDiffPipeline(model)("a dog on the beach", [Subject("dog", data.chelsea())], **args).images
     b = loaded("a dog on the beach", [Subject("dog", data.chelsea())], **args).images

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -95,17 +96,35 @@ def test_registered_model_ships_code_pins_and_signature(registry, tmp_path):
     assert json.loads((local / "artifacts/base_model.json").read_text())["family"] == "sd15"
 
 
-def test_registered_model_loads_in_the_spec_dtype_and_in_bf16(registry):
-    """The base loads in its spec's dtype (float32 here); model_config overrides it: bf16 runs on CPU too."""
+def test_registered_model_loads_in_the_requested_device_and_dtype(registry, tmp_path):
+    """The registered model records the inference rule (auto), not how training loaded the base (CPU, fp32);
+    load_model overrides it (bf16 runs on the CPU too), and a loader holding GPUs refuses the CPU."""
     import mlflow
     import pandas as pd
+    import torch
 
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", dst_path=str(tmp_path / "model")))
+    flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
+    assert (flavor["config"]["device"], flavor["config"]["dtype"]) == ("auto", "auto")
+    assert not {"device", "dtype"} & set(json.loads((local / "artifacts/base_model.json").read_text()))
     row = {**GOOD, "subjects": [b64(data.chelsea())]}
-    for dtype, expected in ((None, "torch.float32"), ("bfloat16", "torch.bfloat16")):
-        model = mlflow.pyfunc.load_model(f"models:/{NAME}/1", model_config={"dtype": dtype} if dtype else None)
-        assert str(model.unwrap_python_model().pipe.model.base_pipe.unet.dtype) == expected
+    for settings, expected in ((None, torch.float32), ({"device": "cpu", "dtype": "bfloat16"}, torch.bfloat16)):
+        model = mlflow.pyfunc.load_model(f"models:/{NAME}/1", model_config=settings)
+        mm = model.unwrap_python_model().pipe.model  # the whole model: base, image encoder and adapter
+        assert {p.dtype for p in mm.parameters()} == {expected} and {p.device.type for p in mm.parameters()} == {"cpu"}
         image = Image.open(io.BytesIO(base64.b64decode(model.predict(pd.DataFrame([row]))["image"][0])))
         assert image.size == (64, 64) and np.asarray(image).std() > 0
+    with pytest.raises(ValueError, match="reserves 1 GPU.* would compute on the CPU"):
+        mlflow.pyfunc.load_model(f"models:/{NAME}/1", model_config={"reserved_gpus": 1})
+    # integrity: a flipped byte in the base spec or in the adapter is refused, naming the file
+    adapter = flavor["artifacts"]["adapter"]["path"]
+    for damaged in (flavor["artifacts"]["base_model"]["path"], f"{adapter}/mmdiff_adapter.safetensors"):
+        copy = Path(shutil.copytree(local, tmp_path / damaged.replace("/", "_")))
+        content = bytearray((copy / damaged).read_bytes())
+        content[len(content) // 2] ^= 0x01
+        (copy / damaged).write_bytes(bytes(content))
+        with pytest.raises(ValueError, match=f"{Path(damaged).name}: sha256 does not match"):
+            mlflow.pyfunc.load_model(str(copy))
 
 
 def test_mlflow_models_serve_answers_outside_the_repository(registry, tmp_path):

@@ -36,31 +36,51 @@ def free_port() -> int:
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``python -m train.launch --config CONFIG ARGS``; output goes to a temporary file (no pipe to fill)."""
+    """``python -m train.launch --config CONFIG ARGS``; output goes to a temporary file (no pipe to fill).
+    The job (launcher and ranks) is a process group of its own, so a test can kill all of it at once."""
     full = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # a developer's own server stays out
     full.update({"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})})
     log = tempfile.TemporaryFile()  # noqa: SIM115 -- closed by finish() once the process has ended
     process = subprocess.Popen([sys.executable, "-m", "train.launch", "--config", CONFIG, *args], cwd=REPO, env=full,
-                               stdout=log, stderr=subprocess.STDOUT)
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     process.log = log
     return process
 
 
-def finish(process: subprocess.Popen, timeout: int = 400) -> None:
+def finish(process: subprocess.Popen, timeout: int = 400, expect: int | None = 0) -> str:
+    """Wait for the job; its output (the end of it). ``expect``: the exit status it must have (None: any)."""
     try:
         process.wait(timeout=timeout)
     finally:
         if process.returncode is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     process.log.seek(0)
-    output = process.log.read()[-6000:].decode(errors="replace")
+    output = process.log.read().decode(errors="replace")
     process.log.close()
-    assert process.returncode == 0, output
+    assert expect is None or process.returncode == expect, output[-6000:]
+    return output
 
 
-def launch(*overrides: str, env: dict[str, str] | None = None, timeout: int = 400) -> None:
-    finish(start("--num_gpus", "2", "--master_port", str(free_port()), *overrides, env=env), timeout)
+def launch(*overrides: str, env: dict[str, str] | None = None, timeout: int = 400) -> str:
+    return finish(start("--num_gpus", "2", "--master_port", str(free_port()), *overrides, env=env), timeout)
+
+
+def kill_when(predicate, *overrides: str, timeout: float = 400) -> str:
+    """Start a 2-rank run and SIGKILL the whole job (launcher and ranks) as soon as ``predicate()`` holds,
+    polled every few milliseconds: the job is first frozen with SIGSTOP, so it is killed in the state the
+    predicate saw. Returns the run's output; fails if the run ended before the predicate held."""
+    process = start("--num_gpus", "2", "--master_port", str(free_port()), *overrides)
+    deadline, held = time.monotonic() + timeout, False
+    while not held and process.poll() is None and time.monotonic() < deadline:
+        if predicate():
+            os.killpg(process.pid, signal.SIGSTOP)
+            held = predicate()  # still true while frozen: kill it here; else it moved on, watch again
+            os.killpg(process.pid, signal.SIGKILL if held else signal.SIGCONT)
+        time.sleep(0.002)
+    output = finish(process, expect=None)
+    assert held, f"the run ended before the kill point:\n{output[-4000:]}"
+    return output
 
 
 def losses(output_dir: Path) -> list[dict]:
@@ -200,24 +220,126 @@ def test_registered_model_generates_an_image(zero2_run, mlflow_server, tmp_path)
     assert image.size == (64, 64) and len(set(image.getdata())) > 1
 
 
-def test_resumed_run_ends_with_the_same_losses(zero2_run, shards, tmp_path):
-    # the uninterrupted run kept its step-4 checkpoint; a second run starts from that checkpoint alone,
-    # in the cosine part of the schedule, and ends with the same losses, rates and retention scores
-    resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(zero2_run / "checkpoints" / "step-4", resumed / "checkpoints" / "step-4")
-    (resumed / "checkpoints" / "latest").write_text("step-4")
-    launch(f"output_dir={resumed}", f"data.shards={shards}", "mlflow.registered_model=null", "mlflow.sample_prompt=null")
-    full, again = losses(zero2_run), losses(resumed)
-    assert [r["step"] for r in again] == [5, 6]
-    for a, b in zip(full[4:], again):
+def flip_bytes(path: Path, count: int = 64) -> None:
+    """Invert ``count`` bytes in the middle of a file (inside a tensor's data for the .pt files here)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle: middle + count] = bytes(b ^ 0xFF for b in data[middle: middle + count])
+    path.write_bytes(bytes(data))
+
+
+class CreatesAFile:
+    """Unpickling this runs ``open(marker, "w")``: what a tampered checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def plant_pickle(checkpoint: Path, name: str, marker: Path) -> None:
+    """Replace ``name`` with a pickle that would create ``marker``, and update the manifest to match, as
+    someone who can write to the checkpoint folder could."""
+    from train.checkpoint import sha256_file
+
+    torch.save({"module": CreatesAFile(marker), "optimizer_state_dict": {}}, checkpoint / name)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"][name] = {"size": (checkpoint / name).stat().st_size, "sha256": sha256_file(checkpoint / name)}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+def problems(checkpoints: Path, tag: str) -> str:
+    """Both ranks' findings on ``tag``, checked offline as a resume does (each rank hashes its share)."""
+    from train.checkpoint import Checkpoints
+
+    return "\n".join(p for rank in (0, 1) for p in Checkpoints(checkpoints, rank=rank, world=2).check(tag)[0])
+
+
+def test_damaged_checkpoint_files_are_detected_and_named(zero2_run, tmp_path):
+    """Every kind of checkpoint file: flipped bytes are named by the sha256 check; a truncated or missing
+    trainer state and an unreadable manifest are named too; the untouched checkpoint passes."""
+    from train.checkpoint import Checkpoints
+
+    source = zero2_run / "checkpoints" / "step-6"
+    assert problems(zero2_run / "checkpoints", "step-6") == ""
+    states = [Checkpoints(zero2_run / "checkpoints", rank=r, world=2).check("step-6")[1] for r in (0, 1)]
+    assert [s.step for s in states] == [6, 6]
+    names = sorted(json.loads((source / "manifest.json").read_text())["files"])
+    assert {n for n in names if n.endswith(".pt")} == {
+        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    for name in names:
+        shutil.copytree(source, tmp_path / name / "step-6")
+        flip_bytes(tmp_path / name / "step-6" / name)
+        found = problems(tmp_path / name, "step-6")
+        assert f"{name}: sha256 differs" in found, (name, found)
+    damaged = tmp_path / "state" / "step-6"
+    shutil.copytree(source, damaged)
+    (damaged / "trainer_state_rank1.json").write_text('{"step": 6, ')
+    assert "trainer_state_rank1.json: " in problems(tmp_path / "state", "step-6")
+    (damaged / "trainer_state_rank1.json").unlink()
+    assert "trainer_state_rank1.json: missing" in problems(tmp_path / "state", "step-6")
+    (damaged / "manifest.json").write_text('{"files": ')
+    assert "manifest.json: unreadable manifest" in problems(tmp_path / "state", "step-6")
+    (damaged / "manifest.json").unlink()
+    assert "is incomplete" in problems(tmp_path / "state", "step-6")
+
+
+def test_a_planted_pickle_is_refused_and_never_run(zero2_run, tmp_path):
+    from train.checkpoint import weights_only_load
+
+    marker = tmp_path / "pwned"
+    checkpoint = tmp_path / "checkpoints" / "step-6"
+    shutil.copytree(zero2_run / "checkpoints" / "step-6", checkpoint)
+    plant_pickle(checkpoint, "zero_pp_rank_1_mp_rank_00_optim_states.pt", marker)
+    found = problems(tmp_path / "checkpoints", "step-6")
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt: pickles globals no checkpoint holds: ['io.open']" in found
+    with pytest.raises(Exception, match="weights_only"):
+        weights_only_load(checkpoint / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    assert not marker.exists()
+    # the untouched files of DeepSpeed's checkpoint load as weights only
+    assert weights_only_load(checkpoint / "zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+
+
+def test_killed_runs_resume_to_the_same_losses(zero2_run, shards, tmp_path):
+    """SIGKILL the whole job at points chosen by watching its folder: during step 1 (no checkpoint yet),
+    in the middle of a checkpoint's save, and right after ``latest`` moved to step-4. Then step-4 is
+    damaged (flipped bytes in rank 0's optimizer state, a planted pickle as the model states, the
+    manifest made to match the pickle): the last run skips it, naming both files, resumes from step-2,
+    and ends with the uninterrupted run's losses, each step once, and its retention scores."""
+    out = tmp_path / "run"
+    checkpoints, marker = out / "checkpoints", tmp_path / "pwned"
+    overrides = (f"output_dir={out}", f"data.shards={shards}", "mlflow.registered_model=null", "mlflow.sample_prompt=null")
+
+    def partial_step() -> list[str]:
+        return [p.name for p in checkpoints.glob("step-*") if not (p / "manifest.json").exists()]
+
+    kill_when(lambda: (out / "losses.jsonl").is_file() and not any(checkpoints.glob("step-*")), *overrides)
+    kill_when(lambda: bool({"step-2", "step-4"} & set(partial_step())), *overrides)  # step-6 would leave no step to redo
+    [partial] = partial_step()
+    latest = checkpoints / "latest"
+    before = latest.stat().st_mtime_ns if latest.is_file() else None
+    output = kill_when(lambda: latest.is_file() and latest.read_text() == "step-4" and latest.stat().st_mtime_ns != before,
+                       *overrides)
+    assert f"skipping checkpoint {partial}" in output and "is incomplete" in output
+    assert {p.name for p in checkpoints.glob("step-*/manifest.json")} and (checkpoints / "step-2" / "manifest.json").is_file()
+
+    flip_bytes(checkpoints / "step-4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    plant_pickle(checkpoints / "step-4", "mp_rank_00_model_states.pt", marker)
+    output = launch(*overrides)
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt: sha256 differs" in output
+    assert "mp_rank_00_model_states.pt: pickles globals no checkpoint holds" in output
+    assert "resumed at step 2" in output and not marker.exists()
+    full, again = losses(zero2_run), losses(out)
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, again):
         for name in ("loss", "denoise_loss", "attention_loss", "lr"):
             assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), (a["step"], name)
 
     def state(run: Path) -> dict:
         return json.loads((run / "checkpoints" / "step-6" / "trainer_state_rank1.json").read_text())
 
-    assert state(resumed)["checkpoint_scores"] == pytest.approx(state(zero2_run)["checkpoint_scores"], rel=1e-5)
+    assert state(out)["checkpoint_scores"] == pytest.approx(state(zero2_run)["checkpoint_scores"], rel=1e-5)
 
 
 def test_multi_node_without_ssh_matches_one_node(zero2_run, shards, tmp_path):
@@ -257,7 +379,8 @@ def test_zero3_builds_the_base_partitioned_from_checkpoint_folders(zero2_run, sh
     for a, b in zip(losses(zero2_run)[:3], rows):  # steps 1-3 use warmup rates only (see the multi-node test)
         for name in ("loss", "denoise_loss", "attention_loss"):
             assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-6), (a["step"], name)
-    model = MMDiffModel.from_pretrained(ModelSpec(family="sd15", source="tiny"), out / "adapter")
+    # the adapter records the base folder's content hash: it loads on that folder, not on the generated twin
+    model = MMDiffModel.from_pretrained(ModelSpec(family="sd15", source=str(base)), out / "adapter")
     # training moved the LoRA "up" weights away from their zero initialisation
     assert any(float(p.abs().max()) > 0 for n, p in model.trainable_state_dict().items() if "up" in n)
 
@@ -275,3 +398,121 @@ def test_config_errors_stop_before_any_process_starts(tmp_path, capsys):
     assert main(["--config", CONFIG, "--num_gpus", "2", f"data.shards={shards}",
                  "model.mmdiff=configs/mmdiff/tiny_sdxl.yaml"]) == 2
     assert "does not match base_family sdxl" in capsys.readouterr().err
+
+
+def test_a_tracking_server_that_never_answers_stops_the_launch_or_is_spooled(shards, tmp_path, capsys):
+    from mmdiff.configuration import load_config
+    from train.config import TrainConfig
+    from train.launch import main, tracking_preflight
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    assert main(["--config", CONFIG, "--num_gpus", "2", f"data.shards={shards}", f"output_dir={tmp_path}",
+                 f"mlflow.tracking_uri={closed}", "mlflow.preflight_wait_s=1"]) == 3
+    assert time.monotonic() - started < 60  # not the MLflow client's minutes of retries
+    err = capsys.readouterr().err
+    assert f"tracking server {closed} does not answer" in err and "mlflow.on_unreachable=spool" in err
+    spool = load_config(CONFIG, TrainConfig, {"data.shards": str(shards), "output_dir": str(tmp_path),
+                                              "mlflow.tracking_uri": closed, "mlflow.preflight_wait_s": 0,
+                                              "mlflow.on_unreachable": "spool"})
+    assert tracking_preflight(spool) is None
+    assert "training anyway" in capsys.readouterr().err
+
+
+def test_tracking_spooled_from_the_start_reaches_the_server_when_it_answers(mlflow_server, tmp_path):
+    """The spool mode in process: the run is created, its params, metrics and an artifact logged while the
+    server is down, and all of it sent, in order and once, when it answers."""
+    from faults import SwitchableProxy
+
+    from mmdiff.configuration import load_config
+    from train.config import TrainConfig
+    from train.tracking import RunTracker
+
+    proxy = SwitchableProxy(int(mlflow_server.rsplit(":", 1)[1]))
+    proxy.down()
+    try:
+        config = load_config(CONFIG, TrainConfig, {"data.shards": str(tmp_path), "output_dir": str(tmp_path),
+                                                   "mlflow.tracking_uri": f"http://127.0.0.1:{proxy.port}",
+                                                   "mlflow.experiment": "spooled", "run_name": "spooled"})
+        tracker = RunTracker(config, offline=True).start("spooled-manifest", {"world_size": "2"})
+        for step in (1, 2, 3):
+            tracker.metrics({"loss": 1.0 / step}, step)
+        (tmp_path / "adapter").mkdir()
+        (tmp_path / "adapter" / "weights.txt").write_text("w")
+        tracker.directory(tmp_path / "adapter", "adapter")
+        shutil.rmtree(tmp_path / "adapter")  # the spool kept its own copy
+        assert tracker.run_id is None and tracker.finish(wait_s=0) is False
+        again = RunTracker(config, offline=True)  # a resumed run sees what is spooled: no step twice
+        again.metrics({"loss": 0.5}, 2)
+        proxy.restore()
+        assert again.finish(wait_s=60) is True and not (tmp_path / "mlflow_spool").exists()
+    finally:
+        proxy.close()
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(json.loads((tmp_path / "mlflow_run.json").read_text())["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["data.manifest_hash"] == "spooled-manifest"
+    assert run.data.params["data.resolution"] == "64"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "adapter")] == ["adapter/weights.txt"]
+
+
+def test_a_tracking_outage_mid_run_does_not_stop_training(mlflow_server, shards, tmp_path):
+    """The server goes away after step 1 (connections refused; the MLflow client's retry budget shrunk to
+    nothing) and comes back only once training has ended: the run finishes, and afterwards the server has
+    every step's metrics once, the checkpoints' adapters, the registered model and status FINISHED."""
+    from faults import SwitchableProxy
+
+    proxy = SwitchableProxy(int(mlflow_server.rsplit(":", 1)[1]))
+    out = tmp_path / "run"
+    try:
+        job = start("--num_gpus", "2", "--master_port", str(free_port()), f"output_dir={out}", f"data.shards={shards}",
+                    "mlflow.registered_model=mmdiff-tiny-outage", "mlflow.sample_prompt=null", "mlflow.end_wait_s=300",
+                    env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.port}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
+        deadline = time.monotonic() + 400
+        while job.poll() is None and time.monotonic() < deadline:
+            if proxy.up and (out / "losses.jsonl").is_file():
+                proxy.down()
+            if not proxy.up and (out / "adapter").is_dir():
+                proxy.restore()
+            time.sleep(0.05)
+        output = finish(job)
+    finally:
+        proxy.close()
+    assert "unreachable" in output and "spooled operations sent" in output
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(json.loads((out / "mlflow_run.json").read_text())["run_id"])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == pytest.approx(
+        [r["loss"] for r in losses(out)], rel=1e-6)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {
+        "checkpoints/step-2", "checkpoints/step-4", "checkpoints/step-6"}
+    assert client.get_model_version("mmdiff-tiny-outage", "1").run_id == run.info.run_id
+
+
+def test_a_full_output_disk_stops_the_job_and_a_rerun_resumes(zero2_run, shards, tmp_path):
+    """The output folder is a 2.6 MB tmpfs: the run fills it (checkpoints, tracking store) and must stop
+    non-zero, every rank saying that the filesystem of the output folder is full, leaving no partial
+    checkpoint; after the space is grown the rerun resumes and ends with the uninterrupted run's losses."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2600k", "tmpfs", str(out)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a size-limited tmpfs here (needs root or CAP_SYS_ADMIN): {mount.stderr.strip()}")
+    overrides = (f"output_dir={out}", f"data.shards={shards}", "mlflow.registered_model=null", "mlflow.sample_prompt=null")
+    try:
+        job = start("--num_gpus", "2", "--master_port", str(free_port()), *overrides)
+        output = finish(job, expect=None)
+        assert job.returncode != 0, output[-4000:]
+        for rank in (0, 1):
+            assert f"rank {rank}: the output filesystem is full ({out}: " in output, (rank, output[-6000:])
+        assert not [p for p in (out / "checkpoints").glob("step-*") if not (p / "manifest.json").is_file()]
+        assert not list(out.rglob(".*.tmp-*"))  # failed temporary writes were removed
+        subprocess.run(["mount", "-o", "remount,size=64m", str(out)], check=True)
+        launch(*overrides)
+        for a, b in zip(losses(zero2_run), losses(out), strict=True):
+            for name in ("loss", "denoise_loss", "attention_loss", "lr"):
+                assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), (a["step"], name)
+    finally:
+        subprocess.run(["umount", "-l", str(out)], check=False)

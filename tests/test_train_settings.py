@@ -14,7 +14,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
 from mmdiff.configuration import ConfigError, load_config
 from train.config import TrainConfig
 from train.deepspeed_config import deepspeed_config
-from train.engine import kept_checkpoints, lr_scheduler
+from train.checkpoint import kept_checkpoints
+from train.engine import lr_scheduler
 
 CONFIG = "configs/train/tiny_test.yaml"
 

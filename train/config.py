@@ -31,6 +31,10 @@ class ModelSection(ConfigModel):
     # UNet activation checkpointing (recompute in backward): None keeps the MM-Diff config's
     # gradient_checkpointing, true/false overrides it for this run
     gradient_checkpointing: bool | None = None
+    # UNet speed options (mmdiff/speed.py): NHWC weights and activations for the GPU's convolution kernels,
+    # and torch.compile of the UNet (compiled in place on the first steps of each input shape)
+    channels_last: bool = False
+    compile: bool = False
 
 
 class DataSection(ConfigModel):
@@ -93,6 +97,13 @@ class MLflowSection(ConfigModel):
     sample_prompt: str | None = None
     sample_subjects: list[str] = Field(default_factory=list)
     sample_steps: int = 20
+    # the tracking server down when the job starts (train/launch.py checks it for preflight_wait_s seconds):
+    # "fail" stops before any rank starts, "spool" trains and tracks into <output_dir>/mlflow_spool until it
+    # answers. Down during the run (past the MLflow client's own retries), training always goes on spooling.
+    on_unreachable: Literal["fail", "spool"] = "fail"
+    preflight_wait_s: float = Field(20.0, ge=0)
+    retry_every_s: float = Field(30.0, gt=0)  # while spooling, how often the server is asked again
+    end_wait_s: float = Field(60.0, ge=0)  # at the end, how long to wait for the server to take the spool
 
 
 class ValidationSection(ConfigModel):
@@ -127,6 +138,9 @@ class TrainConfig(ConfigModel):
         for name in ("text_dropout", "subject_dropout"):
             if not 0.0 <= getattr(self.data, name) < 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1)")
+        if self.model.channels_last and self.deepspeed.zero_stage == 3:
+            raise ValueError("model.channels_last needs deepspeed.zero_stage < 3: ZeRO-3 partitions the UNet's "
+                             "weights as flat tensors and gathers them in the default layout")
         if self.schedule.keep_best_by and not self.schedule.keep_last:
             raise ValueError("schedule.keep_best_by needs schedule.keep_last >= 1 (with keep_last 0 every checkpoint is kept)")
         if self.optim.lr_warmup_steps > self.schedule.max_steps:

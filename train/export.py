@@ -19,6 +19,8 @@ from typing import Any
 import mlflow
 import torch.distributed as dist
 
+from mmdiff.integrity import write_manifest
+from mmdiff.provenance import source_commit
 from train.config import TrainConfig
 
 __all__ = ["save_adapter", "register_model", "inference_requirements", "model_signature"]
@@ -102,20 +104,23 @@ def register_model(config: TrainConfig, adapter_dir: str | Path, run_id: str, da
     mlflow.set_tracking_uri(config.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         base_spec = Path(tmp) / "base_model.json"
-        base_spec.write_text(config.model.base.model_dump_json())
+        # which base; the device and dtype training loaded it in are not the inference rule (model_config)
+        base_spec.write_text(config.model.base.model_dump_json(exclude={"device", "dtype"}))
+        checksums = write_manifest(tmp, [base_spec.name])  # the adapter carries its own; both checked at load
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_MODEL),
-                artifacts={"adapter": str(adapter_dir), "base_model": str(base_spec)},
+                artifacts={"adapter": str(adapter_dir), "base_model": str(base_spec), "checksums": str(checksums)},
                 code_paths=_stage_code(Path(tmp) / "code"), signature=model_signature(),
-                # the keys load_model(model_config=...) may override (pyfunc_model.py); empty = the spec's
-                model_config={"device": "", "dtype": "", "limits": {}},
+                # the inference placement rule (mmdiff.placement) and the keys load_model(model_config=...)
+                # may override (pyfunc_model.py)
+                model_config={"device": "auto", "dtype": "auto", "reserved_gpus": 0, "limits": {}},
                 pip_requirements=inference_requirements(), registered_model_name=name,
             )
     client = mlflow.MlflowClient(config.tracking_uri)
     version = client.get_model_version(name, info.registered_model_version)
-    tags = {"run_id": run_id, "data.manifest_hash": data_manifest_hash,
-            "base_model": config.model.base.source, "base_model.spec": json.dumps(config.model.base.model_dump(mode="json"))}
+    tags = {"run_id": run_id, "data.manifest_hash": data_manifest_hash, "mmdiff_commit": source_commit(),
+            "base_model": config.model.base.source, "base_model.spec": json.dumps(config.model.base.model_dump(mode="json", exclude={"device", "dtype"}))}
     for key, value in tags.items():
         client.set_model_version_tag(name, version.version, key, value)
     return client.get_model_version(name, version.version)

@@ -37,11 +37,14 @@ def load_subject(ref: str) -> Image.Image:
     return Image.open(path).convert("RGB")
 
 
-def generate(model_uri: str, prompt: str, subjects: list[Image.Image], seed: int = 0, steps: int = 30,
-             guidance_scale: float = 7.5) -> Image.Image:
+def generate(model_uri: str, prompt: str, subjects: list[Image.Image], seed: int = 0, steps: int = 25,
+             guidance_scale: float = 5.0, device: str | None = None, dtype: str | None = None) -> Image.Image:
+    """One image from a registered model, on ``device`` in ``dtype`` (None: the model's rule, auto: the
+    GPU in bf16 when there is one, else the CPU in fp32)."""
     from train.pyfunc_model import encode_image
 
-    model = mlflow.pyfunc.load_model(model_uri)
+    placement = {k: v for k, v in (("device", device), ("dtype", dtype)) if v}
+    model = mlflow.pyfunc.load_model(model_uri, model_config=placement or None)
     frame = pd.DataFrame([{"prompt": prompt, "subjects": [encode_image(s) for s in subjects], "seed": seed,
                            "num_inference_steps": steps, "guidance_scale": guidance_scale}])
     return Image.open(io.BytesIO(base64.b64decode(model.predict(frame)["image"][0])))
@@ -55,14 +58,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subject", action="append", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance_scale", type=float, default=5.0)
+    parser.add_argument("--device", help="default: the model's rule (auto: the GPU when there is one)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"),
+                        help="default: the model's rule (auto: bfloat16 on a GPU, float32 on the CPU)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     config = load_config(args.config, TrainConfig, parse_overrides(args.overrides))
     mlflow.set_tracking_uri(config.tracking_uri)
     uri = args.model or f"models:/{config.mlflow.registered_model}/latest"
-    image = generate(uri, args.prompt, [load_subject(s) for s in args.subject], args.seed, args.steps, args.guidance_scale)
+    image = generate(uri, args.prompt, [load_subject(s) for s in args.subject], args.seed, args.steps, args.guidance_scale,
+                     args.device, args.dtype)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
     print(f"{uri} -> {args.out} ({image.size[0]}x{image.size[1]})")

@@ -4,8 +4,10 @@
     # one command per node, no ssh (Slurm, Kubernetes): every node names its rank and the first node
     python -m train.launch --config C --num_gpus 8 --num_nodes 2 --node_rank 0 --master_addr HOST [--master_port P]
 
-Config errors are reported here, before any training process starts. Without a GPU the ranks run on
-CPU (DS_ACCELERATOR=cpu, gloo); ``--num_gpus`` is then the number of CPU ranks.
+Config errors are reported here, before any training process starts, and so is a tracking server that
+does not answer (``mlflow.preflight_wait_s``): the launcher stops with exit status 3, or, with
+``mlflow.on_unreachable=spool``, starts the run tracking into its spool (train/tracking.py). Without a GPU
+the ranks run on CPU (DS_ACCELERATOR=cpu, gloo); ``--num_gpus`` is then the number of CPU ranks.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from mmdiff.configuration import ConfigError, parse_overrides
-from train.config import load_train_config
+from train.config import TrainConfig, load_train_config
 
 MAIN = Path(__file__).with_name("main.py")
 
@@ -50,6 +53,25 @@ def command(config: str, num_gpus: int, overrides: list[str], hostfile: str | No
     return cmd + ["--module", "train.main", "--config", config, *overrides]
 
 
+def tracking_preflight(config: TrainConfig) -> str | None:
+    """None when the run can start tracking; else why not. A server that does not answer within
+    ``mlflow.preflight_wait_s`` is an error, unless ``mlflow.on_unreachable`` is ``spool``."""
+    from train.tracking import server_reachable
+
+    uri, wait = config.tracking_uri, config.mlflow.preflight_wait_s
+    deadline = time.monotonic() + wait
+    while not server_reachable(uri, timeout_s=min(5.0, max(1.0, wait))):
+        if time.monotonic() >= deadline:
+            if config.mlflow.on_unreachable == "spool":
+                print(f"tracking server {uri} does not answer; training anyway (mlflow.on_unreachable=spool): "
+                      f"tracking goes to {Path(config.output_dir) / 'mlflow_spool'} until it answers", file=sys.stderr)
+                return None
+            return (f"tracking server {uri} does not answer {uri.rstrip('/')}/health (waited {wait:.0f} s). Start it "
+                    "(infra/mlflow/), or set mlflow.on_unreachable=spool to train now and send the tracking later")
+        time.sleep(1.0)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
@@ -67,10 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     if no_ssh and not 0 <= args.node_rank < args.num_nodes:
         parser.error(f"--node_rank {args.node_rank} is not in 0..{args.num_nodes - 1}")
     try:
-        load_train_config(args.config, parse_overrides(args.overrides))
+        config = load_train_config(args.config, parse_overrides(args.overrides))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if not args.node_rank:  # the node that holds global rank 0, which tracks
+        problem = tracking_preflight(config)
+        if problem:
+            print(f"tracking error: {problem}", file=sys.stderr)
+            return 3
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")

@@ -2,7 +2,8 @@
 
 Logged by path, so loading it imports this file instead of unpickling an object; the packages it imports
 (``mmdiff``, ``preprocess.image_io``) travel with the model as ``code_paths``. Artifacts: ``adapter`` (the
-safetensors adapter folder) and ``base_model`` (the base ModelSpec as JSON, loaded in its own dtype).
+safetensors adapter folder) and ``base_model`` (the base ModelSpec as JSON: which model; where and in which
+precision it runs is the ``model_config`` rule below, not the training spec's).
 
 Input: one row per request, the fields of :class:`GenerateRequest` (``prompt`` with each subject word
 marked as ``[word]``, ``subjects`` as base64 images in the order of the marks, optional ``seed``,
@@ -11,8 +12,10 @@ Every row is checked against :class:`ServingLimits` (bounds, image bytes, the de
 image header, prompt tokens) before any generation; an error names the row and the field at fault.
 Rows that agree on everything but prompt, subjects and seed run as one pipeline call.
 
-``load_model(uri, model_config={...})`` accepts ``device`` and ``dtype`` (override the base spec's) and
-``limits`` (a :class:`ServingLimits` mapping).
+``load_model(uri, model_config={...})`` accepts ``device`` and ``dtype`` (the registered model records
+``auto``: :mod:`mmdiff.placement`'s rule, bf16 on an accelerator, the CPU in fp32 without one),
+``reserved_gpus`` (the GPUs the loading replica holds: loading refuses to compute on the CPU with them)
+and ``limits`` (a :class:`ServingLimits` mapping).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import io
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -87,8 +89,8 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, description="the scene; mark each subject word as [word]")
     subjects: list[str] = Field(default_factory=list, description="base64 images, one per [word], in order")
     seed: int = Field(0, ge=0, le=2**63 - 1)
-    num_inference_steps: int = 30
-    guidance_scale: float = Field(7.5, ge=0.0)
+    num_inference_steps: int = 25  # the official inference defaults (docs/MODEL.md)
+    guidance_scale: float = Field(5.0, ge=0.0)
     height: int | None = None
     width: int | None = None
 
@@ -169,17 +171,31 @@ def encode_image(image: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def read_base_spec(artifacts: dict[str, str]) -> Any:
+    """The registered model's base ModelSpec, its file checked against the model's ``checksums`` artifact
+    (the adapter's own files are checked when it loads)."""
+    from mmdiff.integrity import read_json, verify_artifacts
+    from mmdiff.zoo.spec import ModelSpec
+
+    verify_artifacts({"base_model.json": artifacts["base_model"]}, artifacts.get("checksums"))
+    return ModelSpec.model_validate(read_json(artifacts["base_model"]))
+
+
 class MMDiffPyfunc(mlflow.pyfunc.PythonModel):
     # MLflow loads this file under a generated module name: callers catch the errors of the loaded copy
     RequestError = RequestError
 
     def load_context(self, context):
         from mmdiff import MMDiffPipeline
-        from mmdiff.zoo.spec import ModelSpec
+        from mmdiff.placement import resolve_placement
 
         settings = dict(context.model_config or {})
-        base = ModelSpec.model_validate_json(Path(context.artifacts["base_model"]).read_text())
-        base = base.model_copy(update={k: settings[k] for k in ("device", "dtype") if settings.get(k)})
+        base = read_base_spec(context.artifacts)
+        # the recorded rule (auto: the accelerator in bf16, else the CPU in fp32) or the caller's override;
+        # never the training spec's placement (models registered before the rule record "")
+        device, dtype = resolve_placement(settings.get("device") or "auto", settings.get("dtype") or "auto",
+                                          settings.get("reserved_gpus") or 0, "the registered model's loader")
+        base = base.model_copy(update={"device": device, "dtype": dtype})
         self.pipe = MMDiffPipeline.from_pretrained(base, context.artifacts["adapter"])
         limits = ServingLimits.model_validate(settings.get("limits") or {})
         if limits.max_subjects is None or limits.max_subjects > self.pipe.model.config.max_subjects:

@@ -1,12 +1,30 @@
 """MLflow tracking on rank 0: params, tags, metrics, images and checkpoint artifacts of one run.
 
-A resumed run continues the same MLflow run: its id is kept in ``<output_dir>/mlflow_run.json``.
+A resumed run continues the same MLflow run: its id is kept in ``<output_dir>/mlflow_run.json``, with the
+last step whose metrics were logged, so steps redone after a kill are not logged twice.
+
+The tracking server is not a single point of failure. A call that fails for want of the server (after
+the MLflow client's own retries) moves the tracker offline: that call and every later one are appended
+to a spool under ``<output_dir>/mlflow_spool/`` (operations as JSON lines, artifacts and images copied
+beside them) and training goes on. While offline, the server's ``/health`` is probed every
+``mlflow.retry_every_s`` seconds; when it answers, the spool is replayed in order (same steps, values
+and timestamps) and the tracker is online again. Registration at the end is part of the spool, so a
+run that ends offline registers when the spool is flushed, at the end of a later resume or by hand:
+
+    python -m train.tracking --config configs/train/<name>.yaml [KEY=VALUE ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
+import shutil
 import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +32,16 @@ import mlflow
 import yaml
 from PIL import Image
 
+from train.checkpoint import write_atomic
 from train.config import TrainConfig
 
-__all__ = ["RunTracker", "flatten", "git_commit"]
+__all__ = ["RunTracker", "TrackingUnavailable", "flatten", "git_commit", "server_reachable"]
+
+log = logging.getLogger("train")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server does not answer."""
 
 
 def git_commit(repo: str | Path = ".") -> str:
@@ -41,22 +66,68 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
     return {prefix.rstrip("."): str(data)} if prefix else {}
 
 
-class RunTracker:
-    """``model_settings`` is the resolved MM-Diff config (configs/mmdiff/*.yaml), logged as ``mmdiff.*``
-    params beside the training config's own; ``deepspeed`` is the effective DeepSpeed JSON config."""
+def server_reachable(uri: str, timeout_s: float = 5.0) -> bool:
+    """Whether a tracking server answers ``/health`` (a URI that is not http(s), a local store, always
+    counts as reachable)."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
-    def __init__(self, config: TrainConfig, data_manifest_hash: str, extra_tags: dict[str, str] | None = None,
-                 model_settings: dict[str, Any] | None = None, deepspeed: dict[str, Any] | None = None):
-        self.config = config
-        mlflow.set_tracking_uri(config.tracking_uri)
-        self.client = mlflow.MlflowClient(config.tracking_uri)
-        experiment = self.client.get_experiment_by_name(config.mlflow.experiment)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.mlflow.experiment)
-        self.run_file = Path(config.output_dir) / "mlflow_run.json"
-        if self.run_file.is_file():
-            self.run_id = json.loads(self.run_file.read_text())["run_id"]
-            self.client.update_run(self.run_id, status="RUNNING")
-            return
+
+def _unreachable(exc: BaseException) -> bool:
+    """A failure for want of the server (connection refused or reset, timeouts, 5xx after the client's
+    retries), as opposed to a request the server refused."""
+    import requests
+
+    from mlflow.exceptions import MlflowException
+
+    text = str(exc)
+    if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, MlflowException):
+        return ("failed with exception" in text or "failed with timeout exception" in text
+                or exc.error_code in ("TEMPORARILY_UNAVAILABLE", "INTERNAL_ERROR") or "error code 5" in text)
+    return False
+
+
+class RunTracker:
+    """The MLflow run of ``config.output_dir``. ``offline=True`` starts in spool mode without calling the
+    server (the launcher found it down and ``mlflow.on_unreachable`` is ``spool``)."""
+
+    def __init__(self, config: TrainConfig, offline: bool = False):
+        self.config, self.uri = config, config.tracking_uri
+        mlflow.set_tracking_uri(self.uri)
+        self.client = mlflow.MlflowClient(self.uri)
+        output = Path(config.output_dir)
+        self.run_file, self.spool = output / "mlflow_run.json", output / "mlflow_spool"
+        self.ops_file, self.sent_file = self.spool / "ops.jsonl", self.spool / "sent"
+        self.offline, self._probed = offline or self.ops_file.is_file(), time.monotonic()
+        if self.ops_file.is_file():  # a line a kill cut short was never acknowledged: drop it before appending
+            data = self.ops_file.read_bytes()
+            if data and not data.endswith(b"\n"):
+                write_atomic(self.ops_file, data[: data.rfind(b"\n") + 1])
+        record = json.loads(self.run_file.read_text()) if self.run_file.is_file() else {}
+        self.run_id: str | None = record.get("run_id")
+        spooled = [op["step"] for op in self._ops() if op["op"] == "metrics"]
+        self.metrics_through = max([record.get("metrics_through", 0), *spooled])
+
+    def start(self, data_manifest_hash: str, extra_tags: dict[str, str] | None = None,
+              model_settings: dict[str, Any] | None = None, deepspeed: dict[str, Any] | None = None) -> RunTracker:
+        """Create the run (tags, params, configs), or mark a resumed one RUNNING again. ``model_settings``
+        is the resolved MM-Diff config, logged as ``mmdiff.*`` params beside the training config's own;
+        ``deepspeed`` is the effective DeepSpeed JSON config."""
+        if self.offline and not (server_reachable(self.uri) and self.flush()):
+            log.warning("tracking server %s unreachable: tracking into %s until it answers", self.uri, self.spool)
+        if self.run_id is not None or any(op["op"] == "create_run" for op in self._ops()):
+            if self.run_id is not None and not self.offline:
+                self.metrics_through = max(self.metrics_through, self._logged_through())
+            self._do({"op": "status", "status": "RUNNING"})
+            return self
+        config = self.config
         tags = {
             "git_commit": git_commit(Path(__file__).resolve().parent.parent),
             "data.manifest_hash": data_manifest_hash,
@@ -64,38 +135,222 @@ class RunTracker:
             "base_model.family": config.model.base.family,
             **(extra_tags or {}),
         }
-        run = self.client.create_run(experiment_id, run_name=config.run_name, tags=tags)
-        self.run_id = run.info.run_id
-        self.run_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": config.tracking_uri}))
+        self._do({"op": "create_run", "experiment": config.mlflow.experiment, "run_name": config.run_name, "tags": tags})
         resolved = config.model_dump(mode="json")
         flat = {**flatten(resolved), **flatten(model_settings or {}, "mmdiff.")}
-        params = [mlflow.entities.Param(k, v[:6000]) for k, v in flat.items()]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i: i + 100])
-        self.client.log_text(self.run_id, yaml.safe_dump(resolved, sort_keys=False), "config/resolved.yaml")
+        self._do({"op": "params", "params": {k: v[:6000] for k, v in flat.items()}})
+        self._do({"op": "text", "text": yaml.safe_dump(resolved, sort_keys=False), "artifact_file": "config/resolved.yaml"})
         if model_settings:
-            self.client.log_text(self.run_id, yaml.safe_dump(model_settings, sort_keys=False), "config/mmdiff.yaml")
+            self._do({"op": "text", "text": yaml.safe_dump(model_settings, sort_keys=False), "artifact_file": "config/mmdiff.yaml"})
         if deepspeed:
-            self.client.log_dict(self.run_id, deepspeed, "config/deepspeed.json")
+            self._do({"op": "dict", "data": deepspeed, "artifact_file": "config/deepspeed.json"})
+        return self
 
+    # -- the operations, each replayable from the spool -------------------------------------------------
+    def _send(self, op: dict[str, Any]) -> None:
+        kind, client = op["op"], self.client
+        if kind == "create_run":
+            if self.run_id is not None:  # created before a kill cut the spool's bookkeeping short
+                return
+            experiment = client.get_experiment_by_name(op["experiment"])
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(op["experiment"])
+            self.run_id = client.create_run(experiment_id, run_name=op["run_name"], tags=op["tags"]).info.run_id
+            self._record_run()
+        elif kind == "params":
+            params = [mlflow.entities.Param(k, v) for k, v in op["params"].items()]
+            for i in range(0, len(params), 100):
+                client.log_batch(self.run_id, params=params[i: i + 100])
+        elif kind == "text":
+            client.log_text(self.run_id, op["text"], op["artifact_file"])
+        elif kind == "dict":
+            client.log_dict(self.run_id, op["data"], op["artifact_file"])
+        elif kind == "inputs":
+            dataset = mlflow.entities.Dataset(name=op["name"], digest=op["digest"], source_type="local",
+                                              source=op["source"], profile=op["profile"])
+            context = mlflow.entities.InputTag(key=mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT, value="training")
+            client.log_inputs(self.run_id, [mlflow.entities.DatasetInput(dataset, tags=[context])])
+        elif kind == "metrics":
+            client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, float(v), op["timestamp"], op["step"])
+                                                   for k, v in op["values"].items()])
+        elif kind == "artifacts":
+            client.log_artifacts(self.run_id, op["local_dir"], op["artifact_path"])
+        elif kind == "artifact":
+            client.log_artifact(self.run_id, op["local_file"], op["artifact_path"] or None)
+        elif kind == "status":
+            if op["status"] == "RUNNING":
+                client.update_run(self.run_id, status="RUNNING")
+            else:
+                client.set_terminated(self.run_id, status=op["status"])
+        elif kind == "register":
+            from train.export import register_model
+
+            version = register_model(self.config, op["adapter"], self.run_id, op["data_hash"])
+            log.info("registered %s version %s", version.name, version.version)
+        else:
+            raise ValueError(f"{self.ops_file}: unknown operation {kind!r}")
+
+    def _do(self, op: dict[str, Any]) -> None:
+        """Send ``op``, or spool it (offline, or the server stopped answering during this call)."""
+        if self.offline:
+            self._append(op)
+            self._retry()
+            return
+        try:
+            self._send(op)
+        except Exception as exc:
+            if not _unreachable(exc):
+                raise
+            log.warning("tracking server %s unreachable (%s); training goes on, tracking into %s until it answers",
+                        self.uri, exc, self.spool)
+            self.offline = True
+            self._probed = time.monotonic()
+            self._append(op)
+
+    def _append(self, op: dict[str, Any]) -> None:
+        """Spool ``op``; the files it names are copied into the spool (a temporary image, or a checkpoint's
+        adapter that retention may delete, would be gone by the time the server answers)."""
+        self.spool.mkdir(parents=True, exist_ok=True)
+        for key in ("local_file", "local_dir"):
+            if key in op:
+                source = Path(op[key])
+                target = self.spool / "files" / str(time.time_ns()) / source.name
+                target.parent.mkdir(parents=True)
+                (shutil.copytree if source.is_dir() else shutil.copy2)(source, target)
+                op = {**op, key: str(target)}
+        line = json.dumps(op) + "\n"
+        with self.ops_file.open("a") as ops:
+            end = ops.tell()
+            try:
+                ops.write(line)
+                ops.flush()
+            except OSError:  # a full disk: no half line is left for the next operation to run into
+                ops.truncate(end)
+                raise
+
+    def _ops(self) -> list[dict[str, Any]]:
+        if not self.ops_file.is_file():
+            return []
+        ops = []
+        for line in self.ops_file.read_text().splitlines():
+            try:
+                ops.append(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{self.ops_file}: not a spooled operation: {line[:80]!r}") from exc
+        return ops
+
+    def _retry(self) -> None:
+        if time.monotonic() - self._probed >= self.config.mlflow.retry_every_s:
+            self._probed = time.monotonic()
+            if server_reachable(self.uri):
+                self.flush()
+
+    def flush(self) -> bool:
+        """Replay the spool in order; True when it is empty (the tracker is then online again)."""
+        ops = self._ops()
+        sent = int(self.sent_file.read_text()) if self.sent_file.is_file() else 0
+        for i in range(sent, len(ops)):
+            try:
+                self._send(ops[i])
+            except Exception as exc:
+                if not _unreachable(exc):
+                    raise
+                log.warning("tracking server %s still unreachable (%s): %d operations wait in %s",
+                            self.uri, exc, len(ops) - i, self.spool)
+                self.offline = True
+                return False
+            write_atomic(self.sent_file, str(i + 1).encode())
+        if ops:
+            log.info("tracking: %d spooled operations sent to %s", len(ops) - sent, self.uri)
+        shutil.rmtree(self.spool, ignore_errors=True)
+        self.offline = False
+        return True
+
+    def _record_run(self) -> None:
+        write_atomic(self.run_file, json.dumps({"run_id": self.run_id, "tracking_uri": self.uri,
+                                                "metrics_through": self.metrics_through}).encode())
+
+    def _logged_through(self) -> int:
+        """The last step with metrics on the server (0 when unreachable: the local record then decides)."""
+        try:
+            return max((m.step for m in self.client.get_metric_history(self.run_id, "loss")), default=0)
+        except Exception as exc:
+            if not _unreachable(exc):
+                raise
+            return 0
+
+    # -- what training logs ----------------------------------------------------------------------------
     def dataset(self, folder: str | Path, digest: str, profile: dict[str, Any]) -> None:
         """The shards as the run's training input (MLflow dataset tracking): digest = manifest hash."""
         folder = Path(folder).resolve()
-        dataset = mlflow.entities.Dataset(name=folder.name, digest=digest, source_type="local",
-                                          source=json.dumps({"uri": folder.as_uri()}),
-                                          profile=json.dumps(profile, sort_keys=True))
-        context = mlflow.entities.InputTag(key=mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT, value="training")
-        self.client.log_inputs(self.run_id, [mlflow.entities.DatasetInput(dataset, tags=[context])])
+        self._do({"op": "inputs", "name": folder.name, "digest": digest, "source": json.dumps({"uri": folder.as_uri()}),
+                  "profile": json.dumps(profile, sort_keys=True)})
 
     def metrics(self, values: dict[str, float], step: int) -> None:
-        now = mlflow.utils.time.get_current_time_millis()
-        self.client.log_batch(self.run_id, metrics=[mlflow.entities.Metric(k, float(v), now, step) for k, v in values.items()])
+        """One step's metrics, once: a step already logged (before a kill, then redone) is not logged again."""
+        if step <= self.metrics_through:
+            return
+        self._do({"op": "metrics", "step": step, "timestamp": mlflow.utils.time.get_current_time_millis(),
+                  "values": {k: float(v) for k, v in values.items()}})
+        self.metrics_through = step
+        if self.run_id is not None:
+            self._record_run()
 
     def image(self, image: Image.Image, artifact_file: str) -> None:
-        self.client.log_image(self.run_id, image, artifact_file)
+        path = Path(artifact_file)
+        with tempfile.TemporaryDirectory() as tmp:
+            image.save(Path(tmp) / path.name)
+            folder = path.parent.as_posix()
+            self._do({"op": "artifact", "local_file": str(Path(tmp) / path.name), "artifact_path": "" if folder == "." else folder})
 
     def directory(self, local_dir: str | Path, artifact_path: str) -> None:
-        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        self._do({"op": "artifacts", "local_dir": str(local_dir), "artifact_path": artifact_path})
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+    def register(self, adapter: str | Path, data_manifest_hash: str) -> None:
+        """Register the exported adapter (train/export.py): now, or when the spool is flushed."""
+        self._do({"op": "register", "adapter": str(adapter), "data_hash": data_manifest_hash})
+
+    def finish(self, status: str = "FINISHED", wait_s: float = 0.0) -> bool:
+        """End the run with ``status``; offline, wait up to ``wait_s`` for the server to flush the spool.
+        True when everything reached the server; False leaves the spool and says how to send it later."""
+        self._do({"op": "status", "status": status})
+        deadline = time.monotonic() + wait_s
+        while self.offline:
+            if server_reachable(self.uri) and self.flush():
+                break
+            if time.monotonic() >= deadline:
+                log.error("tracking server %s unreachable: the run's tracking (and registration) waits in %s; "
+                          "send it with: python -m train.tracking --config <this run's config> output_dir=%s",
+                          self.uri, self.spool, self.config.output_dir)
+                return False
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Send a run's spooled tracking (and its pending registration) to the tracking server."""
+    from mmdiff.configuration import parse_overrides
+    from train.config import load_train_config
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the run's training config")
+    parser.add_argument("--wait_s", type=float, default=0.0, help="wait this long for the server")
+    parser.add_argument("overrides", nargs="*", help="the run's KEY=VALUE overrides (output_dir=... at least)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    config = load_train_config(args.config, parse_overrides(args.overrides), check_data=False)
+    tracker = RunTracker(config, offline=True)
+    if not tracker.ops_file.is_file():
+        print(f"{tracker.spool}: nothing to send")
+        return 0
+    deadline = time.monotonic() + args.wait_s
+    while not (server_reachable(tracker.uri) and tracker.flush()):
+        if time.monotonic() >= deadline:
+            print(f"tracking server {tracker.uri} unreachable; {tracker.spool} kept", file=sys.stderr)
+            return 1
+        time.sleep(5)
+    print(f"sent {tracker.spool} to {tracker.uri} (run {tracker.run_id})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,7 @@
     mmdiff-serve --model-uri models:/mmdiff@champion    # infra/serving/cli.py
 
 Routes: ``POST /generate`` with JSON ``{"prompt": "a [cat] on a beach", "subjects": [<base64 image>],
-"seed": 0, "num_inference_steps": 30, "guidance_scale": 7.5, "height": 512, "width": 512}`` answers
+"seed": 0, "num_inference_steps": 25, "guidance_scale": 5.0, "height": 512, "width": 512}`` answers
 ``image/png`` (headers ``x-model-name``, ``x-model-version``); ``GET /healthz`` (the process answers) and
 ``GET /readyz`` (a model is loaded: name, version, last alias check).
 
@@ -25,13 +25,14 @@ import io
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from mmdiff.configuration import ConfigModel
+from mmdiff.placement import PlacementError
 from train.pyfunc_model import PreparedRequest, RequestError, ServingLimits
 
 logger = logging.getLogger("ray.serve")
@@ -44,7 +45,10 @@ class ServingConfig(ConfigModel):
 
     model_uri: str = "models:/mmdiff@champion"  # models:/<name>@<alias> is followed; anything else is fixed
     poll_interval_s: float = 10.0  # how often the alias is resolved
-    device: str | None = None  # None: the base spec's device
+    # None: the registered model's rule (mmdiff.placement: the accelerator in bf16 when there is one);
+    # a replica that holds GPUs refuses to load onto the CPU
+    device: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] | None = None
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.05  # how long a batch waits to fill once its first request is queued
     limits: ServingLimits = ServingLimits()
@@ -79,8 +83,12 @@ def resolve(model_uri: str) -> tuple[str, str, str]:
 def load(model_uri: str, config: ServingConfig) -> LoadedModel:
     import mlflow
 
+    import ray
+
     uri, name, version = resolve(model_uri)
-    settings = {"limits": config.limits.model_dump(mode="json"), **({"device": config.device} if config.device else {})}
+    reserved = len(ray.get_gpu_ids()) if ray.is_initialized() else 0
+    settings = {"limits": config.limits.model_dump(mode="json"), "reserved_gpus": reserved,
+                **{k: v for k, v in (("device", config.device), ("dtype", config.dtype)) if v}}
     pyfunc = mlflow.pyfunc.load_model(uri, model_config=settings)
     logger.info("loaded %s", uri)
     return LoadedModel(uri, name, version, pyfunc.unwrap_python_model())
@@ -141,8 +149,8 @@ class MMDiffServer:
         previous, self.config = self.config, config
         self.generate_batch.set_max_batch_size(config.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-        if previous is None or (previous.model_uri, previous.device, previous.limits) != (
-                config.model_uri, config.device, config.limits):
+        if previous is None or (previous.model_uri, previous.device, previous.dtype, previous.limits) != (
+                config.model_uri, config.device, config.dtype, config.limits):
             async with self.reload_lock:
                 self.loaded = await asyncio.to_thread(load, config.model_uri, config)
         if self.watcher is None and "@" in config.model_uri:
@@ -211,11 +219,15 @@ class MMDiffServer:
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
-    """``serve run`` entry. args: the :class:`ServingConfig` keys (model_uri, poll_interval_s, device,
+    """``serve run`` entry. args: the :class:`ServingConfig` keys (model_uri, poll_interval_s, device, dtype,
     max_batch_size, batch_wait_timeout_s, limits) and tracking_uri, num_cpus, num_gpus, min_replicas,
     max_replicas."""
     config = ServingConfig.model_validate({k: args[k] for k in ServingConfig.model_fields if k in args})
     actor = {"num_cpus": float(args.get("num_cpus", 1)), "num_gpus": float(args.get("num_gpus", 0))}
+    if actor["num_gpus"] and config.device and config.device != "auto" and config.device.startswith("cpu"):
+        raise PlacementError(f"serving: num_gpus={actor['num_gpus']:g} reserves GPUs for every replica but "
+                             f"device is {config.device!r}: replicas would hold the GPUs and compute on the CPU "
+                             "(set device to auto or cuda, or num_gpus to 0)")
     if args.get("tracking_uri"):  # the replicas resolve models:/ URIs through it
         actor["runtime_env"] = {"env_vars": {"MLFLOW_TRACKING_URI": str(args["tracking_uri"])}}
     autoscaling = {**AUTOSCALING, **{k: int(args[k]) for k in ("min_replicas", "max_replicas") if k in args}}

@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-replicas", type=int, default=4)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--poll-interval-s", type=float, default=10.0, help="how often the alias is resolved")
-    parser.add_argument("--device", default=None, help="override the base spec's device (e.g. cuda)")
+    parser.add_argument("--device", default=None, help="override the model's device rule (auto: the GPU when "
+                        "there is one; replicas holding GPUs refuse the CPU)")
+    parser.add_argument("--dtype", default=None, choices=("auto", "float32", "float16", "bfloat16"),
+                        help="override the model's precision rule (auto: bfloat16 on GPUs, float32 on the CPU)")
     args = parser.parse_args(argv)
     if not args.tracking_uri:
         parser.error("--tracking-uri (or MLFLOW_TRACKING_URI) is needed to resolve models:/ URIs")
@@ -44,8 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     app_args = {"model_uri": args.model_uri, "tracking_uri": args.tracking_uri, "num_cpus": args.num_cpus,
                 "num_gpus": args.num_gpus, "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
                 "max_batch_size": args.max_batch_size, "poll_interval_s": args.poll_interval_s}
-    if args.device:
-        app_args["device"] = args.device
+    app_args.update({k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v})
     print(f"serving {args.model_uri} on http://{args.host}:{args.port}/generate", flush=True)
     try:
         serve.run(build_app(app_args), name="mmdiff", route_prefix="/", blocking=True)

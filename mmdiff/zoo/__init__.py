@@ -29,6 +29,7 @@ FAMILY_MODULES = {
     "insightface": "mmdiff.zoo.insightface",
     "clip": "mmdiff.zoo.clip",
     "dino": "mmdiff.zoo.dino",
+    "embedding_head": "mmdiff.zoo.embedding_head",
 }
 
 
