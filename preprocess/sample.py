@@ -130,16 +130,19 @@ class Sample:
         return sample
 
     @classmethod
-    def from_wds(cls, sample: dict[str, Any]) -> "Sample":
-        """Decode a raw (bytes) WebDataset sample; errors name the sample key."""
+    def from_wds(cls, sample: dict[str, Any], decode_image: bool = True) -> "Sample":
+        """Decode a raw (bytes) WebDataset sample; errors name the sample key. ``decode_image=False`` only
+        opens the JPEG (its size is read from the header, its pixels on first use: training with cached
+        latents may never need them)."""
         key = sample.get("__key__", "<no key>")
         try:
             meta = json.loads(_bytes(sample["json"]))
             if meta.get("format_version") != FORMAT_VERSION:
                 raise ValueError(f"format_version {meta.get('format_version')} != {FORMAT_VERSION}")
             image = Image.open(io.BytesIO(_bytes(sample["jpg"])))
-            image.load()
-            image = image.convert("RGB")
+            if decode_image:
+                image.load()
+                image = image.convert("RGB")
             entities = [Entity.from_dict(e) for e in meta.pop("entities")]
             n, w, h = len(entities), meta["width"], meta["height"]
             masks_img = np.asarray(Image.open(io.BytesIO(_bytes(sample["masks.png"]))).convert("L"))
