@@ -316,12 +316,11 @@ class MMDiffModel(nn.Module):
         cfg = self.config
         batch = {k: v.to(self.device) for k, v in batch.items()}
         valid = batch["subject_valid"].bool()
-        pixels = batch["pixel_values"].to(self.vae.dtype)
         with torch.no_grad():
             if "latent_parameters" in batch:  # cached VAE output (mean, logvar): same sampling, no encoder pass
                 posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(self.vae.dtype))
             else:
-                posterior = self.vae.encode(pixels).latent_dist
+                posterior = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist
             latents = posterior.sample() * self.vae.config.scaling_factor
         latents = latents.to(self.unet.conv_in.weight.dtype)  # an fp16 base keeps a force_upcast VAE in fp32
         # by shape, not randn_like: the VAE output may be channels-last, and cached latents are not
@@ -343,7 +342,8 @@ class MMDiffModel(nn.Module):
         prompt_embeds, pooled = self.encode_text(ids, token_index, valid & (token_index >= 0), cls_embeds)
         added = None
         if pooled is not None:
-            target_size = torch.tensor(pixels.shape[-2:], device=self.device).expand(pixels.shape[0], 2)
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the image size, from the latents'
+            target_size = torch.tensor([s * factor for s in latents.shape[-2:]], device=self.device).expand(latents.shape[0], 2)
             time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], target_size], dim=1)
             added = {"text_embeds": pooled, "time_ids": time_ids.to(prompt_embeds.dtype)}
 
@@ -353,7 +353,8 @@ class MMDiffModel(nn.Module):
                                cross_attention_kwargs={"subjects": conditioning}).sample
         captured = list((conditioning.captured or {}).values())
 
-        masks = batch["subject_masks"].float()
+        masks = batch["subject_masks"]  # the loader's are uint8 coverage (0..255) at the latent resolution
+        masks = masks.float() / 255 if masks.dtype == torch.uint8 else masks.float()
         region = None
         if cfg.denoise_in_mask_prob > 0 and torch.rand(()) < cfg.denoise_in_mask_prob:
             union = (masks * valid[:, :, None, None]).amax(dim=1, keepdim=True)
