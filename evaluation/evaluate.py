@@ -38,6 +38,7 @@ import yaml
 from PIL import Image
 
 from evaluation.benchmark import BenchmarkSpec, Case, benchmark_hash, list_cases
+from evaluation.decontamination import benchmark_files, check_training_data
 from mmdiff.configuration import ConfigModel, load_config, parse_overrides
 from mmdiff.zoo.spec import ModelSpec
 from pipeline.config import RayConfig, StageConfig
@@ -95,6 +96,9 @@ class EvaluationConfig(ConfigModel):
     output_dir: str
     tracking_uri: str | None = None  # None: --tracking-uri or MLFLOW_TRACKING_URI
     progress: bool = True
+    # the model's training manifest must record a decontamination check covering this benchmark's reference
+    # photos (evaluation.decontamination); False: a loud warning instead of a refusal
+    require_decontaminated: bool = False
 
 
 def load_evaluation_config(path: str | Path, overrides: dict[str, Any] | None = None) -> EvaluationConfig:
@@ -494,6 +498,7 @@ def run_evaluation(config: EvaluationConfig, model_uri: str, tracking_uri: str |
     cases = list_cases(config.benchmark)
     if not cases:
         raise ValueError(f"benchmark {config.benchmark.name}: no cases")
+    check_training_data(source.run_id, tracking_uri, benchmark_files(cases), config.require_decontaminated)
     out_dir = Path(config.output_dir)
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)

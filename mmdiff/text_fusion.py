@@ -44,9 +44,8 @@ class TextFusion(nn.Module):
 class FusionRequest:
     """Which input embeddings to fuse in one text-encoder call: token ``token_index[b, s]`` of valid slots."""
 
-    rows: torch.Tensor
-    slots: torch.Tensor
-    tokens: torch.Tensor
+    token_index: torch.Tensor  # [B, S]
+    valid: torch.Tensor  # [B, S] bool
     image_embeds: torch.Tensor  # [B, S, E]
 
 
@@ -56,18 +55,31 @@ class FusionRequest:
 _REQUEST: contextvars.ContextVar[FusionRequest | None] = contextvars.ContextVar("mmdiff_fusion", default=None)
 
 
+def fuse_at_tokens(embeds: torch.Tensor, request: FusionRequest, fusion: TextFusion) -> torch.Tensor:
+    """``embeds`` [B, L, D] with token ``token_index[b, s]`` of every valid slot replaced by its fusion with
+    ``image_embeds[b, s]``.
+
+    Shapes stay fixed whatever the batch holds (no ``nonzero`` or boolean indexing): every slot is fused
+    and a one-hot over (token, slot) picks the results, so no device-to-host read sizes a tensor. Every
+    slot going through the fusion also means data-parallel ranks all use its weights, even when a batch
+    has no valid slot.
+    """
+    positions = torch.arange(embeds.shape[1], device=embeds.device)
+    # [B, L, S]: token l is slot s's class word, for valid slots only
+    hits = (request.token_index[:, None, :] == positions[None, :, None]) & request.valid[:, None, :].bool()
+    words = embeds.gather(1, request.token_index.clamp(min=0)[..., None].expand(-1, -1, embeds.shape[-1]))
+    fused = fusion(words, request.image_embeds)  # [B, S, D]
+    slot = hits.to(torch.int64).argmax(-1)  # the (first) slot whose word each token is
+    per_token = fused.gather(1, slot[..., None].expand(-1, -1, embeds.shape[-1]))
+    return torch.where(hits.any(-1)[..., None], per_token, embeds)
+
+
 def install_fusion(text_encoder: nn.Module, fusion: TextFusion) -> None:
     """Hook ``fusion`` into the encoder's input embeddings; it acts only inside :func:`fused_word_embeddings`."""
 
     def replace(_module, _inputs, embeds: torch.Tensor) -> torch.Tensor:
         request = _REQUEST.get()
-        if request is None:
-            return embeds
-        # runs even with no valid slot (empty rows): data-parallel ranks must all use the fusion weights
-        embeds = embeds.clone()
-        image = request.image_embeds[request.rows, request.slots]
-        embeds[request.rows, request.tokens] = fusion(embeds[request.rows, request.tokens], image)
-        return embeds
+        return embeds if request is None else fuse_at_tokens(embeds, request, fusion)
 
     text_encoder.get_input_embeddings().register_forward_hook(replace)
 
@@ -77,8 +89,7 @@ def fused_word_embeddings(token_index: torch.Tensor, valid: torch.Tensor, image_
     """While active (in this thread), every hooked text encoder's input embedding of token
     ``token_index[b, s]`` (valid slots only) is replaced by its fusion with ``image_embeds[b, s]``
     (before position embeddings are added)."""
-    rows, slots = valid.nonzero(as_tuple=True)
-    reset = _REQUEST.set(FusionRequest(rows, slots, token_index[rows, slots], image_embeds))
+    reset = _REQUEST.set(FusionRequest(token_index, valid, image_embeds))
     try:
         yield
     finally:

@@ -7,8 +7,10 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from mmdiff.configuration import ConfigModel
+from pipeline.curation_config import DecontaminationConfig, DedupConfig
 from preprocess.annotate import AnnotateConfig
 from preprocess.image_io import ImageConfig
+from preprocess.quality import QualityConfig
 
 __all__ = ["InputConfig", "OutputConfig", "StageConfig", "AnnotateStageConfig", "StagesConfig", "RayConfig",
            "PreprocessConfig"]
@@ -102,6 +104,7 @@ class StagesConfig(ConfigModel):
     detect: StageConfig = StageConfig()
     segment: StageConfig = StageConfig()
     faces: StageConfig = StageConfig()
+    embed: StageConfig = StageConfig()  # the curation pass's embedding model (dedup.embedding), one actor pool
 
 
 class RayConfig(ConfigModel):
@@ -116,5 +119,18 @@ class PreprocessConfig(ConfigModel):
     annotate: AnnotateConfig = AnnotateConfig()
     stages: StagesConfig = StagesConfig()
     ray: RayConfig = RayConfig()
+    dedup: DedupConfig = DedupConfig()  # pipeline.curation_config
+    decontamination: DecontaminationConfig = DecontaminationConfig()
+    quality: QualityConfig = QualityConfig()  # preprocess.quality: optional filters, each with its reason
     progress: bool = True
     qa_samples: int = 16  # samples drawn into <out>/contact_sheet.png at the end (0: none)
+    # <out>/report/report.html at the end (pipeline.report): histograms over the first report_samples samples
+    # (0: no report; `python -m pipeline.report <out>` writes one for any finished folder)
+    report_samples: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _heads_need_embeddings(self) -> "PreprocessConfig":
+        if self.quality.heads and self.dedup.embedding is None:
+            raise ValueError(f"quality {sorted(self.quality.heads)} score embeddings: set dedup.embedding "
+                             "(a clip_vision model whose projection the heads take)")
+        return self

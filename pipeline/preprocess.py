@@ -8,7 +8,10 @@ partition is finished when its shard, rejects file and index are on disk and mat
 skips finished partitions and redoes the others from scratch, so an interrupted job resumes to the same
 shard set an uninterrupted one writes. One input never stops the job: an exception on it is its reject;
 a batch whose worker process keeps dying is retried input by input and the input whose worker still dies
-is rejected as ``worker_crash``.
+is rejected as ``worker_crash`` (if the output still takes a write). An output that cannot be written (no
+space left, read-only, unreachable) is the job's failure, never an input's: the job stops with
+:class:`~pipeline.storage.OutputUnwritable` naming the file (exit status 3), records nothing for the
+inputs it could not write, and a rerun once the output is writable finishes them.
 
 The driver's memory does not grow with the dataset beyond a few bytes per input: the listing streams
 through it once (one partition held at a time, written to ``<out>/listing`` where the dataset's read tasks
@@ -33,11 +36,14 @@ from typing import Any
 from mmdiff.configuration import ConfigModel, config_hash, load_config, parse_overrides
 from pipeline.config import PreprocessConfig
 from pipeline.contact_sheet import contact_sheet
+from pipeline.curation_config import curation_content, curation_enabled
+from pipeline.dedup import curation_manifest, needs_listing, run_curation
 from pipeline.inputs import InputRecord, Skip, iter_listing, iter_partitions
 from pipeline.lock import OutputLock, OutputLocked
+from pipeline.report import write_report
 from pipeline.shards import JsonlStream, ShardLayout, finalize_partition, write_json_atomic
-from pipeline.stages import RECORD_FIELDS, content_batching, sample_stages
-from pipeline.storage import Location, UnsupportedStorage
+from pipeline.stages import RECORD_FIELDS, UNWRITTEN, content_batching, sample_stages
+from pipeline.storage import Location, OutputUnwritable, UnsupportedStorage
 
 __all__ = ["JobSummary", "EmptyInputError", "run_job", "content_hash", "main"]
 
@@ -59,12 +65,19 @@ class _Content(ConfigModel):
     batching: dict[str, int] | None  # pipeline.stages.content_batching: batched inference is not bit-exact
 
 
+class _CuratedContent(_Content):
+    """A job with curation (pipeline.curation_config.curation_content); one without keeps its old hash."""
+
+    curation: dict[str, Any]
+
+
 def content_hash(config: PreprocessConfig) -> str:
-    return config_hash(_Content(input_kind=config.input.kind, annotated=config.input.annotated,
-                                extensions=config.input.extensions,
-                                shard_size=config.output.shard_size, image=config.image.model_dump(mode="json"),
-                                annotate=config.annotate.model_dump(mode="json"),
-                                operator=config.stages.annotate.operator, batching=content_batching(config)))
+    curation = curation_content(config)
+    fields = dict(input_kind=config.input.kind, annotated=config.input.annotated, extensions=config.input.extensions,
+                  shard_size=config.output.shard_size, image=config.image.model_dump(mode="json"),
+                  annotate=config.annotate.model_dump(mode="json"), operator=config.stages.annotate.operator,
+                  batching=content_batching(config))
+    return config_hash(_Content(**fields) if curation is None else _CuratedContent(**fields, curation=curation))
 
 
 @dataclass
@@ -126,6 +139,7 @@ def _list(config: PreprocessConfig, layout: ShardLayout, skipped: JsonlStream) -
         listed.skipped_sha256.update(f"{item.source}\t{item.reason}\n".encode("utf-8", "surrogateescape"))
         skipped.write(item.row())
 
+    every_partition = needs_listing(config, layout)  # the curation pass reads finished partitions too
     for members in iter_partitions(iter_listing(config.input), config.output.shard_size, skip):
         partition = members[0].partition
         listed.seen += len(members)
@@ -133,12 +147,14 @@ def _list(config: PreprocessConfig, layout: ShardLayout, skipped: JsonlStream) -
         listed.partitions = partition + 1
         for record in members:
             listed.listing_sha256.update(f"{record.key}\t{partition}\t{record.reason}\n".encode())
-        if layout.is_finished(partition, config.output.verify):
+        finished = layout.is_finished(partition, config.output.verify)
+        if finished and not every_partition:
             continue
         work = [r for r in members if not r.reason]
         layout.write_listing(partition, fixed_batches(work, config.stages.annotate.batch_size),
                              [_reject_row(r, r.reason, r.detail) for r in members if r.reason])
-        listed.todo[partition] = len(work)
+        if not finished:
+            listed.todo[partition] = len(work)
     return listed
 
 
@@ -212,7 +228,12 @@ class _Finalizer:
         import ray
 
         done, self._in_flight = ray.wait(self._in_flight, num_returns=1)
-        result = ray.get(done[0])
+        try:
+            result = ray.get(done[0])
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, OutputUnwritable):
+                raise OutputUnwritable(f"{exc.cause}; the job stopped before finishing partition(s)") from None
+            raise
         if result["written"] + result["rejected"] != self._listed.size(result["partition"]):
             raise RuntimeError(f"accounting error: partition {result['partition']} has {self._listed.size(result['partition'])} "
                                f"inputs but its shard holds {result['written']} and its rejects {result['rejected']}")
@@ -232,6 +253,7 @@ def run_job(config: PreprocessConfig) -> JobSummary:
 def _run_locked(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock) -> JobSummary:
     started = time.perf_counter()
     chash = content_hash(config)
+    layout.remove_temporaries()  # a killed writer's: this job holds the folder, nobody else writes there
     skipped = JsonlStream(layout.skipped)
     try:
         listed = _list(config, layout, skipped)
@@ -253,6 +275,8 @@ def _run_locked(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock)
     skipped.commit()
     if listed.todo:
         _init_ray(config)
+        if curation_enabled(config):  # pipeline.dedup: duplicates and benchmark overlap out before any model
+            run_curation(config, layout, listed.partitions, listed.todo)
         _process(config, layout, lock, chash, listed)
     layout.remove_scratch()
     summary = _write_manifest(config, layout, chash, listed, sum(listed.todo.values()), time.perf_counter() - started)
@@ -261,6 +285,11 @@ def _run_locked(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock)
             contact_sheet(layout.root, layout.root / "contact_sheet.png", config.qa_samples)
         except Exception as exc:  # noqa: BLE001 - the QA picture never fails a finished job
             summary.notes.append(f"contact sheet not drawn: {type(exc).__name__}: {exc}")
+    if config.report_samples:
+        try:
+            write_report(layout.root, config.report_samples)
+        except Exception as exc:  # noqa: BLE001 - nor does the report (pipeline.report)
+            summary.notes.append(f"data report not written: {type(exc).__name__}: {exc}")
     if lock.taken_over:
         summary.notes.append(lock.taken_over)
     return summary
@@ -292,6 +321,9 @@ def _process(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock, ch
         for batch in results.iter_batches(batch_size=None, batch_format="pandas"):
             for row in batch.to_dict("records"):
                 partition = int(row["partition"])
+                if row["status"] == UNWRITTEN:
+                    raise OutputUnwritable(f"{json.loads(row['outcome'])['detail']}; the job stopped and "
+                                           "recorded nothing against the inputs of that group")
                 if partition not in remaining or row["key"] in outcomes.get(partition, {}):
                     continue  # a retried batch reported again: already counted
                 rows = outcomes.setdefault(partition, {})
@@ -308,9 +340,12 @@ def _process(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock, ch
                    for fields in json.loads(row["inputs"]) if fields["key"] not in outcomes.get(k, {})]
         collect(ray.data.from_items(fixed_batches(missing, 1), override_num_blocks=max(1, min(len(missing), 1000))),
                 alone=True)
-        for record in missing:
-            if record.partition not in remaining or record.key in outcomes.get(record.partition, {}):
-                continue
+        crashed = [r for r in missing if r.partition in remaining and r.key not in outcomes.get(r.partition, {})]
+        if crashed:
+            # A worker that died on an input alone blames the input only if the output takes a write now:
+            # a full or lost output can kill workers too, and that is never an input's fault.
+            layout.staging.check_writable(_WRITABLE_PROBE_BYTES)
+        for record in crashed:
             retries = config.stages.annotate.crash_retries
             outcomes.setdefault(record.partition, {})[record.key] = {
                 **_reject_row(record, "worker_crash", f"{record.source}: a worker process died on this input "
@@ -321,6 +356,9 @@ def _process(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock, ch
             finalizer.submit(partition, list(outcomes.pop(partition, {}).values()))
     finalizer.drain()
     bar.close()
+
+
+_WRITABLE_PROBE_BYTES = 1 << 20
 
 
 def _write_manifest(config: PreprocessConfig, layout: ShardLayout, chash: str, listed: _Listed, processed: int,
@@ -341,10 +379,12 @@ def _write_manifest(config: PreprocessConfig, layout: ShardLayout, chash: str, l
         "seen": listed.seen, "inputs": listed.inputs, "written": written, "rejected": counts, "skipped": skipped,
         # the storage options may hold keys: never written out
         "shards": shards, "config_hash": chash, "config": config.model_dump(
-            mode="json", exclude={"input": {"storage_options"}, "output": {"storage_options"}}),
+            mode="json", exclude={"input": {"storage_options"}, "output": {"storage_options"},
+                                  "decontamination": {"storage_options"}}),
         "models": {name: data.get("model") for name in ("caption", "detect", "segment", "faces")
                    if (data := getattr(config.annotate, name)) is not None},
     }
+    manifest.update(curation_manifest(layout))
     manifest["manifest_hash"] = hashlib.sha256(json.dumps(
         {k: manifest[k] for k in ("seen", "inputs", "written", "rejected", "skipped", "shards", "config_hash")},
         sort_keys=True
@@ -368,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OutputLocked, EmptyInputError, UnsupportedStorage) as exc:
         print(f"preprocess: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except OutputUnwritable as exc:
+        print(f"preprocess: error: the output cannot be written (no input was rejected for it; rerun once it "
+              f"can be): {exc}", file=sys.stderr, flush=True)
+        return 3
     print(summary.line(), flush=True)
     for note in summary.notes:
         print(f"preprocess: {note}", flush=True)

@@ -25,10 +25,12 @@ from train.data import ReaderPosition
 
 __all__ = [
     "NonFiniteLossError",
+    "SkippableAdamW",
     "Trainer",
     "TrainerState",
     "TrainingObjective",
     "lr_scheduler",
+    "host_values",
     "step_seed",
 ]
 
@@ -46,8 +48,29 @@ class TrainingObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return self.model.training_loss(batch)
+    def forward(self, batch: dict[str, Any], return_attention_maps: bool = False) -> dict[str, torch.Tensor]:
+        return self.model.training_loss(batch, return_attention_maps=return_attention_maps)
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW (the fused kernel) whose step is skipped on the device when ``skip`` holds 1.0.
+
+    The fused kernel takes a ``found_inf`` tensor (as ``torch.amp.GradScaler`` uses it): with 1.0 it leaves
+    weights, moments and step counts as they were, so whether a step applies is decided on the device
+    and the host never waits for the loss to know it.
+    """
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, fused=True, **kwargs)
+
+    def skip_step_if(self, skip: torch.Tensor) -> None:
+        """The next :meth:`step` applies only where ``skip`` (a float32 scalar tensor) is 0.0."""
+        self.found_inf = skip
+
+
+def host_values(values: torch.Tensor) -> list[float]:
+    """The training loop's one device-to-host read per optimizer step (everything it logs or decides on)."""
+    return values.tolist()
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
@@ -111,7 +134,14 @@ class Trainer:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.checkpoint_dir = Path(config.output_dir) / "checkpoints"
         self.history_path = Path(config.output_dir) / "losses.jsonl"
-        self._window: list[dict[str, float]] = []
+        self.optimizer = engine.client_optimizer
+        if not isinstance(self.optimizer, SkippableAdamW):
+            raise TypeError(f"the engine's optimizer is {type(self.optimizer).__name__}; the trainer needs a "
+                            "SkippableAdamW (train/run.py make_engine) to skip non-finite steps on the device")
+        self._window: list[dict[str, torch.Tensor]] = []  # this step's scalar losses per micro-batch, on the device
+        self._nonfinite: list[torch.Tensor] = []  # ... and whether each loss was non-finite
+        self._metric_names: list[str] = []
+        self._step_values: torch.Tensor | None = None
         self._since_checkpoint: list[dict[str, float]] = []  # rank-averaged metrics of each step since the last one
         self.step_lr = 0.0
         self.metric_names: set[str] = set()
@@ -124,40 +154,38 @@ class Trainer:
         out = {}
         for name, value in batch.items():
             if isinstance(value, torch.Tensor):  # captions, keys and reader bookkeeping stay here
-                value = value.to(self.engine.device)
+                value = value.to(self.engine.device, non_blocking=True)
                 out[name] = value.to(dtype) if value.is_floating_point() else value
         return out
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        finite = torch.tensor([float(torch.isfinite(loss.detach()).all())])
-        if dist.is_initialized():
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank skips together
-        return bool(finite.item())
+    def _samples_at(self, step: int) -> bool:
+        every = self.config.schedule.sample_every
+        return self.on_sample is not None and (step == self.config.schedule.max_steps or bool(every and step % every == 0))
 
-    def micro_step(self, batch: dict[str, Any]) -> dict[str, float] | None:
-        """Forward, and backward + step unless the loss is non-finite on any rank (then None)."""
+    def micro_step(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Forward, backward and DeepSpeed's step on one micro-batch; returns its scalar losses, on the device.
+
+        Nothing here waits for the device. Whether the loss was finite is known on the device only: at the
+        accumulation boundary :meth:`_close_step` reduces the step's flags over all ranks, and the optimizer
+        skips the step on the device if any micro-batch of it, on any rank, had a non-finite loss
+        (:class:`SkippableAdamW`); the host learns it from the step's one read.
+        """
         self._observe(batch)
         torch.manual_seed(step_seed(self.config.seed, self.state.micro_batches, self.rank))
         self.state.micro_batches += 1
-        losses = self.engine(self._to_device(batch))
-        if not self._all_finite(losses["loss"]):
-            self.state.nonfinite_total += 1
-            self.state.nonfinite_in_row += 1
-            log.warning("rank %d: non-finite loss at micro-batch %d (%d in a row), step skipped",
-                        self.rank, self.state.micro_batches, self.state.nonfinite_in_row)
-            if self.state.nonfinite_in_row >= self.config.schedule.max_nonfinite_in_row:
-                raise NonFiniteLossError(
-                    f"{self.state.nonfinite_in_row} non-finite losses in a row at step {self.state.step} "
-                    f"(schedule.max_nonfinite_in_row={self.config.schedule.max_nonfinite_in_row})")
-            return None
-        self.state.nonfinite_in_row = 0
-        self.last_attention_maps = losses.get("attention_maps")
-        self.engine.backward(losses["loss"])
         self.boundary = self.engine.is_gradient_accumulation_boundary()  # asked before step() advances it
-        self.step_lr = self.engine.get_lr()[0]  # the rate this step applies; step() moves the scheduler on
+        maps = self.boundary and self._samples_at(self.state.step + 1)
+        losses = self.engine(self._to_device(batch), return_attention_maps=maps)
+        metrics = {k: v.detach().float().mean() for k, v in losses.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+        self._window.append(metrics)
+        self._nonfinite.append(~torch.isfinite(losses["loss"].detach()))
+        self.last_attention_maps = losses.get("attention_maps") if maps else None
+        self.engine.backward(losses["loss"])
+        if self.boundary:
+            self.step_lr = self.engine.get_lr()[0]  # the rate this step applies; step() moves the scheduler on
+            self._step_values = self._reduce_step()
         self.engine.step()
-        return {k: float(v.detach().float().mean()) for k, v in losses.items()
-                if isinstance(v, torch.Tensor) and v.numel() == 1}
+        return metrics
 
     def _observe(self, batch: dict[str, Any]) -> None:
         reader = batch["reader"]
@@ -166,22 +194,36 @@ class Trainer:
             self.state.rejected_total += 1
             log.warning("rank %d: skipped %s %s: %s", self.rank, rejected["source"], rejected["key"], rejected["reason"])
 
+    def _reduce_step(self) -> torch.Tensor:
+        """The step's figures summed over its micro-batches and all ranks, on the device, in one collective:
+        per metric the sum and count of its finite values (a NaN metric has nothing to measure, e.g. the
+        inside-mask share of a batch without subjects), the rejected samples, then per micro-batch the
+        number of ranks whose loss was non-finite. Tells the optimizer to skip the step if that is not 0."""
+        device = self.engine.device
+        names = sorted(self._window[0])
+        window = torch.stack([torch.stack([m[k] for k in names]) for m in self._window]).to(torch.float32)
+        finite = torch.isfinite(window)
+        rejected = torch.tensor([float(self.state.rejected_total)], dtype=torch.float32).to(device, non_blocking=True)
+        values = torch.cat([torch.where(finite, window, 0.0).sum(0), finite.sum(0).to(torch.float32), rejected,
+                            torch.stack(self._nonfinite).to(torch.float32)])
+        micro_batches = len(self._nonfinite)
+        self._metric_names, self._window, self._nonfinite = names, [], []
+        if dist.is_initialized():
+            dist.all_reduce(values)
+        self.optimizer.skip_step_if((values[-micro_batches:].sum() > 0).to(torch.float32))
+        return values
+
     # -- the loop ------------------------------------------------------------------------------
     def run(self, batches: Iterator[dict[str, Any]]) -> TrainerState:
         schedule = self.config.schedule
         started = time.perf_counter()
         while self.state.step < schedule.max_steps:
             batch = next(batches)
-            metrics = self.micro_step(batch)
-            if metrics is not None:
-                self._window.append(metrics)
-            if metrics is None or not self.boundary:
+            if not self.advance(batch, started):
                 continue
-            self.state.step += 1
-            step = self.state.step
-            self._record(step, started)
             started = time.perf_counter()
-            if self.on_sample and (step == schedule.max_steps or (schedule.sample_every and step % schedule.sample_every == 0)):
+            step = self.state.step
+            if self._samples_at(step) and self.last_attention_maps is not None:
                 self.on_sample(step, batch, self.last_attention_maps)
             every = self.config.validation.every
             if self.on_validate and (step == schedule.max_steps or (every and step % every == 0)):
@@ -190,25 +232,40 @@ class Trainer:
                 self.save_checkpoint()
         return self.state
 
-    def _record(self, step: int, started: float) -> None:
-        names = sorted(self._window[0])
-        self.metric_names = set(names)
-        # means over the step's micro-batches on all ranks, leaving out NaN (a metric with nothing to
-        # measure, e.g. the inside-mask share of a batch without subjects); counters summed
-        window = torch.tensor([[m[k] for k in names] for m in self._window], dtype=torch.float64)
-        finite = torch.isfinite(window)
-        values = torch.cat([torch.where(finite, window, 0.0).sum(0), finite.sum(0).double(),
-                            torch.tensor([float(self.state.rejected_total), float(self.state.nonfinite_total)],
-                                         dtype=torch.float64)])
-        self._window = []
-        if dist.is_initialized():
-            dist.all_reduce(values)
+    def advance(self, batch: dict[str, Any], started: float) -> bool:
+        """One micro-batch; True when it closed a step that applied (``state.step`` advanced and was
+        logged, ``started`` being when the step began)."""
+        self.micro_step(batch)
+        return self.boundary and self._close_step(started)
+
+    def _close_step(self, started: float) -> bool:
+        """After the boundary micro-batch: read the step's figures (the one device-to-host read), count
+        non-finite micro-batches, and, if the step applied, advance ``state.step`` and log it. False for a
+        skipped step (its micro-batches are consumed, the step is redone with the next ones)."""
+        names = self._metric_names
         n = len(names)
-        mean = {k: s / c for k, s, c in zip(names, values[:n].tolist(), values[n: 2 * n].tolist()) if c}
+        values = host_values(self._step_values)
+        nonfinite = sum(1 for ranks in values[2 * n + 1:] if ranks)
+        if nonfinite:
+            self.state.nonfinite_total += nonfinite
+            self.state.nonfinite_in_row += nonfinite
+            log.warning("rank %d: non-finite loss in %d micro-batch(es) of step %d (%d in a row), step skipped",
+                        self.rank, nonfinite, self.state.step + 1, self.state.nonfinite_in_row)
+            if self.state.nonfinite_in_row >= self.config.schedule.max_nonfinite_in_row:
+                raise NonFiniteLossError(
+                    f"{self.state.nonfinite_in_row} non-finite losses in a row at step {self.state.step} "
+                    f"(schedule.max_nonfinite_in_row={self.config.schedule.max_nonfinite_in_row})")
+            return False
+        self.state.nonfinite_in_row = 0
+        self.state.step += 1
+        step = self.state.step
+        self.metric_names = set(names)
+        # means over the step's micro-batches on all ranks, leaving out NaN; counters summed over ranks
+        mean = {k: s / c for k, s, c in zip(names, values[:n], values[n: 2 * n]) if c}
         self._since_checkpoint.append(mean)  # the same on every rank: retention decides alike everywhere
         if self.rank != 0:
-            return
-        row = {"step": step, **mean, "rejected_samples": values[-2].item(), "nonfinite_steps": values[-1].item(),
+            return True
+        row = {"step": step, **mean, "rejected_samples": values[2 * n], "nonfinite_steps": self.state.nonfinite_total,
                "lr": self.step_lr, "step_time_s": time.perf_counter() - started}
         with self.history_path.open("a") as history:
             history.write(json.dumps(row) + "\n")
@@ -217,6 +274,7 @@ class Trainer:
             log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
             if self.tracker is not None:
                 self.tracker.metrics({k: v for k, v in row.items() if k != "step"}, step)
+        return True
 
     def save_checkpoint(self) -> None:
         step, schedule = self.state.step, self.config.schedule

@@ -8,7 +8,8 @@ from pydantic import Field
 
 from mmdiff.configuration import ConfigModel
 
-Family = Literal["sd15", "sdxl", "clip_vision", "blip2", "grounding_dino", "sam", "insightface", "clip", "dino"]
+Family = Literal["sd15", "sdxl", "clip_vision", "blip2", "grounding_dino", "sam", "insightface", "clip", "dino",
+                 "embedding_head"]
 
 # Sources that are not a hub id or a path.
 TINY = "tiny"  # tiny random-initialised twin of the real classes, for tests (seconds on CPU)

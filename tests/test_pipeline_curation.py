@@ -1,0 +1,203 @@
+"""The curation pass of the preprocessing job on an embedded Ray (pipeline.dedup): near-duplicates of real
+photos rejected as ``duplicate_of`` their original, benchmark references and their copies as
+``benchmark_overlap``, the same decisions at concurrency 1 and 2, all before any model stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmdiff.configuration import load_config, parse_overrides
+from pipeline.config import PreprocessConfig
+from pipeline.dedup import bucket_pairs, resolve_clusters
+from pipeline.duplicate_corpus import COPIES, write_corpus
+from pipeline.example_inputs import photo
+from pipeline.preprocess import content_hash, run_job
+from pipeline.shards import ShardLayout
+from tests.test_pipeline_job import CONFIGS, output_files, ray_session  # noqa: F401 - ray_session: a fixture
+
+WITH_COPIES = ("astronaut", "chelsea", "coffee", "camera", "brick", "hubble_deep_field")
+BENCHMARK = {"dog": "horse", "clock": "immunohistochemistry"}  # subject -> the photo that is its reference
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Path, dict[str, str | None]]:
+    root = tmp_path_factory.mktemp("curation")
+    truth = write_corpus(root / "photos", WITH_COPIES)
+    for subject, name in BENCHMARK.items():
+        (root / "bench" / subject).mkdir(parents=True)
+        photo(name).save(root / "bench" / subject / "00.jpg", quality=95)
+    shutil.copy(root / "bench" / "dog" / "00.jpg", root / "photos" / "dog_reference.jpg")  # the reference itself
+    reference = photo(BENCHMARK["clock"])
+    reference.resize((reference.width * 2 // 3, reference.height * 2 // 3)).save(root / "photos" / "clock_small.jpg")
+    return root / "photos", root / "bench", truth
+
+
+def curation_config(inputs: Path, bench: Path, out: Path, concurrency: int) -> PreprocessConfig:
+    """The shipped tiny config with dedup (hash + tiny embedding model) and decontamination on, set as the
+    command line sets them; the main pass is fused (one actor) and rejects what has no caption."""
+    overrides = parse_overrides([
+        "dedup.enabled=true", f"decontamination.benchmarks=[{bench}]",
+        "dedup.embedding={family: clip_vision, source: tiny}",
+        # the tiny embedding model is random: its cosines say nothing (distinct photos reach 0.998), so the
+        # embedding path runs (actors, bands, pairs) with a threshold no pair of these photos reaches
+        "dedup.embedding_threshold=0.9999", "decontamination.embedding_threshold=0.9999"])
+    return load_config(CONFIGS / "test_tiny.yaml", PreprocessConfig, {
+        **overrides, "input.kind": "folder", "input.path": str(inputs), "output.path": str(out), "output.shard_size": 8,
+        "stages.mode": "fused", "stages.load.concurrency": concurrency, "stages.embed.concurrency": concurrency,
+        "stages.embed.num_cpus": 0.25, "stages.annotate.num_cpus": 0.25, "qa_samples": 0, "progress": False,
+        "report_samples": 100})
+
+
+def rejects_by_source(out: Path) -> dict[str, dict]:
+    return {r["source"]: r for r in ShardLayout(out).all_rejects()}
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, corpus, tmp_path_factory):  # noqa: F811 - a fixture
+    inputs, bench, truth = corpus
+    outs = {}
+    for concurrency in (1, 2):
+        outs[concurrency] = tmp_path_factory.mktemp(f"out{concurrency}")
+        run_job(curation_config(inputs, bench, outs[concurrency], concurrency))
+    return outs
+
+
+@pytest.mark.slow
+def test_copies_are_duplicates_of_their_original_and_benchmark_overlap_is_rejected(corpus, runs):
+    _, _, truth = corpus
+    rejects = rejects_by_source(runs[1])
+    key_of = {}
+    for out_row in rejects.values():
+        key_of[out_row["source"]] = out_row["key"]
+    for name, original in truth.items():
+        row = rejects[name]
+        if original is None:
+            assert row["reason"] != "duplicate_of", (name, row)  # no distinct photo is anyone's duplicate
+        else:
+            assert row["reason"] == "duplicate_of", (name, row)
+            assert f"({original};" in row["detail"] and rejects[original]["key"] in row["detail"], (name, row)
+    for name, subject in (("dog_reference.jpg", "dog"), ("clock_small.jpg", "clock")):
+        assert rejects[name]["reason"] == "benchmark_overlap", rejects[name]
+        assert f"bench/{subject}/00.jpg" in rejects[name]["detail"]
+    manifest = json.loads((runs[1] / "manifest.json").read_text())
+    assert manifest["rejected"]["duplicate_of"] == len(WITH_COPIES) * len(COPIES)
+    assert manifest["rejected"]["benchmark_overlap"] == 2
+    assert manifest["dedup"]["clusters"] == len(WITH_COPIES) and manifest["dedup"]["duplicates"] == len(WITH_COPIES) * len(COPIES)
+    checked = manifest["decontamination"]
+    assert [len(b["references"]) for b in checked["benchmarks"]] == [2] and checked["overlaps"] == 2
+    assert {r["sha256"] for r in checked["benchmarks"][0]["references"]} == {
+        __import__("hashlib").sha256((corpus[1] / s / "00.jpg").read_bytes()).hexdigest() for s in BENCHMARK}
+    assert manifest["written"] + sum(manifest["rejected"].values()) == manifest["inputs"] == len(truth) + 2
+
+
+@pytest.mark.slow
+def test_curation_is_the_same_at_concurrency_1_and_2_and_its_settings_are_hashed(corpus, runs):
+    def result(root: Path) -> dict[str, bytes]:  # shards, rejects and the pass's decisions
+        return {**output_files(root), **{f"curation/{p.name}": p.read_bytes() for p in (root / "curation").glob("part-*")}}
+
+    one, two = (result(runs[c]) for c in (1, 2))
+    assert one == two and any(k.startswith("curation/") for k in one)
+    inputs, bench, _ = corpus
+    base = curation_config(inputs, bench, runs[1], 1)
+    hashes = {content_hash(base)}
+    for key, value in (("dedup.hash_threshold", 4), ("dedup.enabled", False), ("decontamination.hash_threshold", 3),
+                       ("dedup.embedding_threshold", 0.9)):
+        data = base.model_dump(mode="json")
+        section, name = key.split(".")
+        data[section][name] = value
+        hashes.add(content_hash(PreprocessConfig.model_validate(data)))
+    assert len(hashes) == 5
+
+
+def test_clusters_keep_the_largest_then_the_smallest_key_whatever_the_edge_order():
+    import pandas as pd
+
+    def edge(a, b, pa, pb):
+        return {"a": a, "b": b, "a_pixels": pa, "b_pixels": pb, "a_bytes": 1, "b_bytes": 1, "a_partition": 0, "b_partition": 1,
+                "a_source": a + ".jpg", "b_source": b + ".jpg", "kind": "hash", "score": 2.0}
+
+    edges = [edge("k1", "k2", 100, 400), edge("k2", "k3", 400, 400), edge("k4", "k5", 9, 9)]
+    for order in (edges, edges[::-1]):
+        decisions, summary = resolve_clusters(pd.DataFrame(order[:1]), pd.DataFrame(order[1:]))
+        assert dict(zip(decisions["key"], decisions["detail"].str.extract(r"duplicate of (\w+)")[0])) == {
+            "k1": "k2", "k3": "k2", "k5": "k4"}
+        assert summary["clusters"] == 2 and summary["duplicates"] == 3
+
+
+def test_a_bucket_pairs_each_near_pair_once(corpus):
+    import pandas as pd
+
+    from pipeline.config import PreprocessConfig as _  # noqa: F401 - the config module loads the dedup settings
+    from pipeline.curation_config import DedupConfig
+    from pipeline.dedup import variant_hashes
+
+    dedup = DedupConfig(enabled=True)
+    inputs, _bench, _truth = corpus
+    from PIL import Image
+
+    names = ["coffee.jpg", "coffee_flipped.jpg", "rocket.jpg"]
+    rows = [{"bucket": "h0:1", "key": n, "partition": 0, "pixels": 1, "bytes": 1, "source": n, "embedding": b"",
+             "hashes": variant_hashes(Image.open(inputs / n).convert("RGB"), dedup.hash_crops).tobytes()}
+            for n in names]
+    pairs = bucket_pairs(pd.DataFrame(rows * 2), dedup)  # a key twice in a bucket (two of its variants) counts once
+    assert list(zip(pairs["a"], pairs["b"])) == [("coffee.jpg", "coffee_flipped.jpg")]
+    assert np.all(pairs["score"] <= dedup.hash_threshold)
+
+
+@pytest.mark.slow
+def test_report_renders_in_chromium_and_its_numbers_match_the_manifest(runs, tmp_path):
+    """report.html of the curated run: every count the page shows (data-count cells) equals the manifest's,
+    the histograms and duplicate thumbnails are inlined, and headless Chromium draws it (its thumbnails are
+    photos: vivid pixels, where the page's own colours are greys and pale fills)."""
+    import re
+    import subprocess
+
+    from PIL import Image
+
+    manifest = json.loads((runs[1] / "manifest.json").read_text())
+    page = (runs[1] / "report" / "report.html").read_text()  # written by the job
+    shown = {k: int(v) for k, v in re.findall(r'data-count="([^"]+)">(\d+)<', page)}
+    expected = {**{f"total:{k}": manifest[k] for k in ("seen", "inputs", "written")},
+                "total:rejected": sum(manifest["rejected"].values()), "total:skipped": sum(manifest["skipped"].values()),
+                **{f"rejected:{k}": v for k, v in manifest["rejected"].items()},
+                **{f"skipped:{k}": v for k, v in manifest["skipped"].items()},
+                "dedup:clusters": manifest["dedup"]["clusters"], "dedup:duplicates": manifest["dedup"]["duplicates"],
+                "decontamination:overlaps": manifest["decontamination"]["overlaps"]}
+    assert shown == expected
+    assert page.count('<div class="cluster">') == len(WITH_COPIES)
+    assert page.count("data:image/png;base64,") == 4 + len(WITH_COPIES) * (1 + len(COPIES))  # histograms + thumbnails
+    assert sorted(p.name for p in (runs[1] / "report").glob("*.png")) == [
+        "aspect_ratio.png", "caption_words.png", "entities.png", "mask_area.png"]
+    browser = shutil.which("chromium")
+    assert browser, "chromium is not installed: `make test` installs it through .ci/setup-system"
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,2400", f"--screenshot={shot}",
+                    (runs[1] / "report" / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
+    hsv = np.asarray(Image.open(shot).convert("HSV"))
+    dark_text = (hsv[:400, :, 2] < 80).sum()
+    vivid = ((hsv[..., 1] > 100) & (hsv[..., 2] > 80)).sum()
+    assert dark_text > 500 and vivid > 4 * 48 * 48, (dark_text, vivid)
+
+
+def test_evaluation_checks_the_training_manifest_against_the_benchmark(corpus, runs, tmp_path):
+    from evaluation.decontamination import NotDecontaminated, check_manifest, check_training_data
+
+    _, bench, _ = corpus
+    references = sorted(str(p) for p in bench.glob("*/*.jpg"))
+    manifest = json.loads((runs[1] / "manifest.json").read_text())
+    assert check_manifest(manifest, references, "run").status == "checked"
+    other = tmp_path / "other.jpg"
+    photo("rocket").save(other)
+    status = check_manifest(manifest, [*references, str(other)], "run")
+    assert status.status == "not_checked" and "1 of 3 reference photos" in status.message
+    assert check_manifest({**manifest, "decontamination": None}, references, "run").status == "not_checked"
+    with pytest.raises(NotDecontaminated, match="evaluation refused"):
+        check_training_data(None, None, references, required=True)  # a model folder: no training run to ask
+    assert check_training_data(None, None, references, required=False).status == "unknown"
