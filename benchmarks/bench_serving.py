@@ -1,6 +1,8 @@
-"""Serving latency and throughput over real HTTP on loopback: batched vs unbatched, bad requests mixed in.
+"""Serving over real HTTP on loopback: batched vs unbatched throughput with bad requests mixed in, or (--abuse)
+the service under abusive clients, with peak memory.
 
     python -m benchmarks.bench_serving [--clients 8] [--requests 6] [--rounds 3] [--steps 4] [--time-limit 300]
+    python -m benchmarks.bench_serving --abuse [--clients 64] [--slow-clients 120] [--oversized 16] [--requests 2]
 
 A tiny MM-Diff model is registered in a temporary MLflow registry and served by the Ray Serve application
 (infra/serving/app.py) on 127.0.0.1. The same deployment is measured in this one run in alternating rounds,
@@ -9,6 +11,14 @@ reconfigured in place between them: ``max_batch_size`` 8 (batched) and 1 (unbatc
 ``--bad-every``-th good request it sends one bad request (the kinds cycle) and then a good request, which
 must answer 200. A round stops at its request count or its share of the time limit, whichever comes first.
 Latency percentiles are those of the good requests in the batched rounds. Writes benchmarks/results/bench_serving.json.
+
+``--abuse`` serves with the shipped defaults (``ServingConfig``: body deadline, upload and generation bounds,
+request deadline) and sends at once: ``--clients`` good clients (``--requests`` each, retried after a
+429/503 as ``Retry-After`` says, at most 10 times), ``--slow-clients`` that send their body one byte a
+second, ``--oversized`` bodies over ``max_body_bytes``, one bad request of each kind per good client, and a
+``/healthz`` probe every 0.25 s; then one 100-step request with a 2 s deadline (``x-request-timeout-s``), which
+must answer 504 and be stopped. The peak RSS of Serve's processes (replica, proxy, all of Ray's) is sampled
+every 0.25 s. Writes benchmarks/results/bench_serving_abuse.json.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import io
 import json
 import socket
 import tempfile
+from collections import Counter
 import threading
 import time
 import urllib.error
@@ -83,6 +94,50 @@ def post(url: str, body: dict) -> tuple[int, dict[str, str], float]:
         return 0, {}, time.perf_counter() - start
 
 
+def slow_body(url: str, seconds: float) -> int:
+    """A client that declares a 4 KiB body and sends it one byte a second for at most ``seconds``: the
+    status it was answered, 0 if none (or the connection failed)."""
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    head = (b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 4096\r\n\r\n{")
+    deadline = time.monotonic() + seconds
+    try:
+        with socket.create_connection((host, int(port)), timeout=seconds) as sock:
+            sock.sendall(head)
+            sock.settimeout(1.0)
+            while time.monotonic() < deadline:
+                try:
+                    answer = sock.recv(4096)
+                    return int(answer.split(b" ", 2)[1]) if answer else 0
+                except TimeoutError:
+                    sock.sendall(b" ")
+    except OSError:
+        return 0
+    return 0
+
+
+def oversized_body(url: str, limit: int, chunked: bool) -> int:
+    """A body over ``limit``: declared in Content-Length, or sent chunked (undeclared) in 64 KiB pieces until
+    the service answers (at most twice the limit). The status it was answered, 0 if none."""
+    import select
+
+    host, port = url.removeprefix("http://").split("/")[0].split(":")
+    size = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {2 * limit}"
+    head = f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n{size}\r\n\r\n"
+    piece = b"A" * 65536
+    try:
+        with socket.create_connection((host, int(port)), timeout=60) as sock:
+            sock.sendall(head.encode())
+            for _ in range(2 * limit // len(piece)):
+                if select.select([sock], [], [], 0)[0]:
+                    break  # answered before the body was all sent
+                sock.sendall(b"10000\r\n" + piece + b"\r\n" if chunked else piece)
+            answer = sock.recv(4096)
+            return int(answer.split(b" ", 2)[1]) if answer else 0
+    except OSError:
+        return 0
+
+
 def bad_requests(good: dict) -> list[dict]:
     """One of each kind the service must refuse with a 4xx."""
     bomb = io.BytesIO()
@@ -144,6 +199,140 @@ def run_load(url: str, clients: int, requests: int, bad_every: int, steps: int, 
             "bad_refused": bad_answered[0], "elapsed_s": time.perf_counter() - start}
 
 
+class PeakMemory(threading.Thread):
+    """Samples the RSS of Ray's processes every ``period_s``; keeps the peaks (MiB) per role and in all."""
+
+    ROLES = {"replica": "ServeReplica", "proxy": "ProxyActor", "controller": "ServeController"}
+
+    def __init__(self, period_s: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.period_s, self.stop = period_s, threading.Event()
+        self.peaks: dict[str, float] = {}
+
+    def sample(self) -> dict[str, float]:
+        import psutil
+
+        now: dict[str, float] = {}
+        for process in psutil.process_iter(["cmdline", "memory_info"]):
+            command = " ".join(process.info["cmdline"] or [])
+            if not command.startswith("ray::") and "raylet" not in command and "gcs_server" not in command:
+                continue
+            mib = process.info["memory_info"].rss / 2**20 if process.info["memory_info"] else 0.0
+            now["ray_total"] = now.get("ray_total", 0.0) + mib
+            for role, marker in self.ROLES.items():
+                if marker in command:
+                    now[role] = now.get(role, 0.0) + mib
+        return now
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for key, mib in self.sample().items():
+                self.peaks[key] = max(self.peaks.get(key, 0.0), mib)
+            self.stop.wait(self.period_s)
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def run_abuse(base: str, clients: int, requests: int, slow_clients: int, oversized: int, steps: int,
+              body_timeout_s: float, max_body_bytes: int) -> dict:
+    """Every class of client at once (see the module doc); returns the answers by class and the failures."""
+    url = f"{base}/generate"
+    photo = b64_jpeg(data.chelsea())
+    good = {"prompt": "a [cat] on a beach", "subjects": [photo], "num_inference_steps": steps, "seed": 0}
+    answers: dict[str, Counter] = {k: Counter() for k in ("good", "good_first_try", "slow", "oversized", "bad")}
+    failures: list[str] = []
+    probes: list[tuple[int, float]] = []
+    lock, stop = threading.Lock(), threading.Event()
+
+    def note(kind: str, status: int, ok: bool) -> None:
+        with lock:
+            answers[kind][status] += 1
+            if not ok:
+                failures.append(f"{kind} request answered {status}")
+
+    def good_client(index: int) -> None:
+        for number in range(requests):
+            for attempt in range(10):
+                status, headers, _ = post(url, {**good, "seed": index * 1000 + number})
+                if attempt == 0:
+                    note("good_first_try", status, status in (200, 429, 503))
+                if status not in (429, 503):
+                    break
+                time.sleep(float(headers.get("retry-after", headers.get("Retry-After", 1))))
+            note("good", status, status in (200, 429, 503))
+        for bad in bad_requests(good):
+            status = post(url, bad)[0]
+            note("bad", status, 400 <= status < 500)
+
+    def slow_client() -> None:
+        status = slow_body(url, 2 * body_timeout_s)
+        note("slow", status, 400 <= status < 500)
+
+    def oversized_client(index: int) -> None:
+        status = oversized_body(url, max_body_bytes, chunked=index % 2 == 1)
+        note("oversized", status, status == 413)
+
+    def probe() -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            try:
+                with urllib.request.urlopen(f"{base}/healthz", timeout=30) as response:
+                    status = response.status
+            except urllib.error.HTTPError as error:
+                status = error.code
+            except OSError:
+                status = 0
+            with lock:
+                probes.append((status, time.perf_counter() - start))
+                if status != 200:
+                    failures.append(f"/healthz answered {status}")
+            stop.wait(0.25)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    start = time.perf_counter()
+    threads = ([threading.Thread(target=slow_client) for _ in range(slow_clients)]
+               + [threading.Thread(target=good_client, args=(i,)) for i in range(clients)]
+               + [threading.Thread(target=oversized_client, args=(i,)) for i in range(oversized)])
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    stop.set()
+    prober.join()
+    seconds = sorted(s for _, s in probes)
+    return {"elapsed_s": round(elapsed, 2), "answers": {k: dict(sorted(v.items())) for k, v in answers.items()},
+            "failures": failures[:20], "failed": len(failures),
+            "healthz": {"probes": len(probes), "non_200": sum(s != 200 for s, _ in probes),
+                        "p50_s": round(float(np.percentile(seconds, 50)), 4) if seconds else None,
+                        "max_s": round(seconds[-1], 4) if seconds else None}}
+
+
+def run_deadline(base: str, before: dict) -> dict:
+    """One request far longer than its 2 s deadline: its status, and whether its generation was stopped."""
+    large = {"prompt": "a [cat] on a beach", "subjects": [b64_jpeg(data.chelsea())], "num_inference_steps": 100,
+             "seed": 0}  # the most steps the shipped limits allow: many short steps, so the stop is prompt
+    request = urllib.request.Request(f"{base}/generate", json.dumps(large).encode(),
+                                     {"Content-Type": "application/json", "x-request-timeout-s": "2"})
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            status = response.status
+    except urllib.error.HTTPError as error:
+        status = error.code
+    answered = time.perf_counter() - start
+    deadline = time.monotonic() + 120
+    stopped = False
+    while not stopped and time.monotonic() < deadline:
+        stopped = get_json(f"{base}/readyz")["load"]["batches_stopped"] > before["batches_stopped"]
+        time.sleep(0.5)
+    return {"status": status, "answered_after_s": round(answered, 2), "generation_stopped": stopped}
+
+
 def summarize(rounds: list[dict]) -> dict:
     """One mode's figures over its rounds: throughput = good answers / time spent in the rounds."""
     latencies = [x for r in rounds for x in r["latencies"]]
@@ -161,6 +350,54 @@ def summarize(rounds: list[dict]) -> dict:
             if latencies else None}
 
 
+def abuse(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from infra.serving.app import ServingConfig, build_app, proxy_options
+
+    clients = args.clients if args.clients != 8 else 64
+    requests = args.requests if args.requests != 6 else 2
+    config = ServingConfig()  # the shipped bounds and deadlines
+    with tempfile.TemporaryDirectory() as tmp:
+        tracking_uri = register_tiny_versions(Path(tmp), NAME)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}})
+        memory = PeakMemory()
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port, **proxy_options(config)})
+            serve.run(build_app({"model_uri": f"models:/{NAME}@champion", "poll_interval_s": 3600, "num_cpus": 1,
+                                 "max_replicas": 1}), name="bench", route_prefix="/")
+            base = f"http://127.0.0.1:{port}"
+            run_load(f"{base}/generate", 2, 2, 10**6, args.steps, 60)  # warm-up, not counted
+            idle = memory.sample()
+            memory.start()
+            load = run_abuse(base, clients, requests, args.slow_clients, args.oversized, args.steps,
+                             config.body_timeout_s, config.limits.max_body_bytes)
+            deadline = run_deadline(base, get_json(f"{base}/readyz")["load"])
+            counters = get_json(f"{base}/readyz")["load"]
+        finally:
+            memory.stop.set()
+            serve.shutdown()
+            ray.shutdown()
+    result = {
+        "failed": load["failed"] + (deadline["status"] != 504) + (not deadline["generation_stopped"]),
+        "clients": clients, "requests_per_client": requests, "slow_clients": args.slow_clients,
+        "oversized": args.oversized, "steps": args.steps, **load, "deadline_request": deadline,
+        "replica_counters": counters,
+        "rss_mib": {"idle": {k: round(v) for k, v in idle.items()},
+                    "peak": {k: round(v) for k, v in memory.peaks.items()}},
+        "bounds": config.model_dump(include={"request_timeout_s", "body_timeout_s", "max_uploads", "max_generations"}),
+        "model": "tiny SD1.5 twin, 64 px, CPU, 1 replica (num_cpus=1), shipped ServingConfig bounds",
+    }
+    print(json.dumps({k: v for k, v in result.items() if k in ("failed", "answers", "healthz", "deadline_request",
+                                                               "rss_mib")}))
+    write_result("bench_serving_abuse", result)
+    return 0 if result["failed"] == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, default=8)
@@ -169,7 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bad-every", type=int, default=4, help="a bad request after every N good ones")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps per request")
     parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per mode (all its rounds)")
+    parser.add_argument("--abuse", action="store_true", help="the abuse run instead (--clients default 64)")
+    parser.add_argument("--slow-clients", type=int, default=120, help="--abuse: clients sending 1 byte/s")
+    parser.add_argument("--oversized", type=int, default=16, help="--abuse: bodies over max_body_bytes")
     args = parser.parse_args(argv)
+    if args.abuse:
+        return abuse(args)
 
     import ray
     from ray import serve

@@ -42,7 +42,7 @@ from pipeline.shards import ShardLayout, stage_samples
 from preprocess.annotate import STEPS, Annotation, Annotator, Rejection, SampleBuilder, build_steps, run_step
 from preprocess.faces import EMBEDDING_DIM
 from preprocess.filters import Kept
-from preprocess.image_io import ImageConfig, ImageRejected, load_image
+from preprocess.image_io import ImageConfig, ImageRejected, as_rgb, load_image
 from preprocess.phrases import Phrase
 from preprocess.quality import subject_rejection
 from preprocess.sample import Sample, encode_jpeg
@@ -117,7 +117,7 @@ def load_batch(batch: pd.DataFrame, image: ImageConfig, storage_options: dict[st
 def _decode_image(jpeg: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(jpeg))
     image.load()
-    return image.convert("RGB")
+    return as_rgb(image)
 
 
 def _kept(data: dict[str, Any]) -> Kept:

@@ -189,3 +189,11 @@ def test_promote_cli_exit_codes(evaluated, mlflow_server, capsys, tmp_path):  # 
     assert main(["--model", MODEL, "--versions", "1", "2", "--gates", "configs/eval/gates_demo.yaml",
                  "--alias", "demo", "--tracking-uri", mlflow_server]) == 0
     assert re.search(rf"promote: {MODEL}@demo -> v[12]", capsys.readouterr().out)
+
+
+def test_concurrent_promotions_against_a_tracking_server_end_as_a_serial_order(mlflow_server, tmp_path):  # noqa: F811
+    """The race of tests/test_promote.py once against the real server: its lease lives in the registry."""
+    from test_promote import NAME, assert_serial, race, register_evaluated_versions
+
+    register_evaluated_versions(mlflow_server, NAME, tmp_path)
+    assert_serial(race(mlflow_server, NAME, rounds=1, processes=False))

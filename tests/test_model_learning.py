@@ -30,6 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.reproduce import fit_autoencoder, random_box
 from mmdiff import MMDiffConfig, MMDiffModel, tokenize_with_subjects
 from mmdiff.configuration import load_config
 from mmdiff.losses import inside_share
@@ -78,16 +79,6 @@ def _scene(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return image, masks
 
 
-def _random_box(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A box of the mask's bounding-box size at a random place (the control's wrong mask)."""
-    ys, xs = np.nonzero(mask)
-    h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    y0, x0 = int(rng.integers(0, SIZE - h + 1)), int(rng.integers(0, SIZE - w + 1))
-    box = np.zeros_like(mask)
-    box[y0:y0 + h, x0:x0 + w] = True
-    return box
-
-
 def _batch(model: MMDiffModel, rng: np.random.Generator, n: int, random_masks: bool = False,
            scene_vae: dict | None = None) -> dict[str, torch.Tensor]:
     """``n`` scenes; with ``scene_vae`` also their latent posteriors from its fp32 encoder, as
@@ -108,7 +99,7 @@ def _batch(model: MMDiffModel, rng: np.random.Generator, n: int, random_masks: b
             subject_crops.append((crop - mean) / std)
         crops.append(torch.stack(subject_crops))
         if random_masks:
-            mask = np.stack([_random_box(m, rng) for m in mask])
+            mask = np.stack([random_box(m, rng) for m in mask])
         masks.append(torch.from_numpy(mask).float())
     batch = {
         "pixel_values": torch.stack(images), "input_ids": ids.expand(n, -1),
@@ -132,20 +123,10 @@ def _model(settings: dict, dtype: str = "float32") -> MMDiffModel:
 def fit_scene_vae() -> dict:
     """Weights (fp32) and scaling factor of the tiny VAE fitted as an autoencoder on synthetic scenes."""
     model = _model({"attention_loss_weight": 0.0})
-    vae = model.vae.requires_grad_(True)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
     rng = np.random.default_rng(7)
-    for _ in range(VAE_STEPS):
-        pixels = _batch(model, rng, 8)["pixel_values"]
-        posterior = vae.encode(pixels).latent_dist
-        loss = F.mse_loss(vae.decode(posterior.sample()).sample, pixels) + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        latent_std = vae.encode(_batch(model, rng, 8)["pixel_values"]).latent_dist.mean.std().item()
-    return {"state": {k: v.detach().clone() for k, v in vae.state_dict().items()}, "scaling_factor": 1 / latent_std,
-            "vae": vae.requires_grad_(False).eval()}
+    scaling_factor = fit_autoencoder(model.vae, lambda: _batch(model, rng, 8)["pixel_values"], VAE_STEPS)
+    return {"state": {k: v.detach().clone() for k, v in model.vae.state_dict().items()},
+            "scaling_factor": scaling_factor, "vae": model.vae}
 
 
 def fit_crop_encoder(steps: int = ENCODER_STEPS) -> dict:

@@ -22,7 +22,7 @@ import yaml
 from PIL import Image
 from skimage import data
 
-from benchmarks.bench_serving import register_tiny_versions
+from benchmarks.bench_serving import register_tiny_versions, slow_body
 from train.export import LOCK
 
 NAME = "mmdiff-serving"
@@ -161,7 +161,9 @@ def test_mlflow_models_serve_answers_outside_the_repository(registry, tmp_path):
 
 
 # -- the Ray Serve application --------------------------------------------------------------------------
-LIMITS = {"max_body_bytes": 2**20, "max_image_bytes": 2**18, "max_steps": 20}
+LIMITS = {"max_body_bytes": 2**20, "max_image_bytes": 2**18, "max_steps": 400}
+# what one replica takes on: small, so that the abuse below reaches every bound quickly
+BOUNDS = {"body_timeout_s": 3.0, "max_uploads": 16, "max_generations": 16}
 
 
 @pytest.fixture(scope="module")
@@ -170,14 +172,14 @@ def service(registry):
     import ray
     from ray import serve
 
-    from infra.serving.app import build_app
+    from infra.serving.app import ServingConfig, build_app, proxy_options
 
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": registry}})
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.start(http_options={"host": "127.0.0.1", "port": port, **proxy_options(ServingConfig(**BOUNDS))})
         serve.run(build_app({"model_uri": f"models:/{NAME}@champion", "poll_interval_s": 0.5, "num_cpus": 0.5,
-                             "batch_wait_timeout_s": 0.2, "limits": LIMITS}), name="mmdiff", route_prefix="/")
+                             "batch_wait_timeout_s": 0.2, "limits": LIMITS, **BOUNDS}), name="mmdiff", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -253,6 +255,81 @@ def test_serving_concurrent_requests_match_sequential(service):
     assert min(np.abs(pixels(sequential[0][2]) - pixels(other)).max() for _, _, other in sequential[1:]) > 1
 
 
+def readyz_load(service: str) -> dict[str, int]:
+    return json.loads(http(f"{service}/readyz", timeout=30)[2])["load"]
+
+
+def test_serving_holds_under_slow_bodies_oversized_and_concurrent_requests(service):
+    """100 clients trickling their bodies, 16 good requests, oversized and bad ones, all at once: the slow
+    ones get 408 (body deadline) or 429 (upload slots full), good ones 200 (or 429/503, then 200 on a
+    retry), bad ones their 4xx, and /healthz answers 200 throughout."""
+    good = {**GOOD, "subjects": [b64(data.chelsea())]}
+    stop, probes = threading.Event(), []
+
+    def probe():
+        while not stop.is_set():
+            start = time.monotonic()
+            probes.append((http(f"{service}/healthz", timeout=15)[0], time.monotonic() - start))
+            time.sleep(0.2)
+
+    def good_client(seed: int) -> list[int]:
+        statuses = []
+        for _ in range(20):  # bounded: retried while the replica says it is busy
+            statuses.append(http(f"{service}/generate", {**good, "seed": seed})[0])
+            if statuses[-1] not in (429, 503):
+                break
+            time.sleep(1)
+        return statuses
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        with ThreadPoolExecutor(100 + 16 + 4) as pool:
+            slow = [pool.submit(slow_body, f"{service}/generate", 4 * BOUNDS["body_timeout_s"]) for _ in range(100)]
+            goods = [pool.submit(good_client, seed) for seed in range(16)]
+            oversized = [pool.submit(http, f"{service}/generate", {**good, "subjects": ["A" * 2**20]}) for _ in range(2)]
+            bad = [pool.submit(http, f"{service}/generate", BAD[kind][0]()) for kind in ("bad option", "not JSON")]
+            slow, goods = [f.result() for f in slow], [f.result() for f in goods]
+            oversized, bad = [f.result()[0] for f in oversized], [f.result()[0] for f in bad]
+    finally:
+        stop.set()
+        prober.join(timeout=60)
+    assert set(slow) <= {408, 429} and 408 in slow, sorted(slow)
+    assert all(set(s[:-1]) <= {429, 503} and s[-1] == 200 for s in goods), goods
+    assert oversized == [413, 413] and bad == [422, 422]
+    assert probes and {status for status, _ in probes} == {200}, probes
+    load = readyz_load(service)
+    assert load["uploads"] == 0 and load["generations"] == 0, load
+    assert load["body_timeouts"] >= slow.count(408) and load["refused_busy"] >= slow.count(429), load
+
+
+def test_serving_stops_a_generation_past_its_deadline_or_left_by_its_client(service):
+    """A long request with a 1 s deadline is answered 504 and its generation stops at the next denoising
+    step; so does one whose client hangs up; the replica then answers a small request."""
+    large = {**GOOD, "subjects": [b64(data.chelsea())], "num_inference_steps": 400}  # tens of seconds of steps
+    before = readyz_load(service)
+    request = urllib.request.Request(f"{service}/generate", json.dumps(large).encode(),
+                                     {"Content-Type": "application/json", "x-request-timeout-s": "1"})
+    with pytest.raises(urllib.error.HTTPError) as answered:
+        urllib.request.urlopen(request, timeout=120)
+    assert answered.value.code == 504 and b"deadline" in answered.value.read()
+    wait_until(lambda: readyz_load(service)["batches_stopped"] > before["batches_stopped"], 120,
+               "the generation past its deadline did not stop")
+    assert readyz_load(service)["deadlines_passed"] == before["deadlines_passed"] + 1
+
+    host, port = service.removeprefix("http://").split(":")
+    body = json.dumps(large).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        wait_until(lambda: readyz_load(service)["generations"] == 1, 60, "the long request was not admitted")
+    wait_until(lambda: readyz_load(service)["batches_stopped"] > before["batches_stopped"] + 1, 120,
+               "the generation whose client left did not stop")
+    load = readyz_load(service)
+    assert load["clients_left"] == before["clients_left"] + 1 and load["generations"] == 0, load
+    assert http(f"{service}/generate", {**GOOD, "subjects": [b64(data.chelsea())]})[0] == 200
+
+
 def test_serving_follows_the_alias_without_dropping_requests(service, registry):
     import mlflow
 
@@ -306,3 +383,30 @@ def test_serve_cli_refuses_to_start_without_a_tracking_uri(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["--model-uri", "models:/mmdiff@champion"])
     assert stopped.value.code == 2 and "--tracking-uri" in capsys.readouterr().err
+
+
+def test_autoscaling_follows_generations_not_open_connections():
+    """The shipped policy, as Serve's controller loads it: replicas for the generations queued or running at
+    the replicas; 200 open connections with nothing to generate ask for no replica."""
+    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+    from infra.serving.app import AUTOSCALING
+
+    config = AutoscalingConfig(**AUTOSCALING)
+    config.policy.serialize_policy()
+    policy = config.policy.get_policy()
+
+    def wanted(generations: list[float], ongoing: float) -> float:
+        replicas = [f"replica-{i}" for i in range(len(generations))]
+        context = AutoscalingContext(
+            deployment_id=None, deployment_name="MMDiffServer", app_name="mmdiff",
+            current_num_replicas=len(replicas), target_num_replicas=len(replicas), running_replicas=replicas,
+            total_num_requests=ongoing, total_queued_requests=0.0,
+            aggregated_metrics={"generations": dict(zip(replicas, generations))}, raw_metrics={},
+            capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=4, policy_state={},
+            last_scale_up_time=None, last_scale_down_time=None, current_time=0.0, config=config)
+        return policy(context)[0]
+
+    assert wanted([0.0, 0.0], ongoing=200) == 0  # slow or idle sockets: Serve's bounds keep min_replicas
+    assert wanted([16.0, 16.0], ongoing=40) == 4  # 32 generations at 8 per replica
+    assert wanted([8.0], ongoing=8) == 1

@@ -469,12 +469,14 @@ def test_a_tracking_outage_mid_run_does_not_stop_training(mlflow_server, shards,
                     "mlflow.registered_model=mmdiff-tiny-outage", "mlflow.sample_prompt=null", "mlflow.end_wait_s=300",
                     env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.port}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                          "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
-        deadline = time.monotonic() + 400
+        deadline, outage = time.monotonic() + 400, "before"
         while job.poll() is None and time.monotonic() < deadline:
-            if proxy.up and (out / "losses.jsonl").is_file():
+            if outage == "before" and (out / "losses.jsonl").is_file():
                 proxy.down()
-            if not proxy.up and (out / "adapter").is_dir():
+                outage = "during"
+            if outage == "during" and (out / "adapter").is_dir():
                 proxy.restore()
+                outage = "after"
             time.sleep(0.05)
         output = finish(job)
     finally:

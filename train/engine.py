@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,7 @@ class TrainerState:
     checkpoint_scores: dict[int, float] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        data = {**self.__dict__, "positions": {str(k): v.__dict__ for k, v in self.positions.items()},
+        data = {**self.__dict__, "positions": {str(k): asdict(v) for k, v in self.positions.items()},
                 "checkpoint_scores": {str(k): v for k, v in self.checkpoint_scores.items()}}
         return json.dumps(data, indent=1, sort_keys=True)
 

@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> None:
                         "there is one; replicas holding GPUs refuse the CPU)")
     parser.add_argument("--dtype", default=None, choices=("auto", "float32", "float16", "bfloat16"),
                         help="override the model's precision rule (auto: bfloat16 on GPUs, float32 on the CPU)")
+    parser.add_argument("--request-timeout-s", type=float, default=120.0,
+                        help="each request's deadline, queueing included (504 past it; its generation stops)")
     args = parser.parse_args(argv)
     if not args.tracking_uri:
         parser.error("--tracking-uri (or MLFLOW_TRACKING_URI) is needed to resolve models:/ URIs")
@@ -40,13 +42,15 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
-    from infra.serving.app import build_app
+    from infra.serving.app import ServingConfig, build_app, proxy_options
 
     ray.init(address=args.address, runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": args.tracking_uri}})
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options={"host": args.host, "port": args.port,
+                              **proxy_options(ServingConfig(request_timeout_s=args.request_timeout_s))})
     app_args = {"model_uri": args.model_uri, "tracking_uri": args.tracking_uri, "num_cpus": args.num_cpus,
                 "num_gpus": args.num_gpus, "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
-                "max_batch_size": args.max_batch_size, "poll_interval_s": args.poll_interval_s}
+                "max_batch_size": args.max_batch_size, "poll_interval_s": args.poll_interval_s,
+                "request_timeout_s": args.request_timeout_s}
     app_args.update({k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v})
     print(f"serving {args.model_uri} on http://{args.host}:{args.port}/generate", flush=True)
     try:

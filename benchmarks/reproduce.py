@@ -1,0 +1,619 @@
+"""A miniature reproduction of MM-Diff's claims on generated scenes, end to end on CPU.
+
+Claims tested: (1) subject embeddings give fidelity to a reference without tuning, on identities never
+seen in training; (2) the cross-attention constraint lets two subjects appear without layout and without
+leaking into each other. The design and the metrics are fixed here, before any result:
+
+* Data: 32 px scenes on grey with exact masks. Three shape classes with single-token words (square "dog",
+  disc "cat", triangle "car"). An identity is a colour and a pattern (8 x 7 = 56): 40 for training, 16
+  held out. A reference is the same identity rendered alone, at another size and place, cropped.
+* Models: a tiny SD1.5-layout base (VAE fitted as an autoencoder on scenes, UNet trained from scratch on
+  class-only captions, then frozen; the tiny text encoder stays at its random initialisation, frozen);
+  a tiny CLIP tower pretrained to classify the 40 training identities only; MM-Diff adapters trained
+  through the real ``MMDiffModel``, shards in the real format (``Sample.to_wds``) read by the real
+  ``ShardStream``/``BatchBuilder``, stepped by the real ``Trainer`` on a DeepSpeed engine (1 CPU rank).
+* Conditions: no constraint (weight 0), text map only, both maps (the shipped setting); a control with
+  random boxes as masks; each at ``--seeds`` seeds. References and noise are paired across conditions.
+* Metrics: a separate judge (a small CNN trained on fresh single-object renders of all 56 identities;
+  it must reach >= 95 % on fresh renders or the identity figures are marked invalid) gives identity and
+  class of generated objects; dominant colour cross-checks identity. Fidelity = the judged identity of a
+  held-out single-subject generation equals its reference's, against no-adapter (subject scale 0) and
+  shuffled-reference (another held-out identity's reference, scored against the intended one) baselines.
+  Two-subject prompts, same class ("a dog and a dog") and cross class ("a dog and a car"): objects found as
+  connected non-background regions; missing (< 2 objects), merged (one region holding both references'
+  colours), wrong class, leak (an object's identity is neither reference's) and collapse (both objects
+  take the same reference's identity). Quality gate: the base alone must draw the prompted class
+  (judged) in >= 60 % of single-object samples before adapter results count.
+* Output: bootstrap 95 % CIs resampling reference pairs (clusters), JSON and a PNG (sample grids and
+  bars) under ``benchmarks/results/``.
+
+``--quick`` runs every stage at toy sizes, with the "none" and "both" conditions only (CI smoke: it checks
+the machinery, not the claims).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import socket
+import tarfile
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+
+SIZE, REF = 32, 32
+BACKGROUND = (128, 128, 128)
+CLASSES = ["dog", "cat", "car"]  # square, disc, triangle: single tokens of the tiny tokenizer
+COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
+           "magenta": (210, 50, 200), "cyan": (40, 200, 210), "orange": (240, 140, 30), "white": (245, 245, 245)}
+PATTERNS = ["solid", "hstripes", "vstripes", "checker", "dots", "ring", "diagonal"]
+IDENTITIES = [(c, p) for c in COLOURS for p in PATTERNS]  # 56
+RESULTS = Path("benchmarks/results")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every step count and sample count of a run (``--quick`` or full)."""
+
+    vae_steps: int = 600
+    base_steps: int = 3000
+    encoder_steps: int = 600
+    judge_steps: int = 800
+    judge_eval: int = 512  # fresh renders the judge is scored on
+    adapter_steps: int = 600
+    train_scenes: int = 2000
+    references: int = 16  # held-out reference pairs per evaluation
+    gen_steps: int = 20
+    batch: int = 8
+    seeds: int = 2
+    bootstrap: int = 1000
+
+
+QUICK = Sizes(vae_steps=4, base_steps=4, encoder_steps=4, judge_steps=4, judge_eval=16, adapter_steps=2, train_scenes=8,
+              references=2, gen_steps=2, batch=2, seeds=1, bootstrap=50)
+
+
+def split_identities(seed: int = 0) -> tuple[list[int], list[int]]:
+    order = np.random.default_rng(seed).permutation(len(IDENTITIES))
+    return sorted(order[:40].tolist()), sorted(order[40:].tolist())
+
+
+# -- rendering -----------------------------------------------------------------------------------
+def shape_mask(cls: str, side: int, y0: int, x0: int, size: int = SIZE) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    if cls == "dog":
+        return (yy >= y0) & (yy < y0 + side) & (xx >= x0) & (xx < x0 + side)
+    if cls == "cat":
+        return (yy - y0 - side / 2 + 0.5) ** 2 + (xx - x0 - side / 2 + 0.5) ** 2 <= (side / 2) ** 2
+    # triangle, apex up
+    rel_y = (yy - y0) / max(side - 1, 1)
+    half = rel_y * side / 2
+    return (yy >= y0) & (yy < y0 + side) & (np.abs(xx - x0 - side / 2 + 0.5) <= half)
+
+
+def paint(image: np.ndarray, mask: np.ndarray, identity: int) -> None:
+    """Fills ``mask`` with the identity's colour, its pattern drawn in a darker shade of the same colour."""
+    colour, pattern = IDENTITIES[identity]
+    base = np.array(COLOURS[colour], np.float32)
+    yy, xx = np.mgrid[:mask.shape[0], :mask.shape[1]]
+    ys, xs = np.nonzero(mask)
+    cy, cx = (ys.mean(), xs.mean()) if len(ys) else (0, 0)
+    marks = {"solid": np.zeros_like(mask), "hstripes": (yy // 2) % 2 == 0, "vstripes": (xx // 2) % 2 == 0,
+             "checker": ((yy // 2) + (xx // 2)) % 2 == 0, "dots": (yy % 3 == 0) & (xx % 3 == 0),
+             "ring": np.abs(np.hypot(yy - cy, xx - cx) - 3) < 1.0, "diagonal": ((yy + xx) // 2) % 2 == 0}[pattern]
+    image[mask] = base.astype(np.uint8)
+    image[mask & marks] = (base * 0.45).astype(np.uint8)
+
+
+def render(objects: list[tuple[str, int]], rng: np.random.Generator, size: int = SIZE,
+           side_range: tuple[int, int] = (10, 15)) -> tuple[np.ndarray, np.ndarray]:
+    """Objects (class, identity) at random places, one per horizontal half when two -> image, masks [n, H, W]."""
+    image = np.full((size, size, 3), BACKGROUND, np.uint8)
+    masks = np.zeros((len(objects), size, size), bool)
+    halves = rng.permutation(2) if len(objects) == 2 else [None]
+    for i, (cls, identity) in enumerate(objects):
+        side = int(rng.integers(*side_range))
+        if halves[i] is None:
+            x0 = int(rng.integers(0, size - side + 1))
+        else:
+            x0 = int(halves[i]) * size // 2 + int(rng.integers(0, max(1, size // 2 - side + 1)))
+        y0 = int(rng.integers(0, size - side + 1))
+        masks[i] = shape_mask(cls, side, y0, x0, size)
+        paint(image, masks[i], identity)
+    return image, masks
+
+
+def reference(cls: str, identity: int, rng: np.random.Generator) -> np.ndarray:
+    """The identity alone, larger than in scenes and elsewhere, cut to its box on white [REF, REF, 3]."""
+    image, masks = render([(cls, identity)], rng, size=48, side_range=(20, 30))
+    ys, xs = np.nonzero(masks[0])
+    crop = np.where(masks[0][..., None], image, 255)[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    return np.asarray(Image.fromarray(crop).resize((REF, REF), Image.BICUBIC))
+
+
+def caption(classes: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    text = " and ".join(f"a {c}" for c in classes)
+    spans, at = [], 0
+    for c in classes:
+        start = text.index(c, at)
+        spans.append((start, start + len(c)))
+        at = start + len(c)
+    return text, spans
+
+
+# -- models --------------------------------------------------------------------------------------
+class Judge(torch.nn.Module):
+    """The separate identity-and-class classifier of generated objects (object crops on grey, 32 px)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.identity = torch.nn.Linear(64, len(IDENTITIES))
+        self.cls = torch.nn.Linear(64, len(CLASSES))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(images)
+        return self.identity(h), self.cls(h)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def single_objects(rng: np.random.Generator, n: int, identities: list[int]):
+    labels = [(int(rng.integers(len(CLASSES))), int(rng.choice(identities))) for _ in range(n)]
+    images = np.stack([render([(CLASSES[c], i)], rng)[0] for c, i in labels])
+    return images, torch.tensor([i for _, i in labels]), torch.tensor([c for c, _ in labels])
+
+
+def train_judge(sizes: Sizes, rng: np.random.Generator) -> tuple[Judge, float]:
+    judge = Judge()
+    optimizer = torch.optim.Adam(judge.parameters(), lr=2e-3)
+    every = list(range(len(IDENTITIES)))
+    for _ in range(sizes.judge_steps):
+        images, ids, classes = single_objects(rng, sizes.batch * 4, every)
+        logits_id, logits_cls = judge(to_tensor(images))
+        loss = F.cross_entropy(logits_id, ids) + F.cross_entropy(logits_cls, classes)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    images, ids, _ = single_objects(np.random.default_rng(10_000), sizes.judge_eval, every)  # fresh renders
+    with torch.no_grad():
+        accuracy = float((judge(to_tensor(images))[0].argmax(1) == ids).float().mean())
+    return judge.eval(), accuracy
+
+
+def fit_autoencoder(vae, images, steps: int) -> float:
+    """Fits ``vae`` as an autoencoder on batches from ``images()`` [B, 3, H, W] in [-1, 1] and freezes it;
+    returns the scaling factor that gives its latents unit variance (as real bases ship it)."""
+    vae.requires_grad_(True)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    for _ in range(steps):
+        pixels = images()
+        posterior = vae.encode(pixels).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample()).sample, pixels) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vae.requires_grad_(False).eval()
+    with torch.no_grad():
+        return 1 / vae.encode(images()).latent_dist.mean.std().item()
+
+
+def fit_vae(pipe, sizes: Sizes, rng: np.random.Generator, train_ids: list[int]) -> None:
+    def images() -> torch.Tensor:
+        return to_tensor(np.stack([scene(rng, train_ids)[0] for _ in range(sizes.batch)]))
+
+    pipe.vae.register_to_config(scaling_factor=fit_autoencoder(pipe.vae, images, sizes.vae_steps))
+
+
+def scene(rng: np.random.Generator, identities: list[int]):
+    """A training scene: one or two objects (any classes) of the given identities."""
+    n = int(rng.integers(1, 3))
+    objects = [(CLASSES[int(rng.integers(len(CLASSES)))], int(rng.choice(identities))) for _ in range(n)]
+    image, masks = render(objects, rng)
+    return image, masks, objects
+
+
+def train_base(pipe, sizes: Sizes, rng: np.random.Generator, train_ids: list[int]) -> None:
+    """The UNet from scratch on class-only captions (the identities appear, their names never do)."""
+    unet, tokenizer, text_encoder = pipe.unet.requires_grad_(True), pipe.tokenizer, pipe.text_encoder
+    scheduler = pipe.scheduler
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    for _ in range(sizes.base_steps):
+        scenes = [scene(rng, train_ids) for _ in range(sizes.batch)]
+        ids = tokenizer([caption([c for c, _ in s[2]])[0] for s in scenes], padding="max_length",
+                        max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+        drop = torch.rand(len(scenes)) < 0.1  # unconditional rows for classifier-free guidance
+        ids[drop] = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length,
+                              return_tensors="pt").input_ids
+        with torch.no_grad():
+            latents = pipe.vae.encode(to_tensor(np.stack([s[0] for s in scenes]))).latent_dist.sample()
+            latents = latents * pipe.vae.config.scaling_factor
+            text = text_encoder(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(scenes),))
+        loss = F.mse_loss(unet(scheduler.add_noise(latents, noise, t), t, text).sample, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unet.requires_grad_(False).eval()
+
+
+def train_encoder(vision, processor, sizes: Sizes, rng: np.random.Generator, train_ids: list[int]) -> None:
+    """The CLIP tower pretrained to classify references of the training identities only."""
+    vision.requires_grad_(True)
+    head = torch.nn.Linear(vision.config.projection_dim, len(IDENTITIES))
+    optimizer = torch.optim.Adam([*vision.parameters(), *head.parameters()], lr=1e-3)
+    for _ in range(sizes.encoder_steps):
+        labels = [(CLASSES[int(rng.integers(len(CLASSES)))], int(rng.choice(train_ids))) for _ in range(16)]
+        pixels = processor(images=[reference(c, i, rng) for c, i in labels], return_tensors="pt").pixel_values
+        loss = F.cross_entropy(head(vision(pixel_values=pixels).image_embeds), torch.tensor([i for _, i in labels]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vision.requires_grad_(False).eval()
+
+
+# -- adapter training through the real shards and loop -------------------------------------------
+def write_shards(folder: Path, sizes: Sizes, rng: np.random.Generator, train_ids: list[int],
+                 random_masks: bool) -> Path:
+    from preprocess.sample import Entity, Sample
+
+    (folder / "shards").mkdir(parents=True, exist_ok=True)
+    per_shard = 500
+    for start in range(0, sizes.train_scenes, per_shard):
+        with tarfile.open(folder / "shards" / f"shard-{start // per_shard:06d}.tar", "w") as tar:
+            for index in range(start, min(start + per_shard, sizes.train_scenes)):
+                image, masks, objects = scene(rng, train_ids)
+                text, spans = caption([c for c, _ in objects])
+                if random_masks:  # the control: a box of each mask's size at a random place
+                    masks = np.stack([random_box(m, rng) for m in masks])
+                entities = []
+                for m, (s0, s1), (cls, _) in zip(masks, spans, objects):
+                    ys, xs = np.nonzero(m)
+                    entities.append(Entity(cls, cls, s0, s1, s0, s1,
+                                           (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)), 1.0))
+                crops = np.stack([reference(cls, identity, rng) for cls, identity in objects])
+                sample = Sample(f"{index:06d}", Image.fromarray(image), text, entities, masks, crops)
+                members = sample.to_wds()
+                key = members.pop("__key__")
+                for ext, payload in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    (folder / "manifest.json").write_text(json.dumps({"written": sizes.train_scenes, "manifest_hash": folder.name}))
+    return folder
+
+
+def random_box(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A box of the mask's bounding-box size at a random place (the random-mask control's wrong mask)."""
+    ys, xs = np.nonzero(mask)
+    h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    y0, x0 = int(rng.integers(0, mask.shape[0] - h + 1)), int(rng.integers(0, mask.shape[1] - w + 1))
+    box = np.zeros_like(mask)
+    box[y0:y0 + h, x0:x0 + w] = True
+    return box
+
+
+@contextlib.contextmanager
+def single_rank():
+    """A one-process gloo group for the DeepSpeed engine (made here, so destroyed here)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)})
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def train_adapter(base_state: dict, condition: dict, shards: Path, sizes: Sizes, seed: int, work: Path):
+    """MMDiffModel on the frozen base, trained by the real Trainer on the real shards."""
+    from mmdiff import MMDiffConfig, MMDiffModel
+    from mmdiff.configuration import load_config
+    from train.config import TrainConfig
+    from train.data import BatchBuilder, ShardStream
+    from train.engine import Trainer, TrainerState
+    from train.run import make_engine
+
+    settings = load_config("configs/mmdiff/tiny_sd15.yaml", MMDiffConfig, {
+        **{k: condition[k] for k in ("attention_loss_tokens", "attention_loss_weight")}, "start_step": 0})
+    config = load_config("configs/train/tiny_test.yaml", TrainConfig, {
+        "output_dir": str(work / "run"), "seed": seed, "data.shards": str(shards), "data.resolution": SIZE,
+        "data.micro_batch_size": sizes.batch, "data.cached_latents": False, "data.text_dropout": 0.05,
+        "data.subject_dropout": 0.05, "optim.lr": 1e-3, "optim.lr_warmup_steps": 0, "optim.lr_schedule": "constant",
+        "deepspeed.zero_stage": 0, "deepspeed.precision": "fp32", "schedule.max_steps": sizes.adapter_steps})
+    pipe, vision = build_base(base_state)
+    torch.manual_seed(seed)
+    model = MMDiffModel(pipe, vision, settings)
+    trainer = Trainer(config, make_engine(config, model), TrainerState())
+    stream = iter(ShardStream(shards, config.data, BatchBuilder(config.data, model.tokenizers, model.image_processor),
+                              seed))
+    losses = []
+    while trainer.state.micro_batches < sizes.adapter_steps:
+        metrics = trainer.micro_step(next(stream))
+        if metrics:
+            losses.append(metrics)
+    return model.eval(), losses
+
+
+def build_base(state: dict):
+    from mmdiff import zoo
+    from mmdiff.zoo.spec import ModelSpec
+
+    pipe = zoo.build(ModelSpec(family="sd15", source="tiny", seed=0))
+    vision = zoo.build(ModelSpec(family="clip_vision", source="tiny", seed=0))
+    if state:
+        pipe.vae.load_state_dict(state["vae"])
+        pipe.vae.register_to_config(scaling_factor=state["scaling_factor"])
+        pipe.unet.load_state_dict(state["unet"])
+        vision.model.load_state_dict(state["vision"])
+    return pipe, vision
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+def objects_in(image: np.ndarray) -> list[np.ndarray]:
+    """Connected regions that differ from the background, largest first, each at least 12 pixels."""
+    differs = np.abs(image.astype(np.int16) - np.array(BACKGROUND)).max(-1) > 40
+    labels, n = ndimage.label(differs)
+    regions = [labels == i for i in range(1, n + 1)]
+    return sorted((r for r in regions if r.sum() >= 12), key=lambda r: -r.sum())
+
+
+def judge_region(judge: Judge, image: np.ndarray, region: np.ndarray) -> tuple[int, int, str]:
+    """(identity, class, dominant colour name) of one object, shown to the judge alone on grey."""
+    alone = np.where(region[..., None], image, np.array(BACKGROUND, np.uint8))
+    with torch.no_grad():
+        logits_id, logits_cls = judge(to_tensor(alone[None]))
+    pixels = image[region].astype(np.float32)
+    bright = pixels[pixels.sum(1) >= np.percentile(pixels.sum(1), 50)]  # the base colour, not the darker pattern
+    names = list(COLOURS)
+    colour = names[int(np.argmin([np.abs(bright.mean(0) - np.array(COLOURS[n])).sum() for n in names]))]
+    return int(logits_id.argmax()), int(logits_cls.argmax()), colour
+
+
+def evaluate(pipe, judge: Judge, sizes: Sizes, held_out: list[int], seed: int, subject_scale: float | None = None,
+             shuffled: bool = False) -> dict:
+    """Single-subject fidelity and two-subject outcomes on held-out references (paired by ``seed``)."""
+    from mmdiff import Subject
+
+    rng = np.random.default_rng(1000 + seed)
+    single, pairs = [], []
+    kw = dict(num_inference_steps=sizes.gen_steps, guidance_scale=5.0, height=SIZE, width=SIZE, output_type="np",
+              start_step=0)
+    if subject_scale is not None:
+        kw["subject_scale"] = subject_scale
+    for r in range(sizes.references):
+        cls = CLASSES[r % len(CLASSES)]
+        a, b = [int(i) for i in rng.choice(held_out, 2, replace=False)]
+        ref_a, ref_b = reference(cls, a, rng), reference(cls, b, rng)
+        shown = ref_b if shuffled else ref_a
+        image = pipe(f"a {cls}", [Subject(cls, shown)], seed=seed * 1000 + r, **kw).images[0]
+        image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+        regions = objects_in(image)
+        record = {"pair": r, "target": a, "found": bool(regions), "image": image}
+        if regions:
+            identity, klass, colour = judge_region(judge, image, regions[0])
+            record.update(identity_ok=identity == a, class_ok=CLASSES[klass] == cls,
+                          colour_ok=colour == IDENTITIES[a][0])
+        single.append(record)
+        for same in (True, False):
+            other = cls if same else CLASSES[(CLASSES.index(cls) + 1) % len(CLASSES)]
+            ref_other = reference(other, b, rng)
+            prompt = f"a {cls} and a {other}"
+            image = pipe(prompt, [Subject(cls, ref_a), Subject(other, ref_other)], seed=seed * 1000 + r, **kw).images[0]
+            image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+            pairs.append({"pair": r, "same_class": same, **two_subject_outcome(judge, image, (a, b), (cls, other)),
+                          "image": image})
+    return {"single": single, "pairs": pairs}
+
+
+def two_subject_outcome(judge: Judge, image: np.ndarray, identities: tuple[int, int], classes: tuple[str, str]) -> dict:
+    regions = objects_in(image)[:2]
+    judged = [judge_region(judge, image, r) for r in regions]
+    colours = {IDENTITIES[i][0] for i in identities}
+    merged = len(regions) == 1 and len(colours) == 2 and colours <= _colours_in(image, regions[0])
+    found = [j[0] for j in judged]
+    return {
+        "missing": len(regions) < 2 and not merged,
+        "merged": merged,
+        "wrong_class": len(regions) == 2 and sorted(CLASSES[j[1]] for j in judged) != sorted(classes),
+        "leak": any(i not in identities for i in found),
+        "collapse": len(found) == 2 and found[0] == found[1] and found[0] in identities,
+    }
+
+
+def _colours_in(image: np.ndarray, region: np.ndarray) -> set[str]:
+    pixels = image[region].astype(np.float32)
+    near = [min(COLOURS, key=lambda n: np.abs(p - np.array(COLOURS[n])).sum()) for p in pixels]
+    counts = {n: near.count(n) for n in set(near)}
+    return {n for n, c in counts.items() if c >= 0.2 * len(near)}
+
+
+def rate(records: list[dict], key: str, rng: np.random.Generator, draws: int) -> dict:
+    """Mean of ``key`` (False when absent) with a 95 % bootstrap CI resampling reference pairs."""
+    by_pair: dict[int, list[float]] = {}
+    for rec in records:
+        by_pair.setdefault(rec["pair"], []).append(float(rec.get(key, False)))
+    clusters = list(by_pair.values())
+    if not clusters:
+        return {"mean": float("nan"), "ci": [float("nan"), float("nan")], "n": 0}
+    means = []
+    for _ in range(draws):
+        pick = rng.integers(0, len(clusters), len(clusters))
+        values = [v for i in pick for v in clusters[i]]
+        means.append(np.mean(values))
+    values = [v for c in clusters for v in c]
+    return {"mean": float(np.mean(values)), "ci": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+            "n": len(values)}
+
+
+def summarise(result: dict, sizes: Sizes) -> dict:
+    rng = np.random.default_rng(0)
+    out = {k: rate(result["single"], k, rng, sizes.bootstrap) for k in ("identity_ok", "colour_ok", "class_ok")}
+    for same in (True, False):
+        pairs = [p for p in result["pairs"] if p["same_class"] == same]
+        for k in ("missing", "merged", "wrong_class", "leak", "collapse"):
+            out[f"{'same' if same else 'cross'}_class/{k}"] = rate(pairs, k, rng, sizes.bootstrap)
+    return out
+
+
+def pooled(results: list[dict]) -> dict:
+    """Seeds pooled: pair ids made distinct per seed so the bootstrap still resamples reference pairs."""
+    out = {"single": [], "pairs": []}
+    for s, result in enumerate(results):
+        for key in out:
+            out[key] += [{**r, "pair": (s, r["pair"])} for r in result[key]]
+    return out
+
+
+def figure(path: Path, grids: dict[str, list[np.ndarray]], summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(grids)
+    fig, axes = plt.subplots(len(rows) + 1, 1, figsize=(12, 2 * len(rows) + 4))
+    for ax, name in zip(axes, rows):
+        ax.imshow(np.concatenate(grids[name][:12], axis=1) if grids[name] else np.zeros((SIZE, SIZE, 3)))
+        ax.set_title(name, fontsize=8)
+        ax.axis("off")
+    names = list(summary)
+    metrics = ["identity_ok", "same_class/leak", "same_class/collapse", "cross_class/leak"]
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        means = [summary[name][m]["mean"] for m in metrics]
+        errors = np.array([[summary[name][m]["mean"] - summary[name][m]["ci"][0],
+                            summary[name][m]["ci"][1] - summary[name][m]["mean"]] for m in metrics]).T
+        axes[-1].bar(np.arange(len(metrics)) + i * width, means, width, yerr=errors, label=name)
+    axes[-1].set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, metrics, fontsize=8)
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+CONDITIONS = {
+    "none": {"attention_loss_tokens": "both", "attention_loss_weight": 0.0, "random_masks": False},
+    "text": {"attention_loss_tokens": "text", "attention_loss_weight": 1.0, "random_masks": False},
+    "both": {"attention_loss_tokens": "both", "attention_loss_weight": 1.0, "random_masks": False},
+    "random_masks": {"attention_loss_tokens": "both", "attention_loss_weight": 1.0, "random_masks": True},
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test of every stage")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies every step and sample count")
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--references", type=int, default=None, help="held-out reference pairs per evaluation")
+    parser.add_argument("--gen-steps", type=int, default=None, help="denoising steps per generated image")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else Sizes()
+    if args.scale != 1.0:
+        # training and judge sizes scale; the evaluation's (references, steps, bootstrap) do not
+        fixed = ("batch", "seeds", "bootstrap", "references", "gen_steps")
+        sizes = Sizes(**{k: v if k in fixed else max(1, int(v * args.scale)) for k, v in asdict(sizes).items()})
+    chosen = {"seeds": args.seeds, "references": args.references, "gen_steps": args.gen_steps}
+    sizes = Sizes(**{**asdict(sizes), **{k: v for k, v in chosen.items() if v}})
+    out = args.out or RESULTS / ("reproduce_quick" if args.quick else "reproduce")
+    started, timings = time.perf_counter(), {}
+    rng = np.random.default_rng(0)
+    train_ids, held_out = split_identities()
+
+    def stage(name: str) -> None:
+        timings[name] = round(time.perf_counter() - started, 1)
+        print(f"[{timings[name]:7.1f} s] {name}", flush=True)
+
+    torch.manual_seed(0)
+    judge, judge_accuracy = train_judge(sizes, rng)
+    stage(f"judge: {judge_accuracy:.3f} on fresh renders")
+    pipe, vision = build_base({})
+    fit_vae(pipe, sizes, rng, train_ids)
+    stage("vae")
+    train_base(pipe, sizes, rng, train_ids)
+    stage("base unet")
+    train_encoder(vision.model, vision.processor, sizes, rng, train_ids)
+    stage("image encoder")
+    base_state = {"vae": pipe.vae.state_dict(), "scaling_factor": pipe.vae.config.scaling_factor,
+                  "unet": pipe.unet.state_dict(), "vision": vision.model.state_dict()}
+    from mmdiff import MMDiffPipeline
+
+    summaries, results, grids, losses = {}, {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp, single_rank():
+        work = Path(tmp)
+        shards = {flag: write_shards(work / f"shards-{flag}", sizes, np.random.default_rng(1), train_ids, flag)
+                  for flag in (False, True)}
+        stage("shards")
+        # --quick: the constrained and unconstrained conditions only (every code path, half the cost)
+        for name, condition in CONDITIONS.items() if not args.quick else [(n, CONDITIONS[n]) for n in ("none", "both")]:
+            per_seed, baselines = [], {"no_adapter": [], "shuffled": []}
+            for seed in range(sizes.seeds):
+                model, history = train_adapter(base_state, condition, shards[condition["random_masks"]], sizes, seed,
+                                               work / f"{name}-{seed}")
+                losses[f"{name}/{seed}"] = history[-1] if history else {}
+                pipe = MMDiffPipeline(model)
+                per_seed.append(evaluate(pipe, judge, sizes, held_out, seed))
+                if name == "both":  # baselines with the same model, references and noise
+                    baselines["no_adapter"].append(evaluate(pipe, judge, sizes, held_out, seed, subject_scale=0.0))
+                    baselines["shuffled"].append(evaluate(pipe, judge, sizes, held_out, seed, shuffled=True))
+                stage(f"{name} seed {seed}")
+            results[name] = pooled(per_seed)
+            if name == "both":
+                for baseline, runs in baselines.items():
+                    results[baseline] = pooled(runs)
+        for name, result in results.items():
+            summaries[name] = summarise(result, sizes)
+            grids[f"{name}: single"] = [r["image"] for r in result["single"]]
+            grids[f"{name}: same-class pairs"] = [r["image"] for r in result["pairs"] if r["same_class"]]
+    base_quality = summaries["no_adapter"]["class_ok"]["mean"]
+    report = {
+        "sizes": asdict(sizes), "quick": args.quick, "seconds": timings,
+        "identities": {"train": train_ids, "held_out": held_out},
+        "judge_accuracy_fresh_renders": judge_accuracy, "judge_valid": judge_accuracy >= 0.95,
+        "base_quality_gate": {"class_ok_without_adapter": base_quality, "passed": base_quality >= 0.6},
+        "final_training_losses": losses, "conditions": CONDITIONS, "summary": summaries,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
+    figure(out.with_suffix(".png"), grids, summaries)
+    stage(f"written {out.with_suffix('.json')} and .png")
+    return report
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # the design's 2 cores
+    main()
