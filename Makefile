@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 
-.PHONY: install system test demo lock benchmarks clean
+.PHONY: install system test test-extended demo lock benchmarks clean
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ system:
 
 test: system $(STAMP)
 	$(RUN) -m pytest -q $(PYTEST_ARGS)
+
+# The long runs left out of `make test` to keep it within CI's time: killed-and-resumed trainings, full
+# disks, tracking outages, training from object storage with a kill, mixtures, the learning check and the
+# reproduction's --quick smoke run (tens of minutes on 2 cores).
+test-extended: system $(STAMP)
+	$(RUN) -m pytest -q -m extended $(PYTEST_ARGS)
 
 # The whole loop on scikit-image's photos with tiny models: shards (embedded Ray) -> 2 CPU ranks of
 # DeepSpeed ZeRO-2, twice (learning rate 1e-3, then 1e-4) -> MLflow runs + registered versions 1 and 2

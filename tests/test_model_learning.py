@@ -246,6 +246,7 @@ def gradient_agreement(settings: dict, scene_vae: dict) -> dict[str, float]:
     return {"cosine": float(F.cosine_similarity(c32, c16, dim=0)), "ratio": float(c32.norm() / d32.norm())}
 
 
+@pytest.mark.extended
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_shipped_constraint_localises_text_and_subject_maps(scene_vae, dtype):
     settings = shipped_loss_settings()
@@ -256,6 +257,7 @@ def test_shipped_constraint_localises_text_and_subject_maps(scene_vae, dtype):
     assert localises(result, forms), result
 
 
+@pytest.mark.extended
 def test_random_mask_control_fails_the_check(scene_vae):
     settings = shipped_loss_settings()
     result = train_and_measure(settings, scene_vae, random_masks=True)
@@ -263,6 +265,7 @@ def test_random_mask_control_fails_the_check(scene_vae):
     assert not any(localises(result, [form]) for form in supervised_forms(settings)), result
 
 
+@pytest.mark.extended
 def test_constraint_gradient_survives_bf16(scene_vae):
     # inside a full training step (denoising loss too), the constraint's share of the gradient as it
     # reaches the trainable parameters points the same way in bf16 as in fp32

@@ -5,6 +5,7 @@ metrics, bootstrap, JSON and PNG). A smoke test of the machinery: the claims nee
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from benchmarks import reproduce
@@ -21,6 +22,7 @@ def test_scenes_have_exact_masks_and_references_differ_from_targets():
     assert reproduce.reference("dog", held_out[0], rng).shape == (reproduce.REF, reproduce.REF, 3)
 
 
+@pytest.mark.extended
 def test_quick_run_writes_json_and_png(tmp_path):
     report = reproduce.main(["--quick", "--out", str(tmp_path / "quick")])
     written = json.loads((tmp_path / "quick.json").read_text())

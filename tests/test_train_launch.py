@@ -301,6 +301,7 @@ def test_a_planted_pickle_is_refused_and_never_run(zero2_run, tmp_path):
     assert weights_only_load(checkpoint / "zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
 
 
+@pytest.mark.extended
 def test_killed_runs_resume_to_the_same_losses(zero2_run, shards, tmp_path):
     """SIGKILL the whole job at points chosen by watching its folder: during step 1 (no checkpoint yet),
     in the middle of a checkpoint's save, and right after ``latest`` moved to step-4. Then step-4 is
@@ -456,6 +457,7 @@ def test_tracking_spooled_from_the_start_reaches_the_server_when_it_answers(mlfl
     assert [a.path for a in client.list_artifacts(run.info.run_id, "adapter")] == ["adapter/weights.txt"]
 
 
+@pytest.mark.extended
 def test_a_tracking_outage_mid_run_does_not_stop_training(mlflow_server, shards, tmp_path):
     """The server goes away after step 1 (connections refused; the MLflow client's retry budget shrunk to
     nothing) and comes back only once training has ended: the run finishes, and afterwards the server has
@@ -493,6 +495,7 @@ def test_a_tracking_outage_mid_run_does_not_stop_training(mlflow_server, shards,
     assert client.get_model_version("mmdiff-tiny-outage", "1").run_id == run.info.run_id
 
 
+@pytest.mark.extended
 def test_a_full_output_disk_stops_the_job_and_a_rerun_resumes(zero2_run, shards, tmp_path):
     """The output folder is a 2.6 MB tmpfs: the run fills it (checkpoints, tracking store) and must stop
     non-zero, every rank saying that the filesystem of the output folder is full, leaving no partial
@@ -523,6 +526,7 @@ def test_a_full_output_disk_stops_the_job_and_a_rerun_resumes(zero2_run, shards,
 from tests.object_store import object_store_fixture  # noqa: E402,F401 - registers the fixture
 
 
+@pytest.mark.extended
 def test_training_from_the_object_store_killed_mid_epoch_resumes_to_the_local_runs_losses(
         zero2_run, shards, object_store, tmp_path):
     """The shards on an S3 server (moto, loopback), 2 ranks from s3://: the same losses as the zero2 run
@@ -563,6 +567,7 @@ def test_training_from_the_object_store_killed_mid_epoch_resumes_to_the_local_ru
             assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), (a["step"], name)
 
 
+@pytest.mark.extended
 def test_a_3_to_1_mixture_follows_its_weights_and_logs_both_dataset_inputs(mlflow_server, tmp_path):
     import itertools
 
