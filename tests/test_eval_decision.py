@@ -40,8 +40,8 @@ def tracked_run(root, uri: str, name: str, weight: float, seed: int) -> str:
     with torch.no_grad():  # stands in for training: moves every trainable weight away from its start
         for p in model.trainable_parameters():
             p.add_(torch.randn(p.shape, generator=generator) * 0.2)
-    tracker = RunTracker(config, "eval-test-data",
-                         model_settings={**settings.model_dump(mode="json"), "attention_loss_weight": weight})
+    tracker = RunTracker(config).start(
+        "eval-test-data", model_settings={**settings.model_dump(mode="json"), "attention_loss_weight": weight})
     for step in range(1, 5):
         tracker.metrics({"loss": 1.0 / step + weight, "attention_loss": weight * step}, step)
     batch = {"pixel_values": torch.rand(1, 3, 32, 32) * 2 - 1, "subject_valid": torch.ones(1, 1, dtype=torch.bool),
