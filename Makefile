@@ -28,9 +28,10 @@ system:
 test: system $(STAMP)
 	$(RUN) -m pytest -q $(PYTEST_ARGS)
 
-# The long runs left out of `make test` to keep it within CI's time: killed-and-resumed trainings, full
-# disks, tracking outages, training from object storage with a kill, mixtures, the learning check and the
-# reproduction's --quick smoke run (tens of minutes on 2 cores).
+# The long runs left out of `make test` to keep it within CI's time (tests marked `extended`): killed-and-
+# resumed trainings, full disks (training and preprocessing), tracking outages, training from object storage
+# with a kill, mixtures, the learning check, the reproduction's --quick run, the curation jobs, the killed
+# worker node, the GPU suite's --smoke run, the promotion race and the serving abuse test (tens of minutes).
 test-extended: system $(STAMP)
 	$(RUN) -m pytest -q -m extended $(PYTEST_ARGS)
 

@@ -10,11 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.gpu_suite import SECTIONS
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.extended
 def test_smoke_runs_every_section(tmp_path):
     out = tmp_path / "gpu_suite_smoke.json"
     job = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--smoke", "--out", str(out)], cwd=REPO,

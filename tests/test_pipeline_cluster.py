@@ -90,6 +90,7 @@ def fresh_calls(trace: list[dict], node_id: str) -> list[tuple[str, ...]]:
             and (tuple(r["keys"]), r["pid"]) not in ended]
 
 
+@pytest.mark.extended
 def test_preprocess_job_loses_nothing_when_a_worker_node_is_killed(two_nodes, tmp_path):
     """The worker node's raylet is SIGKILLed while one of the job's model actors there is inside a call.
     The job still finishes with the bytes of a clean run of the same config: nothing lost, nothing twice."""

@@ -68,6 +68,7 @@ def runs(ray_session, corpus, tmp_path_factory):  # noqa: F811 - a fixture
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_copies_are_duplicates_of_their_original_and_benchmark_overlap_is_rejected(corpus, runs):
     _, _, truth = corpus
     rejects = rejects_by_source(runs[1])
@@ -96,6 +97,7 @@ def test_copies_are_duplicates_of_their_original_and_benchmark_overlap_is_reject
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_curation_is_the_same_at_concurrency_1_and_2_and_its_settings_are_hashed(corpus, runs):
     def result(root: Path) -> dict[str, bytes]:  # shards, rejects and the pass's decisions
         return {**output_files(root), **{f"curation/{p.name}": p.read_bytes() for p in (root / "curation").glob("part-*")}}
@@ -150,6 +152,7 @@ def test_a_bucket_pairs_each_near_pair_once(corpus):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_report_renders_in_chromium_and_its_numbers_match_the_manifest(runs, tmp_path):
     """report.html of the curated run: every count the page shows (data-count cells) equals the manifest's,
     the histograms and duplicate thumbnails are inlined, and headless Chromium draws it (its thumbnails are
@@ -186,6 +189,7 @@ def test_report_renders_in_chromium_and_its_numbers_match_the_manifest(runs, tmp
     assert dark_text > 500 and vivid > 4 * 48 * 48, (dark_text, vivid)
 
 
+@pytest.mark.extended
 def test_evaluation_checks_the_training_manifest_against_the_benchmark(corpus, runs, tmp_path):
     from evaluation.decontamination import NotDecontaminated, check_manifest, check_training_data
 

@@ -281,6 +281,7 @@ def test_killed_model_actor_still_accounts_every_input_once(ray_session, annotat
 
 
 # -- a full or read-only output disk -------------------------------------------------------------
+@pytest.mark.extended
 def test_full_or_read_only_output_fails_the_job_and_a_rerun_matches_a_clean_run(
         ray_session, annotated_inputs, uninterrupted, tmp_path, capsys):
     """ENOSPC mid-job and a read-only output: the job stops non-zero naming the file, no input is rejected

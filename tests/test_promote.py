@@ -106,6 +106,7 @@ def sqlite_registry(tmp_path_factory) -> str:
     return uri
 
 
+@pytest.mark.extended
 def test_concurrent_promotions_end_as_a_serial_order(sqlite_registry):
     assert_serial(race(sqlite_registry, NAME, rounds=10))
 

@@ -259,6 +259,7 @@ def readyz_load(service: str) -> dict[str, int]:
     return json.loads(http(f"{service}/readyz", timeout=30)[2])["load"]
 
 
+@pytest.mark.extended
 def test_serving_holds_under_slow_bodies_oversized_and_concurrent_requests(service):
     """100 clients trickling their bodies, 16 good requests, oversized and bad ones, all at once: the slow
     ones get 408 (body deadline) or 429 (upload slots full), good ones 200 (or 429/503, then 200 on a
