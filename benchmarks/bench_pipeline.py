@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.report import write_result
+from benchmarks.report import export_tree, write_result
 from mmdiff.configuration import load_config
 from pipeline.config import PreprocessConfig
 from pipeline.example_inputs import PHOTOS, photo, write_caption_shard, write_photos
@@ -89,10 +89,7 @@ print("RESULT " + json.dumps({"seconds": summary.seconds, "written": summary.wri
 def against(revision: str, repeats: int, rounds: int, workers: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        baseline = tmp / "baseline"
-        baseline.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
+        baseline = export_tree(ROOT, revision, tmp / "baseline")
         write_caption_shard(tmp / "in" / "shard.tar", PHOTOS * repeats)
         n = len(PHOTOS) * repeats
         seconds: dict[str, list[float]] = {"baseline": [], "current": []}

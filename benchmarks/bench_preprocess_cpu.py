@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.report import write_result
+from benchmarks.report import export_tree, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"2MP": (1632, 1224), "12MP": (4000, 3000)}
@@ -150,10 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     samples: dict[str, dict[str, list[int]]] = {}  # written per run: the random tiny models react to pixels
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        baseline = tmp / "baseline"
-        baseline.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
+        baseline = export_tree(ROOT, revision, tmp / "baseline")
         trees = [("before", baseline), ("after", ROOT)]
         for label, size in SIZES.items():
             inputs = write_inputs(tmp / f"in-{label}", size, args.images)
