@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -32,17 +31,13 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from PIL import Image
 
+from tests.helpers import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 # Every entry point the README documents; each target is a main(argv=None).
 SCRIPTS = {"mmdiff-preprocess", "mmdiff-train", "mmdiff-generate", "mmdiff-benchmark", "mmdiff-evaluate",
            "mmdiff-compare", "mmdiff-promote", "mmdiff-serve"}
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(cmd: list, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:

@@ -22,19 +22,14 @@ import yaml
 from PIL import Image
 from skimage import data
 
-from benchmarks.bench_serving import register_tiny_versions, slow_body
+from benchmarks.bench_serving import ray_serve, register_tiny_versions, slow_body
+from tests.helpers import free_port
 from train.export import LOCK
 
 NAME = "mmdiff-serving"
 REPO = Path(__file__).resolve().parents[1]
 GOOD = {"prompt": "a [cat] on a beach", "num_inference_steps": 2, "seed": 1}
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def b64(image: np.ndarray | Image.Image, fmt: str = "JPEG") -> str:
@@ -170,21 +165,14 @@ BOUNDS = {"body_timeout_s": 3.0, "max_uploads": 16, "max_generations": 16}
 @pytest.fixture(scope="module")
 def service(registry):
     """One Serve instance on loopback for all the HTTP tests below (Serve start costs seconds)."""
-    import ray
     from ray import serve
 
     from infra.serving.app import ServingConfig, build_app, proxy_options
 
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": registry}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port, **proxy_options(ServingConfig(**BOUNDS))})
+    with ray_serve(registry, **proxy_options(ServingConfig(**BOUNDS))) as base:
         serve.run(build_app({"model_uri": f"models:/{NAME}@champion", "poll_interval_s": 0.5, "num_cpus": 0.5,
                              "batch_wait_timeout_s": 0.2, "limits": LIMITS, **BOUNDS}), name="mmdiff", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        yield base
 
 
 def pixels(body: bytes) -> np.ndarray:
