@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import ImageFilter
 
 from mmdiff.configuration import load_config, parse_overrides
 from pipeline.config import PreprocessConfig
@@ -36,6 +37,7 @@ def corpus(tmp_path_factory) -> tuple[Path, Path, dict[str, str | None]]:
     shutil.copy(root / "bench" / "dog" / "00.jpg", root / "photos" / "dog_reference.jpg")  # the reference itself
     reference = photo(BENCHMARK["clock"])
     reference.resize((reference.width * 2 // 3, reference.height * 2 // 3)).save(root / "photos" / "clock_small.jpg")
+    photo("rocket").filter(ImageFilter.GaussianBlur(4)).save(root / "photos" / "rocket_blurred.jpg")  # sharpness 2
     return root / "photos", root / "bench", truth
 
 
@@ -48,7 +50,8 @@ def curation_config(inputs: Path, bench: Path, out: Path, concurrency: int) -> P
         "dedup.embedding={family: clip_vision, source: tiny}",
         # the tiny embedding model is random: its cosines say nothing (distinct photos reach 0.998), so the
         # embedding path runs (actors, bands, pairs) with a threshold no pair of these photos reaches
-        "dedup.embedding_threshold=0.9999", "decontamination.embedding_threshold=0.9999"])
+        "dedup.embedding_threshold=0.9999", "decontamination.embedding_threshold=0.9999",
+        "quality.min_sharpness=20"])  # the corpus's least sharp photo (moon) measures 67
     return load_config(CONFIGS / "test_tiny.yaml", PreprocessConfig, {
         **overrides, "input.kind": "folder", "input.path": str(inputs), "output.path": str(out), "output.shard_size": 8,
         "stages.annotate.operator": "benchmarks.bench_pipeline_scale:BareSampler", "stages.load.concurrency": concurrency, "stages.embed.concurrency": concurrency,
@@ -81,6 +84,8 @@ def test_copies_are_duplicates_of_their_original_and_benchmark_overlap_is_reject
             row = rejects[name]
             assert row["reason"] == "duplicate_of", (name, row)
             assert f"duplicate of {make_key(original)} ({original};" in row["detail"], (name, row)
+    # rejected as blurry before dedup sees it (it is also near rocket.jpg, which stays)
+    assert rejects["rocket_blurred.jpg"]["reason"] == "blurry" and "rocket.jpg" not in rejects
     for name, subject in (("dog_reference.jpg", "dog"), ("clock_small.jpg", "clock")):
         assert rejects[name]["reason"] == "benchmark_overlap", rejects[name]
         assert f"bench/{subject}/00.jpg" in rejects[name]["detail"]
@@ -93,7 +98,7 @@ def test_copies_are_duplicates_of_their_original_and_benchmark_overlap_is_reject
     assert {r["sha256"] for r in checked["benchmarks"][0]["references"]} == {
         hashlib.sha256((corpus[1] / s / "00.jpg").read_bytes()).hexdigest() for s in BENCHMARK}
     assert manifest["written"] == len(truth) - len(WITH_COPIES) * len(COPIES)  # the originals and the other photos
-    assert manifest["written"] + sum(manifest["rejected"].values()) == manifest["inputs"] == len(truth) + 2
+    assert manifest["written"] + sum(manifest["rejected"].values()) == manifest["inputs"] == len(truth) + 3
 
 
 @pytest.mark.slow
