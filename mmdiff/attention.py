@@ -137,11 +137,16 @@ class SelfAttnProcessor(AttnProcessor2_0):
 class MMDiffAttnProcessor(nn.Module):
     """Cross-attention processor of MM-Diff (mirrors diffusers' ``AttnProcessor2_0`` for the text path)."""
 
-    def __init__(self, name: str, hidden_size: int, cross_attention_dim: int, rank: int, supervised: bool):
+    def __init__(self, name: str, hidden_size: int, cross_attention_dim: int, rank: int, supervised: bool,
+                 null_key: bool = False):
         super().__init__()
         self.name, self.supervised = name, supervised
         self.lora_k_img = LoRA(cross_attention_dim, hidden_size, rank) if rank else None
         self.lora_v_img = LoRA(cross_attention_dim, hidden_size, rank) if rank else None
+        # A learned background key with a zero value, in the subject softmax: without it every pixel must
+        # give all its subject attention to some subject (one subject's map is then 1/K everywhere, two
+        # subjects' maps sum to a constant), so no subject's map can localise. Zero at start (logit 0).
+        self.null_key = nn.Parameter(torch.zeros(hidden_size)) if null_key else None
 
     def _subject_kv(self, attn: Attention, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The frozen base projection without the text path's LoRA, plus the image LoRA.
@@ -190,16 +195,25 @@ class MMDiffAttnProcessor(nn.Module):
 
         if subjects is not None and subjects.scale != 0.0:
             s, num_tokens = subjects.valid.shape[1], subjects.num_tokens
-            token_mask = subjects.valid.repeat_interleave(num_tokens, dim=1)  # [B, S*K]
-            any_valid = token_mask.any(dim=1)
-            # Rows without any subject attend to all (padded) tokens and are then zeroed: an
-            # all-masked softmax would be NaN, and NaN * 0 is still NaN.
-            attend = token_mask | ~any_valid[:, None]
+            token_mask = subjects.valid.to(query.device).repeat_interleave(num_tokens, dim=1)  # [B, S*K]
             subject_key, subject_value = self._subject_kv(attn, subjects.tokens.to(query.dtype))
             subject_key, subject_value = heads(subject_key), heads(subject_value)
+            if self.null_key is not None:
+                # the null key is always attended, so rows without subjects get exactly zero (its value)
+                null = self.null_key.to(query.dtype).view(1, attn.heads, 1, head_dim).expand(batch, -1, -1, -1)
+                subject_key = torch.cat([subject_key, null], dim=2)
+                subject_value = torch.cat([subject_value, torch.zeros_like(subject_value[:, :, :1])], dim=2)
+                attend = torch.cat([token_mask, token_mask.new_ones(batch, 1)], dim=1)
+                keep = None
+            else:
+                # Rows without any subject attend to all (padded) tokens and are then zeroed: an
+                # all-masked softmax would be NaN, and NaN * 0 is still NaN.
+                any_valid = token_mask.any(dim=1)
+                attend = token_mask | ~any_valid[:, None]
+                keep = any_valid[:, None, None, None].to(out.dtype)
             subject_out = F.scaled_dot_product_attention(query, subject_key, subject_value,
                                                          attn_mask=attend[:, None, None, :])
-            out = out + subjects.scale * subject_out * any_valid[:, None, None, None].to(out.dtype)
+            out = out + subjects.scale * (subject_out if keep is None else subject_out * keep)
             if self.supervised and subjects.captured is not None:
                 text_probs = None
                 if subjects.text_index is not None:

@@ -30,9 +30,11 @@ def attention_constraint_sum(probs: torch.Tensor, masks: torch.Tensor, valid: to
     """(sum of the per-subject constraint over present subjects, their count); see :func:`attention_constraint`.
 
     Returning both lets a caller pool terms of several layers and forms into one mean, leaving out
-    terms with nothing present instead of counting them as zero.
+    terms with nothing present instead of counting them as zero. Computed in fp32 whatever the maps'
+    dtype, with masked sums only (no boolean indexing: no host sync, and the same graph for every batch).
     """
-    probs = probs.float().permute(0, 1, 3, 2)  # [B, h, S, N]
+    probs = probs.to(torch.float32).permute(0, 1, 3, 2)  # [B, h, S, N]
+    masks = masks.to(device=probs.device, dtype=torch.float32)
     inside = masks[:, None]
     if kind == "balanced_l1":
         mean_in = (probs * inside).sum(-1) / inside.sum(-1).clamp(min=1.0)
@@ -44,7 +46,7 @@ def attention_constraint_sum(probs: torch.Tensor, masks: torch.Tensor, valid: to
     else:
         raise ValueError(f"unknown attention loss kind {kind!r}")
     # A small subject can vanish from a coarse layer's mask; it has nothing to be attracted to there.
-    present = (valid & (masks.sum(-1) > 0)).float()
+    present = (valid.to(probs.device) & (masks.sum(-1) > 0)).to(torch.float32)
     return (per_subject.mean(1) * present).sum(), present.sum()
 
 
@@ -62,7 +64,11 @@ def attention_constraint(probs: torch.Tensor, masks: torch.Tensor, valid: torch.
 
 
 def inside_share(probs: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Share of each valid subject's attention mass that falls inside its own mask, averaged (a metric)."""
-    probs = probs.float().mean(1).transpose(1, 2)  # [B, S, N]
-    share = (probs * masks).sum(-1) / probs.sum(-1).clamp(min=1e-12)
-    return share[valid].mean()
+    """Share of each valid subject's attention mass inside its own mask, averaged (a metric; NaN if none valid).
+
+    A masked mean, not ``share[valid]``: boolean indexing would make the host wait for the device.
+    """
+    probs = probs.to(torch.float32).mean(1).transpose(1, 2)  # [B, S, N]
+    share = (probs * masks.to(probs)).sum(-1) / probs.sum(-1).clamp(min=1e-12)
+    weight = valid.to(device=probs.device, dtype=torch.float32)
+    return (share * weight).sum() / weight.sum()

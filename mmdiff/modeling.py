@@ -103,7 +103,7 @@ class MMDiffModel(nn.Module):
             supervised = any(name.startswith(prefix + ".") for prefix in cfg.supervised_layers)
             to_k = getattr(layer.to_k, "base_layer", layer.to_k)
             processors[name] = MMDiffAttnProcessor(name.removesuffix(".processor"), to_k.out_features,
-                                                   to_k.in_features, cfg.lora_rank, supervised)
+                                                   to_k.in_features, cfg.lora_rank, supervised, cfg.subject_null_key)
         cross = [p for p in processors.values() if isinstance(p, MMDiffAttnProcessor)]
         self.unet.set_attn_processor(processors)
         return cross
@@ -180,7 +180,8 @@ class MMDiffModel(nn.Module):
             raise ValueError(f"{config_path}: not an MM-Diff adapter config (no 'mmdiff' section)")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{config_path}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
-        return meta, parse_config(meta["mmdiff"], MMDiffConfig, str(config_path))
+        # adapters saved before the subject null key existed have none
+        return meta, parse_config({"subject_null_key": False, **meta["mmdiff"]}, MMDiffConfig, str(config_path))
 
     @classmethod
     def recorded_spec(cls, adapter_dir: str | Path, key: str) -> ModelSpec | None:
@@ -315,12 +316,11 @@ class MMDiffModel(nn.Module):
         cfg = self.config
         batch = {k: v.to(self.device) for k, v in batch.items()}
         valid = batch["subject_valid"].bool()
-        pixels = batch["pixel_values"].to(self.vae.dtype)
         with torch.no_grad():
             if "latent_parameters" in batch:  # cached VAE output (mean, logvar): same sampling, no encoder pass
                 posterior = DiagonalGaussianDistribution(batch["latent_parameters"].to(self.vae.dtype))
             else:
-                posterior = self.vae.encode(pixels).latent_dist
+                posterior = self.vae.encode(batch["pixel_values"].to(self.vae.dtype)).latent_dist
             latents = posterior.sample() * self.vae.config.scaling_factor
         latents = latents.to(self.unet.conv_in.weight.dtype)  # an fp16 base keeps a force_upcast VAE in fp32
         # by shape, not randn_like: the VAE output may be channels-last, and cached latents are not
@@ -342,7 +342,8 @@ class MMDiffModel(nn.Module):
         prompt_embeds, pooled = self.encode_text(ids, token_index, valid & (token_index >= 0), cls_embeds)
         added = None
         if pooled is not None:
-            target_size = torch.tensor(pixels.shape[-2:], device=self.device).expand(pixels.shape[0], 2)
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the image size, from the latents'
+            target_size = torch.tensor([s * factor for s in latents.shape[-2:]], device=self.device).expand(latents.shape[0], 2)
             time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], target_size], dim=1)
             added = {"text_embeds": pooled, "time_ids": time_ids.to(prompt_embeds.dtype)}
 
@@ -352,7 +353,8 @@ class MMDiffModel(nn.Module):
                                cross_attention_kwargs={"subjects": conditioning}).sample
         captured = list((conditioning.captured or {}).values())
 
-        masks = batch["subject_masks"].float()
+        masks = batch["subject_masks"]  # the loader's are uint8 coverage (0..255) at the latent resolution
+        masks = masks.float() / 255 if masks.dtype == torch.uint8 else masks.float()
         region = None
         if cfg.denoise_in_mask_prob > 0 and torch.rand(()) < cfg.denoise_in_mask_prob:
             union = (masks * valid[:, :, None, None]).amax(dim=1, keepdim=True)
@@ -385,11 +387,12 @@ class MMDiffModel(nn.Module):
         """The constraint, averaged over every (layer, form, subject) term that carries signal.
 
         A term is left out (not counted as zero) when its subject is padded, has no class word (text
-        form), shares its sample with no other subject (subject form: the map is then 1/K everywhere),
-        or has vanished from the layer's mask.
+        form), shares its sample with no other subject in a model without a null key (subject form: the
+        map is then 1/K everywhere), or has vanished from the layer's mask.
         """
         cfg = self.config
-        who = {"text": valid & (token_index >= 0), "subject": valid & (valid.sum(1, keepdim=True) >= 2)}
+        who = {"text": valid & (token_index >= 0),
+               "subject": valid if cfg.subject_null_key else valid & (valid.sum(1, keepdim=True) >= 2)}
         forms = ["text", "subject"] if cfg.attention_loss_tokens == "both" else [cfg.attention_loss_tokens]
         aspect = latent_size[1] / latent_size[0]
         total, count = masks.new_zeros(()), masks.new_zeros(())

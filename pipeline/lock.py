@@ -142,5 +142,11 @@ class OutputLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            self.release()
+        except OSError:
+            if exc_type is None:
+                raise
+            # the job already failed (often with the storage that the lease is on): keep its error; the
+            # lease expires by itself, and this host's next job takes it over at once (its pid is gone)

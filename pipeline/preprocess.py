@@ -8,7 +8,10 @@ partition is finished when its shard, rejects file and index are on disk and mat
 skips finished partitions and redoes the others from scratch, so an interrupted job resumes to the same
 shard set an uninterrupted one writes. One input never stops the job: an exception on it is its reject;
 a batch whose worker process keeps dying is retried input by input and the input whose worker still dies
-is rejected as ``worker_crash``.
+is rejected as ``worker_crash`` (if the output still takes a write). An output that cannot be written (no
+space left, read-only, unreachable) is the job's failure, never an input's: the job stops with
+:class:`~pipeline.storage.OutputUnwritable` naming the file (exit status 3), records nothing for the
+inputs it could not write, and a rerun once the output is writable finishes them.
 
 The driver's memory does not grow with the dataset beyond a few bytes per input: the listing streams
 through it once (one partition held at a time, written to ``<out>/listing`` where the dataset's read tasks
@@ -39,8 +42,8 @@ from pipeline.inputs import InputRecord, Skip, iter_listing, iter_partitions
 from pipeline.lock import OutputLock, OutputLocked
 from pipeline.report import write_report
 from pipeline.shards import JsonlStream, ShardLayout, finalize_partition, write_json_atomic
-from pipeline.stages import RECORD_FIELDS, content_batching, sample_stages
-from pipeline.storage import Location, UnsupportedStorage
+from pipeline.stages import RECORD_FIELDS, UNWRITTEN, content_batching, sample_stages
+from pipeline.storage import Location, OutputUnwritable, UnsupportedStorage
 
 __all__ = ["JobSummary", "EmptyInputError", "run_job", "content_hash", "main"]
 
@@ -225,7 +228,12 @@ class _Finalizer:
         import ray
 
         done, self._in_flight = ray.wait(self._in_flight, num_returns=1)
-        result = ray.get(done[0])
+        try:
+            result = ray.get(done[0])
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, OutputUnwritable):
+                raise OutputUnwritable(f"{exc.cause}; the job stopped before finishing partition(s)") from None
+            raise
         if result["written"] + result["rejected"] != self._listed.size(result["partition"]):
             raise RuntimeError(f"accounting error: partition {result['partition']} has {self._listed.size(result['partition'])} "
                                f"inputs but its shard holds {result['written']} and its rejects {result['rejected']}")
@@ -245,6 +253,7 @@ def run_job(config: PreprocessConfig) -> JobSummary:
 def _run_locked(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock) -> JobSummary:
     started = time.perf_counter()
     chash = content_hash(config)
+    layout.remove_temporaries()  # a killed writer's: this job holds the folder, nobody else writes there
     skipped = JsonlStream(layout.skipped)
     try:
         listed = _list(config, layout, skipped)
@@ -312,6 +321,9 @@ def _process(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock, ch
         for batch in results.iter_batches(batch_size=None, batch_format="pandas"):
             for row in batch.to_dict("records"):
                 partition = int(row["partition"])
+                if row["status"] == UNWRITTEN:
+                    raise OutputUnwritable(f"{json.loads(row['outcome'])['detail']}; the job stopped and "
+                                           "recorded nothing against the inputs of that group")
                 if partition not in remaining or row["key"] in outcomes.get(partition, {}):
                     continue  # a retried batch reported again: already counted
                 rows = outcomes.setdefault(partition, {})
@@ -328,9 +340,12 @@ def _process(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock, ch
                    for fields in json.loads(row["inputs"]) if fields["key"] not in outcomes.get(k, {})]
         collect(ray.data.from_items(fixed_batches(missing, 1), override_num_blocks=max(1, min(len(missing), 1000))),
                 alone=True)
-        for record in missing:
-            if record.partition not in remaining or record.key in outcomes.get(record.partition, {}):
-                continue
+        crashed = [r for r in missing if r.partition in remaining and r.key not in outcomes.get(r.partition, {})]
+        if crashed:
+            # A worker that died on an input alone blames the input only if the output takes a write now:
+            # a full or lost output can kill workers too, and that is never an input's fault.
+            layout.staging.check_writable(_WRITABLE_PROBE_BYTES)
+        for record in crashed:
             retries = config.stages.annotate.crash_retries
             outcomes.setdefault(record.partition, {})[record.key] = {
                 **_reject_row(record, "worker_crash", f"{record.source}: a worker process died on this input "
@@ -341,6 +356,9 @@ def _process(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock, ch
             finalizer.submit(partition, list(outcomes.pop(partition, {}).values()))
     finalizer.drain()
     bar.close()
+
+
+_WRITABLE_PROBE_BYTES = 1 << 20
 
 
 def _write_manifest(config: PreprocessConfig, layout: ShardLayout, chash: str, listed: _Listed, processed: int,
@@ -390,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OutputLocked, EmptyInputError, UnsupportedStorage) as exc:
         print(f"preprocess: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except OutputUnwritable as exc:
+        print(f"preprocess: error: the output cannot be written (no input was rejected for it; rerun once it "
+              f"can be): {exc}", file=sys.stderr, flush=True)
+        return 3
     print(summary.line(), flush=True)
     for note in summary.notes:
         print(f"preprocess: {note}", flush=True)

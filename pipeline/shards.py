@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator, Literal
 
 import webdataset as wds
 
-from pipeline.storage import Location
+from pipeline.storage import Location, writing
 from preprocess.sample import Sample
 
 __all__ = ["ShardLayout", "JsonlStream", "stage_samples", "read_staged", "finalize_partition", "reject_counts",
@@ -108,6 +108,12 @@ class ShardLayout:
     def all_rejects(self) -> list[dict[str, Any]]:
         return [row for path in self.rejects.glob("part-*.jsonl") for row in _read_jsonl(path)]
 
+    def remove_temporaries(self) -> None:
+        """The temporary files that writes killed mid-way left beside their final names (not the lease's:
+        another job may be trying to create it right now)."""
+        for folder in (self.root, self.shards, self.rejects, self.listing):
+            folder.remove_temporaries(keep=f".{self.lock.name}.")
+
     def remove_scratch(self) -> None:
         """What only a running job needs: the listing and the staging folders."""
         self.listing.remove()
@@ -125,15 +131,25 @@ class JsonlStream:
         self._handle = self._tmp.open("wb")
 
     def write(self, row: dict[str, Any]) -> None:
-        self._handle.write(_jsonl([row]))
+        with writing(self.path):
+            self._handle.write(_jsonl([row]))
 
     def commit(self) -> None:
-        self._handle.close()
+        try:
+            with writing(self.path):
+                self._handle.close()
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
         self.path.publish(self._tmp)
 
     def discard(self) -> None:
-        self._handle.close()
-        self._tmp.unlink(missing_ok=True)
+        try:
+            self._handle.close()  # may fail again flushing onto a full disk: the file goes all the same
+        except OSError:
+            pass
+        finally:
+            self._tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Location, data: Any) -> None:

@@ -13,7 +13,8 @@ group travels as its inputs' state in JSON (status, caption, kept entities) plus
 columns: ``images`` (that JPEG), ``masks`` (bit-packed) and ``faces`` (float32). Each model stage
 decodes the JPEGs, runs its step (:mod:`preprocess.annotate`) with its model built once per actor, and
 passes the group on; ``annotate`` builds crops and samples, stages them on shared storage and returns
-one small row per input (``key``, ``partition``, ``status`` = ``ok`` or ``rejected``, and ``outcome``:
+one small row per input (``key``, ``partition``, ``status`` = ``ok`` or ``rejected``, or ``unwritten``
+when the output refused the group's samples, and ``outcome``:
 JSON of ``source``, ``reason`` and ``detail``; text from file names travels as JSON, which holds any
 name, even one that is not UTF-8). ``stages.mode: fused`` runs every model step in one ``annotate``
 actor pool instead (:class:`SampleStage`); a custom operator or the importer runs there too.
@@ -41,15 +42,17 @@ from pipeline.shards import ShardLayout, stage_samples
 from preprocess.annotate import STEPS, Annotation, Annotator, Rejection, SampleBuilder, build_steps, run_step
 from preprocess.faces import EMBEDDING_DIM
 from preprocess.filters import Kept
-from preprocess.image_io import ImageConfig, ImageRejected, load_image
+from preprocess.image_io import ImageConfig, ImageRejected, as_rgb, load_image
 from preprocess.phrases import Phrase
 from preprocess.quality import subject_rejection
 from preprocess.sample import Sample, encode_jpeg
 
 __all__ = ["load_batch", "ModelStage", "SampleStage", "write_batch", "sample_stages",
-           "model_steps", "content_batching", "RESULT_COLUMNS", "RECORD_FIELDS", "GROUP_COLUMNS", "error_detail"]
+           "model_steps", "content_batching", "RESULT_COLUMNS", "UNWRITTEN", "RECORD_FIELDS", "GROUP_COLUMNS", "error_detail"]
 
 RESULT_COLUMNS = ["key", "partition", "status", "outcome"]
+# The status of a result row whose group could not be written to the output: the job stops on it.
+UNWRITTEN = "unwritten"
 RECORD_FIELDS = ("key", "source", "path", "offset", "size", "caption", "annotation", "partition")
 # A group between stages: its inputs' state (JSON list) and, per input, the JPEG, masks and faces (b"": none).
 GROUP_COLUMNS = ["batch", "partition", "inputs", "images", "masks", "faces"]
@@ -114,7 +117,7 @@ def load_batch(batch: pd.DataFrame, image: ImageConfig, storage_options: dict[st
 def _decode_image(jpeg: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(jpeg))
     image.load()
-    return image.convert("RGB")
+    return as_rgb(image)
 
 
 def _kept(data: dict[str, Any]) -> Kept:
@@ -214,7 +217,14 @@ class _Writer:
             except Exception as exc:  # noqa: BLE001 - a failure on one input is that input's reject
                 group.reject(i, Rejection("encode_failed", error_detail(fields["source"], "encode", exc)))
         if staged:
-            stage_samples(self.layout, group.partition, staged)
+            try:
+                stage_samples(self.layout, group.partition, staged)
+            except Exception as exc:  # noqa: BLE001 - the samples are made: only the output can fail here
+                # The job's failure, not the inputs': the driver stops on this row, and nothing of the group
+                # is recorded, so a rerun redoes it.
+                return [{"key": r["key"], "partition": r["partition"], "status": UNWRITTEN,
+                         "outcome": json.dumps({"source": r["source"], "reason": "", "detail": f"{type(exc).__name__}: {exc}"})}
+                        for r in group.inputs]
         return [{"key": r["key"], "partition": r["partition"], "status": r["status"],
                  "outcome": json.dumps({k: r[k] for k in ("source", "reason", "detail")})} for r in group.inputs]
 

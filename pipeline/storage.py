@@ -18,6 +18,8 @@ its credentials itself (for S3: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``
   lock on the folder locally; S3's conditional writes (``If-None-Match: *``, ``If-Match: <etag>``)
   on object stores. A server that ignores those headers is detected and refused
   (:meth:`Location.check_exclusive_create`).
+- A write that fails (a full disk, a read-only or unreachable output) raises :class:`OutputUnwritable`
+  naming the file, and leaves no temporary file behind: it is a failure of the job, never of an input.
 """
 
 from __future__ import annotations
@@ -37,16 +39,38 @@ from typing import IO, Any, Iterator
 
 import fsspec
 
-__all__ = ["Location", "UnsupportedStorage"]
+__all__ = ["Location", "UnsupportedStorage", "OutputUnwritable", "writing", "TEMPORARY_PATTERN"]
 
 LOCAL_PROTOCOLS = ("file", "local")
 S3_PROTOCOLS = ("s3", "s3a")
 # S3 answers a conditional request that lost a race with one of these codes.
 _S3_CONDITION_FAILED = ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey")
+# The names of the temporary files written beside their final name (:meth:`Location.staging_file`).
+TEMPORARY_PATTERN = ".*.tmp-*"
 
 
 class UnsupportedStorage(ValueError):
     """The URL's protocol cannot do what the job asks of it there (the message says what and why)."""
+
+
+class OutputUnwritable(OSError):
+    """Writing a file of the output failed for a reason of the environment, not of the data: no space left,
+    a read-only, unreachable or refusing filesystem (the message names the file and the cause)."""
+
+
+@contextmanager
+def writing(location: "Location", what: str = "write") -> Iterator[None]:
+    """Raise any OSError of the block as :class:`OutputUnwritable` naming ``location``."""
+    try:
+        yield
+    except OutputUnwritable:
+        raise
+    except OSError as exc:
+        raise _unwritable(location, exc, what) from exc
+
+
+def _unwritable(location: "Location", exc: BaseException, what: str = "write") -> OutputUnwritable:
+    return OutputUnwritable(f"cannot {what} {location.url}: {type(exc).__name__}: {exc}")
 
 
 @dataclass(frozen=True)
@@ -179,33 +203,54 @@ class Location:
         """Make the file hold ``data``; readers see the old file, the new one or none, never a part."""
         self.require_writable()
         if self.is_local:
-            os.replace(self._written_beside(data), self.path)
+            tmp = self._written_beside(data)
+            with writing(self), _removed_on_failure(tmp):
+                os.replace(tmp, self.path)
         else:
             # One PUT below s3fs's multipart threshold (100 MB), else one multipart upload: S3 publishes
             # the key only when the upload completes, and s3fs aborts an upload that fails. Never write
             # the final key through open(..., "wb") in pieces: leaving that `with` block on an exception
             # closes the file, and closing completes the upload with whatever was written so far.
-            self.fs.pipe_file(self.path, data)
+            with writing(self):
+                self.fs.pipe_file(self.path, data)
 
     def publish(self, local: Path) -> None:
         """Move the finished local file ``local`` here, whole (a rename locally when ``local`` is in this
         file's folder, else one upload that is published when it completes); ``local`` is gone after."""
         self.require_writable()
-        if self.is_local:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(local, self.path)  # os.rename within a filesystem
-        else:
-            self.fs.put_file(local, self.path)  # one PUT, or a multipart upload completed at the end
-            os.unlink(local)
+        with writing(self), _removed_on_failure(local):
+            if self.is_local:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(local, self.path)  # os.rename within a filesystem
+            else:
+                self.fs.put_file(local, self.path)  # one PUT, or a multipart upload completed at the end
+                os.unlink(local)
 
     def staging_file(self) -> Path:
         """A new local temporary path for a file that :meth:`publish` will put here: beside it locally (so
         publishing is a rename), in the temporary folder for object stores."""
         hidden = f".{self.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         if self.is_local:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            with writing(self, "create the folder of"):
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             return Path(self.path).with_name(hidden)
         return Path(tempfile.gettempdir()) / hidden
+
+    def check_writable(self, size: int) -> None:
+        """Raise :class:`OutputUnwritable` unless a file of ``size`` bytes can be written in this folder
+        now (it is removed again)."""
+        probe = self / f".write-probe-{uuid.uuid4().hex[:12]}"
+        try:
+            probe.write_atomic(bytes(size))
+        finally:
+            probe.remove()
+
+    def remove_temporaries(self, keep: str | None = None) -> None:
+        """Remove the temporary files of writes that never finished in this folder (a killed writer's),
+        except those whose name starts with ``keep``."""
+        for tmp in self.glob(TEMPORARY_PATTERN):
+            if not (keep and tmp.name.startswith(keep)):
+                tmp.remove()
 
     def remove(self) -> None:
         """Remove the file, or the folder (prefix) and everything under it; nothing there is fine."""
@@ -249,6 +294,8 @@ class Location:
                 os.link(tmp, self.path)  # fails if the name exists; the file appears with all its bytes
             except FileExistsError:
                 return None
+            except OSError as exc:
+                raise _unwritable(self, exc) from exc
             finally:
                 tmp.unlink()
             return _sha256(data)
@@ -284,7 +331,7 @@ class Location:
         """Remove the file if it still is version ``tag``; whether it was removed."""
         self.require_writable()
         if self.is_local:
-            with self._local_version_is(tag) as unchanged:
+            with self._local_version_is(tag) as unchanged, writing(self, "remove"):
                 if unchanged:
                     os.unlink(self.path)
             return unchanged
@@ -304,9 +351,11 @@ class Location:
             os.close(folder)  # releases the flock
 
     def _written_beside(self, data: bytes) -> Path:
-        """Local: a temporary file holding ``data`` in this file's folder (so a rename or link is atomic)."""
+        """Local: a temporary file holding ``data`` in this file's folder (so a rename or link is atomic);
+        removed again if writing it fails."""
         tmp = self.staging_file()
-        tmp.write_bytes(data)
+        with writing(self), _removed_on_failure(tmp):
+            tmp.write_bytes(data)
         return tmp
 
     def _s3_if(self, method: str, **kwargs: Any) -> dict[str, Any] | None:
@@ -318,7 +367,17 @@ class Location:
         except OSError as exc:
             if isinstance(exc, FileExistsError) or _s3_code(exc) in _S3_CONDITION_FAILED:
                 return None
-            raise
+            raise _unwritable(self, exc) from exc
+
+
+@contextmanager
+def _removed_on_failure(tmp: Path) -> Iterator[None]:
+    """Remove the temporary file ``tmp`` if the block raises (a full disk must not keep a partial copy)."""
+    try:
+        yield
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _sha256(data: bytes) -> str:

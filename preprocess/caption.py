@@ -15,6 +15,7 @@ from PIL import Image
 from mmdiff import zoo
 from mmdiff.configuration import ConfigModel
 from mmdiff.zoo.spec import ModelSpec
+from preprocess.image_io import device_pixels
 
 __all__ = ["CaptionConfig", "Captioner"]
 
@@ -50,7 +51,8 @@ class Captioner:
     def __call__(self, images: list[Image.Image]) -> list[str]:
         if not images:
             return []
-        inputs = self.processor(images=[image.convert("RGB") for image in images],
+        # the processor resizes and normalises with torch on the model's device (uint8 pixels cross over)
+        inputs = self.processor(images=device_pixels(images, self.device), device=self.device,
                                 text=[self.config.prompt] * len(images), padding="longest", return_tensors="pt")
         inputs = inputs.to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)

@@ -12,6 +12,7 @@ from PIL import Image
 
 from mmdiff.configuration import ConfigModel
 from mmdiff.subject_image import SUBJECT_FILL, square_subject_image
+from preprocess.image_io import as_rgb
 
 __all__ = ["CropConfig", "SubjectCropper", "square_box"]
 
@@ -40,21 +41,19 @@ class SubjectCropper:
 
     def __call__(self, image: Image.Image, boxes: np.ndarray, masks: np.ndarray) -> np.ndarray:
         c = self.config
-        pixels = np.asarray(image.convert("RGB"))
-        height, width = pixels.shape[:2]
+        image = as_rgb(image)
+        width, height = image.size
         if masks.shape[1:] != (height, width) or len(masks) != len(boxes):
             raise ValueError(f"masks {masks.shape} do not match {len(boxes)} boxes on a {width}x{height} image")
         crops = np.empty((len(boxes), c.size, c.size, 3), np.uint8)
         for i, (box, mask) in enumerate(zip(boxes, masks)):
             x0, y0, x1, y1 = square_box(tuple(float(v) for v in box), c.margin)
-            canvas = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
-            canvas[:] = c.fill
-            # Paste the part of the square inside the image, masked.
+            canvas = Image.new("RGB", (x1 - x0, y1 - y0), c.fill)
+            # Paste the part of the square inside the image through its mask (PIL's masked paste: a few
+            # times cheaper than numpy's boolean indexing or a broadcast fill of the canvas).
             sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
             if sx1 > sx0 and sy1 > sy0:
-                region = pixels[sy0:sy1, sx0:sx1]
-                keep = mask[sy0:sy1, sx0:sx1]
-                target = canvas[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
-                target[keep] = region[keep]
-            crops[i] = np.asarray(square_subject_image(Image.fromarray(canvas), c.size, c.fill))
+                canvas.paste(image.crop((sx0, sy0, sx1, sy1)), (sx0 - x0, sy0 - y0),
+                             Image.fromarray(np.ascontiguousarray(mask[sy0:sy1, sx0:sx1])))
+            crops[i] = np.asarray(square_subject_image(canvas, c.size, c.fill))
         return crops

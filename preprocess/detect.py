@@ -20,6 +20,7 @@ from torchvision.ops import box_convert, nms
 from mmdiff import zoo
 from mmdiff.configuration import ConfigModel
 from mmdiff.zoo.spec import ModelSpec
+from preprocess.image_io import as_rgb, device_pixels
 
 __all__ = ["DetectConfig", "Detection", "Detector", "build_prompt"]
 
@@ -90,7 +91,7 @@ class Detector:
         todo = [i for i, p in enumerate(phrases) if p]
         if not todo:
             return results
-        images = [images[i].convert("RGB") for i in todo]
+        images = [as_rgb(images[i]) for i in todo]
         prompts, spans = zip(*(build_prompt(phrases[i]) for i in todo))
         logits, boxes = (self._forward_official if self.backend == "official" else self._forward_transformers)(images, list(prompts))
         probs = logits.float().sigmoid().cpu()
@@ -101,9 +102,11 @@ class Detector:
 
     def _forward_transformers(self, images, prompts):
         processor = self.model.processor
-        # prompts longer than the model's text length are cut, as the official code does
-        inputs = processor(images=images, text=prompts, padding="longest", truncation=True,
-                           max_length=self.model.model.config.max_text_len, return_tensors="pt").to(self.device)
+        # The processor resizes, rescales, normalises and pads with torch on the device it is given.
+        # Prompts longer than the model's text length are cut, as the official code does.
+        inputs = processor(images=device_pixels(images, self.device), device=self.device, text=prompts,
+                           padding="longest", truncation=True, max_length=self.model.model.config.max_text_len,
+                           return_tensors="pt").to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         outputs = self.model.model(**inputs)
         return outputs.logits, outputs.pred_boxes

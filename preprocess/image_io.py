@@ -16,7 +16,7 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -24,7 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mmdiff.configuration import ConfigModel
 
 __all__ = ["ImageConfig", "ImageRejected", "ImageHeader", "LoadedImage", "ImageLoader", "check_decode_budget",
-           "load_image", "to_rgb"]
+           "load_image", "to_rgb", "resize_bicubic", "device_pixels", "as_rgb"]
 
 
 class ImageConfig(ConfigModel):
@@ -150,6 +150,38 @@ def to_rgb(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     return image.convert("RGB")
 
 
+def resize_bicubic(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """RGB ``image`` resized to ``size`` (width, height) with an antialiased bicubic filter: torch's uint8
+    kernel (SIMD), a fifth of PIL's CPU time at 2 MP, within 2 levels of PIL's bicubic."""
+    import torch
+
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
+    resized = torch.nn.functional.interpolate(pixels, size=(size[1], size[0]), mode="bicubic", antialias=True)
+    return Image.fromarray(resized[0].permute(1, 2, 0).contiguous().numpy(), "RGB")
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """``image`` in mode RGB: itself when it is (PIL's convert would copy it), else converted."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def device_pixels(images: list[Image.Image], device: Any) -> list[Any]:
+    """Each image as an RGB uint8 [3, H, W] tensor on ``device``: what a processor's torch path takes to
+    resize and normalise there (only uint8 pixels cross from the host)."""
+    import torch
+
+    return [torch.from_numpy(np.array(as_rgb(image))).to(device).permute(2, 0, 1) for image in images]
+
+
+def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """``size`` scaled down so its long side is at most ``max_side``."""
+    width, height = size
+    if max(width, height) <= max_side:
+        return size
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def load_image(data: bytes, source: str, config: ImageConfig) -> LoadedImage:
     """Decode ``data`` (the bytes of file ``source``) into a validated RGB image, or raise ImageRejected."""
     opened = _open(data, source)
@@ -159,29 +191,34 @@ def load_image(data: bytes, source: str, config: ImageConfig) -> LoadedImage:
                             f"declared {header.width}x{header.height} > {config.max_pixels} pixels")
     _check_budget(header, config.max_decoded_bytes, source)
     mode = opened.mode
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-    except OSError as exc:
-        raise ImageRejected(source, "truncated", f"{type(exc).__name__}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001
-        raise ImageRejected(source, "unreadable", f"{type(exc).__name__}: {exc}") from None
-    image = to_rgb(image, config.fill)
-    width, height = image.size
+    # The checks hold whichever way the image turns (EXIF orientation): made on the header, before decoding.
+    width, height = header.width, header.height
     if min(width, height) < config.min_side:
         raise ImageRejected(source, "too_small", f"{width}x{height}, shorter side < {config.min_side}")
     if max(width, height) / min(width, height) > config.max_aspect_ratio:
         raise ImageRejected(
             source, "bad_aspect_ratio", f"{width}x{height}, aspect ratio > {config.max_aspect_ratio}"
         )
-    original = (width, height)
-    if max(width, height) > config.max_side:
-        scale = config.max_side / max(width, height)
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return LoadedImage(image=image, original_size=original, original_mode=mode)
+    # JPEG draft: the decoder scales by 1/2, 1/4 or 1/8 in the DCT while staying at least the output size
+    # (a 12 MP photo decodes at 3 MP for a 1024 px output); other formats ignore it.
+    opened.draft(None, _fit((width, height), config.max_side))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened.load()
+            decoded = opened.size
+            ImageOps.exif_transpose(opened, in_place=True)  # no copy when there is nothing to turn
+    except OSError as exc:
+        raise ImageRejected(source, "truncated", f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ImageRejected(source, "unreadable", f"{type(exc).__name__}: {exc}") from None
+    if opened.size != decoded:  # turned by 90 degrees
+        width, height = height, width
+    image = to_rgb(opened, config.fill)
+    size = _fit((width, height), config.max_side)
+    if image.size != size:
+        image = resize_bicubic(image, size)
+    return LoadedImage(image=image, original_size=(width, height), original_mode=mode)
 
 
 class ImageLoader:

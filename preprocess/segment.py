@@ -15,6 +15,7 @@ from PIL import Image
 from mmdiff import zoo
 from mmdiff.configuration import ConfigModel
 from mmdiff.zoo.spec import ModelSpec
+from preprocess.image_io import as_rgb
 
 __all__ = ["SegmentConfig", "Segmenter"]
 
@@ -48,7 +49,7 @@ class Segmenter:
     def __call__(self, images: list[Image.Image], boxes: list[np.ndarray]) -> list[np.ndarray]:
         if len(images) != len(boxes):
             raise ValueError(f"Segmenter: {len(images)} images but {len(boxes)} box arrays")
-        images = [image.convert("RGB") for image in images]
+        images = [as_rgb(image) for image in images]
         boxes = [_check_boxes(b, i) for i, b in enumerate(boxes)]
         results = [np.zeros((0, image.height, image.width), bool) for image in images]
         todo = [i for i, b in enumerate(boxes) if len(b)]

@@ -1,17 +1,21 @@
 """Fault injection for the pipeline tests: an importer that fails on chosen inputs, the way real operators
 fail, and one that is slow and says where it works, so a test can take a node down under it. Ray workers
 import them by name (``stages.annotate.operator: tests.faults:FaultyImporter``). And a killer of a stage's
-worker process mid-job."""
+worker process mid-job. And a real small filesystem to fill up."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
+
+import pytest
 
 from pipeline.config import PreprocessConfig
 from pipeline.importer import AnnotationImporter
@@ -94,6 +98,27 @@ def kill_worker_once_staged(out: Path, stage: str, killed: list[int], timeout_s:
                 except psutil.Error:
                     continue
         time.sleep(0.02)
+
+
+@contextmanager
+def small_filesystem(folder: Path, size: str):
+    """A real tmpfs of ``size`` mounted at ``folder`` (needs root, as on CI's containers)."""
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a small tmpfs to fill up here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def fill_leaving(folder: Path, free: int) -> Path:
+    stat = os.statvfs(folder)
+    ballast = folder / "ballast"
+    ballast.write_bytes(bytes(stat.f_bavail * stat.f_frsize - free))
+    return ballast
 
 
 class SwitchableProxy:

@@ -96,3 +96,29 @@ def test_crop_rejects_mismatched_masks():
         assert "50x40" in str(error)
     else:
         raise AssertionError("mismatched masks were accepted")
+
+
+def test_crops_equal_a_plain_numpy_reference_on_random_boxes_and_masks():
+    """The masked paste gives exactly the crops of the straightforward version (canvas filled, masked pixels
+    copied by boolean indexing, then square_subject_image), boxes partly outside the image included."""
+    from mmdiff.subject_image import square_subject_image
+
+    image = photo("chelsea").convert("RGB").resize((320, 240))
+    pixels = np.asarray(image)
+    config = CropConfig(size=48, margin=0.2, fill=(10, 200, 30))
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        x0, y0 = rng.uniform(-20, 300, 2)
+        boxes = np.array([[max(0, x0), max(0, y0), min(320, x0 + rng.uniform(4, 300)), min(240, y0 + rng.uniform(4, 200))]],
+                         np.float32)
+        masks = rng.random((1, 240, 320)) > 0.4
+        reference = []
+        for box, mask in zip(boxes, masks):
+            bx0, by0, bx1, by1 = square_box(tuple(box), config.margin)
+            canvas = np.empty((by1 - by0, bx1 - bx0, 3), np.uint8)
+            canvas[:] = config.fill
+            sx0, sy0, sx1, sy1 = max(bx0, 0), max(by0, 0), min(bx1, 320), min(by1, 240)
+            target, keep = canvas[sy0 - by0 : sy1 - by0, sx0 - bx0 : sx1 - bx0], mask[sy0:sy1, sx0:sx1]
+            target[keep] = pixels[sy0:sy1, sx0:sx1][keep]
+            reference.append(np.asarray(square_subject_image(Image.fromarray(canvas), config.size, config.fill)))
+        assert np.array_equal(SubjectCropper(config)(image, boxes, masks), np.stack(reference))

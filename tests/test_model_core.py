@@ -70,8 +70,8 @@ def test_reference_image_changes_output(model):
 def test_gradients_reach_exactly_the_trainable_set(model):
     # Acceptance 3.
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(("lora" in n or n.split(".")[0] in {"text_fusions", "query_mlp", "refiner"})
-                             for n in trainable)
+    assert trainable and all(("lora" in n or n.endswith(".processor.null_key")
+                              or n.split(".")[0] in {"text_fusions", "query_mlp", "refiner"}) for n in trainable)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
     optimizer.zero_grad()
@@ -130,7 +130,12 @@ def test_captured_attention_matches_eager_softmax(model):
             ks = ks.unflatten(-1, (h, -1)).transpose(1, 2)
             logits = q @ ks.transpose(-1, -2) / q.shape[-1] ** 0.5
             keep_cols = batch["subject_valid"].repeat_interleave(model.config.num_tokens, 1)[:, None, None, :]
-            sprobs = torch.softmax(logits.masked_fill(~keep_cols, float("-inf")), -1)
+            columns = keep_cols.shape[-1]
+            if proc.null_key is not None:  # the background key joins the softmax, and is not a subject column
+                null_logit = (q * proc.null_key.view(1, h, 1, -1)).sum(-1, keepdim=True) / q.shape[-1] ** 0.5
+                logits = torch.cat([logits, null_logit], -1)
+                keep_cols = torch.cat([keep_cols, keep_cols.new_ones(*keep_cols.shape[:-1], 1)], -1)
+            sprobs = torch.softmax(logits.masked_fill(~keep_cols, float("-inf")), -1)[..., :columns]
             expected_subject = sprobs.unflatten(-1, (3, -1)).mean(-1)
             torch.testing.assert_close(captured[name].subject, expected_subject, atol=1e-5, rtol=0)
             # Acceptance 5: the padded slot gets no attention.

@@ -59,3 +59,20 @@ def test_masks_follow_the_layer_aspect_and_inside_share_measures_mass():
     assert layer.shape == (1, 1, 32) and layer.view(4, 8)[:2, :4].all() and layer.sum() == 8
     probs = layer.transpose(1, 2)[:, None] / 8  # all attention inside: [B, heads=1, N, S]
     assert inside_share(probs, layer, torch.ones(1, 1, dtype=torch.bool)) == pytest.approx(1.0)
+
+
+def test_losses_have_no_data_dependent_shapes_and_stay_on_the_input_device():
+    # Boolean indexing (share[valid]) makes the host wait for the device on every supervised layer; on the
+    # meta device it cannot run at all. Masked sums run there, and give the mean over valid subjects.
+    probs, masks = _maps()
+    valid = torch.tensor([[True, False]])
+    expected = probs.mean(1).transpose(1, 2)[0, 0]
+    expected = (expected * masks[0, 0]).sum() / expected.sum()
+    torch.testing.assert_close(inside_share(probs, masks, valid), expected)
+    assert inside_share(probs, masks, torch.zeros(1, 2, dtype=torch.bool)).isnan()  # the mean over none
+    meta = [t.to("meta") for t in (probs.bfloat16(), masks, valid)]
+    for kind in ("balanced_l1", "mask_nll"):
+        loss = attention_constraint(*meta, kind)
+        assert loss.device.type == "meta" and loss.dtype == torch.float32
+    share = inside_share(*meta)
+    assert share.device.type == "meta" and share.dtype == torch.float32

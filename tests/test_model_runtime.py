@@ -185,9 +185,10 @@ def test_encoder_attention_mask_masks_the_text_keys():
 
 
 def test_single_subject_batches_keep_only_the_constraint_terms_with_signal():
-    # With one subject the subject softmax covers only its own K tokens: their mean map is 1/K everywhere,
-    # a constant with zero gradient. That term is left out of the mean instead of diluting the others.
-    model = _model("sd15")
+    # Without a null key (the official layout) the subject softmax of a lone subject covers only its own
+    # K tokens: their mean map is 1/K everywhere, a constant with zero gradient. That term is left out
+    # of the mean instead of diluting the others.
+    model = _model("sd15", subject_null_key=False)
     _perturb(model)
     config = model.config
     batch = _batch(model, [[True, False], [True, False]])
@@ -211,6 +212,32 @@ def test_single_subject_batches_keep_only_the_constraint_terms_with_signal():
     loss = model.training_loss(_batch(model, [[True, True]]))["attention_loss"]
     loss.backward()
     assert loss != 0 and model.refiner.proj_out.weight.grad.abs().sum() > 0
+
+
+def test_null_key_lets_a_lone_subject_map_localise():
+    # With the background key a lone subject's map is no longer constant: the term has signal, its
+    # gradient reaches the refiner and the null keys; rows without subjects still get exactly zero.
+    model = _model("sd15", attention_loss_tokens="subject")
+    assert model.config.subject_null_key
+    _perturb(model)
+    torch.manual_seed(0)
+    out = model.training_loss(_batch(model, [[True, False], [True, False]]))
+    out["attention_loss"].backward()
+    assert out["attention_loss"] != 0 and model.refiner.proj_out.weight.grad.abs().sum() > 0
+    null_keys = [p for n, p in model.named_parameters() if n.endswith(".processor.null_key")]
+    assert null_keys and all(p.grad is not None and p.grad.abs().sum() > 0 for p in null_keys)
+    maps = out["attention_maps"][:, 0]
+    assert (maps.flatten(1).std(1) > 0).all()  # not 1/K everywhere
+    # no valid subject in a row: the subject path adds exactly nothing to that row
+    model.zero_grad(set_to_none=True)
+    batch = _batch(model, [[False, False]])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        with_subjects = model.training_loss(batch)["denoise_loss"]
+        model.config = model.config.model_copy(update={"subject_scale": 0.0})
+        torch.manual_seed(1)
+        without = model.training_loss(batch)["denoise_loss"]
+    assert torch.equal(with_subjects, without)
 
 
 def test_partial_clip_fine_tuning_keeps_a_frozen_copy_for_the_patch_tokens(tmp_path):

@@ -189,3 +189,27 @@ def test_detector_runs_one_batch_with_a_prompt_per_image(name, photos):
     else:
         assert kwargs["pixel_values"].shape[0] == kwargs["input_ids"].shape[0] == 2
         assert not torch.equal(kwargs["input_ids"][0], kwargs["input_ids"][1])
+
+
+def test_detector_preprocesses_on_the_model_device_as_the_processor_does_from_pil(photos):
+    """The detector hands the processor uint8 tensors and its device (the processor's torch path runs
+    there): pixel values, mask and model outputs equal the processor's PIL path."""
+    detector = Detector(load_config(CONFIGS / "grounding_dino_tiny.yaml", DetectConfig, OPEN_THRESHOLDS))
+    bundle = detector.model
+    prompts = ["a man . a flag .", "a cat ."]
+    reference = bundle.processor(images=photos, text=prompts, padding="longest", return_tensors="pt")
+    seen = {}
+    model_call = type(bundle.model).__call__
+
+    def recording(model, **inputs):
+        seen.update(inputs)
+        return model_call(model, **inputs)
+
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(bundle.model), "__call__", recording)
+        logits, boxes = detector._forward_transformers(photos, prompts)
+        expected = bundle.model(**reference)
+    for key in ("pixel_values", "pixel_mask", "input_ids", "attention_mask"):
+        torch.testing.assert_close(seen[key], reference[key], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(boxes, expected.pred_boxes, atol=1e-4, rtol=1e-4)

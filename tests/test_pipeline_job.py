@@ -6,8 +6,9 @@ determinism, and a model actor killed mid-job: every input ends in exactly one s
 
 import io
 import json
-import shutil
 import os
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from pipeline.inputs import assign_partitions, list_inputs
 from pipeline.preprocess import content_hash, run_job
 from pipeline.shards import ShardLayout, read_samples
 from preprocess.sample import Sample
-from tests.faults import run_killing_a_worker
+from tests.faults import fill_leaving, run_killing_a_worker, small_filesystem
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "preprocess"
 
@@ -277,6 +278,45 @@ def test_killed_model_actor_still_accounts_every_input_once(ray_session, annotat
     assert killed, "the job finished before an actor could be killed"
     assert summary.inputs == INPUTS and summary.written == 12 + len(GOOD_ODD)
     assert output_files(tmp_path) == output_files(uninterrupted)
+
+
+# -- a full or read-only output disk -------------------------------------------------------------
+def test_full_or_read_only_output_fails_the_job_and_a_rerun_matches_a_clean_run(
+        ray_session, annotated_inputs, uninterrupted, tmp_path, capsys):
+    """ENOSPC mid-job and a read-only output: the job stops non-zero naming the file, no input is rejected
+    for it, no temporary file is left; once there is room, a rerun gives the clean run's shards."""
+    from pipeline.preprocess import main
+
+    with small_filesystem(tmp_path / "disk", "8m") as disk:
+        out = disk / "out"
+        args = ["--config", str(CONFIGS / "import_fastcomposer.yaml"), "--set", "progress=false", "qa_samples=0",
+                "input.kind=list", f"input.path={annotated_inputs}", f"output.path={out}", "output.shard_size=4"]
+        ballast = fill_leaving(disk, FREE_FOR_THE_LISTING)
+        assert main(args) == 3
+        error = capsys.readouterr().err
+        assert "No space left on device" in error and f"{out}/staging/" in error
+        layout = ShardLayout(out)
+        assert not layout.manifest.exists() and not list(out.rglob(".*.tmp-*"))
+        assert all(r["reason"] in BAD.values() for r in layout.all_rejects())  # none for the full disk
+        clean = output_files(uninterrupted)
+        finished = {name: data for name, data in output_files(out).items()
+                    if (out / "shards" / f"shard-{name.rsplit('-', 1)[1][:6]}.index.json").exists()}
+        assert all(clean[name] == data for name, data in finished.items())
+
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        assert main(args) == 3
+        error = capsys.readouterr().err
+        assert "Read-only file system" in error and str(out / "lock.json") in error
+
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        ballast.unlink()
+        assert main(args) == 0
+        assert output_files(out) == clean and not list(out.rglob(".*.tmp-*"))
+
+
+# room for the lease, plan and listing of the annotated inputs (tmpfs counts whole 4 KiB pages), not for
+# their samples
+FREE_FOR_THE_LISTING = 96 * 1024
 
 
 # -- dirty data: a corpus of awkward inputs, injected failures, the output lock ---------------------

@@ -467,3 +467,33 @@ def test_what_object_storage_cannot_do_is_refused_before_anything_is_written(obj
     code = main(["--config", str(configs / "import_fastcomposer.yaml"), "--set", f"input.path={inputs / 'empty'}",
                  f"output.path={out.url}", *(f"output.storage_options.{k}={v}" for k, v in object_store.options.items())])
     assert code == 2 and "holds no input" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_failed_write_names_the_file_and_leaves_no_temporary_file(tmp_path):
+    """A full disk and a read-only one (real tmpfs): every kind of write raises OutputUnwritable naming the
+    file, and nothing half-written stays beside it; the lease can still be released."""
+    from pipeline.shards import JsonlStream
+    from pipeline.storage import OutputUnwritable
+    from tests.faults import fill_leaving, small_filesystem
+
+    with small_filesystem(tmp_path / "disk", "1m") as disk:
+        fill_leaving(disk, 8192)
+        shard = Location(str(disk / "shards" / "shard-000000.tar"))
+        with pytest.raises(OutputUnwritable, match=f"{shard.url}: OSError: .*No space left on device"):
+            shard.write_atomic(bytes(64 * 1024))
+        stream = JsonlStream(Location(str(disk / "skipped.jsonl")))
+        with pytest.raises(OutputUnwritable, match="skipped.jsonl"):
+            for n in range(10_000):
+                stream.write({"source": f"{n:08d}" * 8})
+            stream.commit()
+        stream.discard()
+        lease = Location(str(disk / "lock.json"))
+        with pytest.raises(OutputUnwritable, match="lock.json"):
+            lease.create_exclusive(bytes(64 * 1024))
+        with pytest.raises(OutputUnwritable, match="write-probe"):
+            Location(str(disk)).check_writable(1 << 20)
+        assert sorted(p.name for p in disk.rglob("*") if p.is_file()) == ["ballast"]
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(OutputUnwritable, match=f"{shard.url}: OSError: .*Read-only file system"):
+            shard.write_atomic(b"x")
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)

@@ -61,6 +61,10 @@ def test_members_are_standard_files(tmp_path):
     assert names == [f"chelsea-0a1b.{m}" for m in ("crops.png", "jpg", "json", "masks.png", "txt")]
     assert meta["entities"][1]["word"] == "toy" and meta["format_version"] == 1
     assert mask_image.size == (451, 600)  # two 451x300 masks stacked
+    # 1-bit, and a plain PIL reader's convert("L") gives the 0/255 image of the masks (what readers decode)
+    sample = make_sample()
+    assert mask_image.mode == "1" and np.array_equal(np.asarray(mask_image.convert("L")),
+                                                     sample.masks.reshape(600, 451).astype(np.uint8) * 255)
 
 
 def test_entity_word_must_sit_at_its_span():

@@ -162,7 +162,7 @@ def test_every_collective_and_device_value_of_the_step_is_on_the_engine_device(t
     samples = []
     trainer = Trainer(config, engine, TrainerState(), on_sample=lambda step, batch, maps: samples.append(step))
     batch = {"pixel_values": torch.zeros(2, 3, 8, 8), "input_ids": torch.zeros(2, 4, dtype=torch.long),
-             "reader": {"worker": 0, "epoch": 0, "offset": 1, "pending": []}, "rejected": []}
+             "reader": {"worker": 0}, "rejected": []}
     closed = [trainer.advance(batch, 0.0) for _ in range(8)]
     assert closed == [False, True] * 4 and trainer.state.step == 4
     assert collectives == ["all_reduce"] * 4 and len(reads) == 4  # one collective and one read per step

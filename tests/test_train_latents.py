@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ def test_cached_latents_give_the_same_loss_as_the_vae(tmp_path, single_thread):
     summary = cache_latents(config, resolutions=[64, 32])
     assert (summary["samples"], summary["latents"]) == (6, 12)  # every sample at both resolutions
     folder = latent_dir(shards, config.model.base)
-    assert sorted(p.name for p in folder.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    assert [p.name for p in folder.glob("*.tar")] == ["shard-000000.tar", "shard-000001.tar"]
     assert json.loads((folder / "latents.json").read_text())["resolutions"] == [64, 32]
 
     model = build_model(config)
@@ -43,7 +44,8 @@ def test_cached_latents_give_the_same_loss_as_the_vae(tmp_path, single_thread):
     for cached, plain in zip(with_cache, without):
         assert cached["key"] == plain["key"] and "latent_parameters" not in plain
         params = cached["latent_parameters"]
-        h, w = cached["pixel_values"].shape[-2:]
+        assert "pixel_values" not in cached  # the images were never decoded
+        h, w = plain["pixel_values"].shape[-2:]
         assert params.shape == (len(cached["key"]), 8, h // factor, w // factor)  # mean and log-variance, 4 channels each
         shapes.add((h, w))
         losses = []
@@ -66,3 +68,62 @@ def test_cached_latents_give_the_same_loss_as_the_vae(tmp_path, single_thread):
 def test_cached_latents_job_reports_config_errors(tmp_path, capsys):
     assert main(["--config", "configs/train/tiny_test.yaml", f"data.shards={tmp_path}"]) == 2
     assert "no shards/*.tar" in capsys.readouterr().err
+
+
+def test_batched_latents_equal_per_image_encoding_resume_and_account_for_every_sample(tmp_path, single_thread):
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from mmdiff import zoo
+    from preprocess.sample import Sample
+    from test_train_data import write_index
+    from train.latents import LatentSidecar, _crops
+    from train.shards import Dataset, read_samples
+
+    shards = write_shards(tmp_path / "data", num_samples=7, per_shard=4, sizes=SIZES)
+    shard = shards / "shards" / "shard-000001.tar"  # one sample that cannot be decoded: counted, not cached
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for info, payload in members:
+            payload = b"not a jpeg" if info.name == "000005.jpg" else payload
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    write_index(shard, ["000004", "000005", "000006"])
+    config = load_config("configs/train/tiny_test.yaml", TrainConfig, {
+        "data.shards": str(shards), "data.aspect_buckets": True, "data.bucket_step": 16})
+    summary = cache_latents(config, resolutions=[64], batch_size=3)
+    assert (summary["samples"], summary["unreadable"], summary["skipped_shards"]) == (6, 1, {})
+    folder = latent_dir(shards, config.model.base)
+
+    vae = zoo.build(config.model.base).vae.eval()
+    layouts = [BatchBuilder(config.data, [], None)]
+
+    def compare(tolerance: float) -> None:
+        for info in Dataset.open(str(shards)).shards:
+            sidecar = LatentSidecar(folder / info.name)
+            for raw in read_samples(info):
+                try:
+                    sample = Sample.from_wds(raw.wds(""))
+                except ValueError:
+                    assert not sidecar.find(raw.key)  # the unreadable sample has none
+                    continue
+                [(bucket, pixels)] = _crops(layouts, sample.image)
+                with torch.no_grad():  # one image at a time, float32: the reference
+                    expected = vae.encode(pixels[None]).latent_dist.parameters[0].numpy()
+                cached = np.load(io.BytesIO(sidecar.find(raw.key)[f"latent:{bucket[0]}x{bucket[1]}.npy"]))
+                assert cached.dtype == np.float16 and cached.shape == expected.shape
+                scale = float(np.abs(expected).max())
+                assert np.abs(cached.astype(np.float32) - expected).max() <= tolerance * scale, (raw.key, tolerance)
+
+    compare(2e-3)  # float32 batches of 3 against single images: float16 storage only
+    here = Path(folder.path)
+    stamps = {p.name: p.stat().st_mtime_ns for p in here.glob("*.tar*")}
+    assert cache_latents(config, resolutions=[64], batch_size=3)["samples"] == 6  # resumed: nothing redone
+    assert {p.name: p.stat().st_mtime_ns for p in here.glob("*.tar*")} == stamps and len(stamps) == 4
+    for counts in here.glob("*.counts.json"):  # again in bfloat16, the accelerator default
+        counts.unlink()
+    assert cache_latents(config, resolutions=[64], batch_size=3, dtype="bfloat16")["compute_dtype"] == "bfloat16"
+    compare(3e-2)

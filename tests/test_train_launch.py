@@ -133,7 +133,7 @@ def test_zero2_run_is_tracked_in_mlflow(zero2_run, mlflow_server):
     assert params["model.base.source"] == "tiny" and params["optim.lr_schedule"] == "cosine"
     assert params["deepspeed.config.zero_optimization.reduce_bucket_size"] == "20000000"
     # the model settings themselves, not only the path of their file (configs/mmdiff/tiny_sd15.yaml)
-    assert params["mmdiff.lora_rank"] == "4" and params["mmdiff.attention_loss_kind"] == "balanced_l1"
+    assert params["mmdiff.lora_rank"] == "4" and params["mmdiff.attention_loss_kind"] == "mask_nll"
     assert json.loads(params["mmdiff.supervised_layers"])[0] == "down_blocks.0"
     assert run.data.tags["data.manifest_hash"] == "test-manifest"
     assert len(run.data.tags["git_commit"]) >= 40 and run.data.tags["world_size"] == "2"
@@ -516,3 +516,79 @@ def test_a_full_output_disk_stops_the_job_and_a_rerun_resumes(zero2_run, shards,
                 assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), (a["step"], name)
     finally:
         subprocess.run(["umount", "-l", str(out)], check=False)
+
+
+from tests.object_store import object_store_fixture  # noqa: E402,F401 - registers the fixture
+
+
+def test_training_from_the_object_store_killed_mid_epoch_resumes_to_the_local_runs_losses(
+        zero2_run, shards, object_store, tmp_path):
+    """The shards on an S3 server (moto, loopback), 2 ranks from s3://: the same losses as the zero2 run
+    from the local copy. One rank is SIGKILLed mid-epoch; the rerun resumes from the step-3 checkpoint
+    (rank x worker positions mid-epoch, samples waiting in the shuffle buffer, fetched back by byte range)
+    and ends with the uninterrupted run's losses."""
+    import psutil
+    import s3fs
+
+    url = object_store.url("launch/shards")
+    s3fs.S3FileSystem(**object_store.options, skip_instance_cache=True).put(f"{shards}/", url, recursive=True)
+    out = tmp_path / "run"
+    args = [f"output_dir={out}", f"data.shards={url}", f"data.storage_options={json.dumps(object_store.options)}",
+            "schedule.checkpoint_every=3", "mlflow.registered_model=null", "mlflow.sample_prompt=null"]
+    launcher = start("--num_gpus", "2", "--master_port", str(free_port()), *args)
+    deadline = time.monotonic() + 400
+    try:
+        while not ((out / "losses.jsonl").is_file() and len(losses(out)) >= 4):  # past the step-3 checkpoint
+            assert launcher.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.05)
+        rank1 = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                 if "train.main" in " ".join(p.cmdline()) and p.environ().get("RANK") == "1"]
+        assert len(rank1) == 1
+        rank1[0].kill()
+        launcher.wait(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        launcher.log.close()
+    assert launcher.returncode != 0
+    assert (out / "checkpoints" / "latest").read_text() == "step-3"  # mid-epoch: 2 steps per epoch per rank
+    launch(*args)
+    full, again = losses(zero2_run), losses(out)
+    assert [r["step"] for r in again] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, again):
+        for name in ("loss", "denoise_loss", "attention_loss", "lr"):
+            assert a[name] == pytest.approx(b[name], rel=1e-5, abs=1e-7), (a["step"], name)
+
+
+def test_a_3_to_1_mixture_follows_its_weights_and_logs_both_dataset_inputs(mlflow_server, tmp_path):
+    import itertools
+
+    from mmdiff.configuration import load_config
+    from test_train_data import builder
+    from train.config import TrainConfig
+    from train.data import ReaderPosition, ShardStream, data_sources
+    from train.run import log_datasets
+    from train.tracking import RunTracker
+
+    general = write_shards(tmp_path / "general", num_samples=8)
+    portraits = write_shards(tmp_path / "portraits", num_samples=4, per_shard=2)
+    (portraits / "manifest.json").write_text(json.dumps({"written": 4, "manifest_hash": "portrait-manifest"}))
+    config = load_config("configs/train/tiny_test.yaml", TrainConfig, {
+        "output_dir": str(tmp_path / "run"), "data.shards": None, "data.resolution": 32,
+        "data.sources": [{"shards": str(general), "weight": 3}, {"shards": str(portraits), "weight": 1}],
+        "data.micro_batch_size": 4, "data.text_dropout": 0.0, "data.subject_dropout": 0.0,
+        "mlflow.tracking_uri": mlflow_server})
+    sources = data_sources(config.data)
+    mixed = ShardStream(sources, config.data, builder(config.data), seed=7)
+    batches = list(itertools.islice(iter(mixed), 100))  # 400 samples
+    positions = [ReaderPosition.of_batch(b).sources for b in batches]
+    assert [s.drawn for s in positions[-1]] == [300, 100]  # 3:1 over 400 samples ...
+    assert all([s.drawn for s in p] == [3 * (n + 1), n + 1] for n, p in enumerate(positions))  # ... at every step
+    assert [s.epoch for s in positions[-1]] == [37, 24]  # each source cycles its own epochs (8 and 4 samples)
+    Path(config.output_dir).mkdir(parents=True)
+    tracker = RunTracker(config).start("mixture")
+    log_datasets(tracker, sources)
+    inputs = mlflow.MlflowClient(config.tracking_uri).get_run(tracker.run_id).inputs.dataset_inputs
+    assert {(i.dataset.name, i.dataset.digest, json.loads(i.dataset.profile)["weight"]) for i in inputs} == {
+        ("general", "test-manifest", 3.0), ("portraits", "portrait-manifest", 1.0)}

@@ -13,6 +13,7 @@ from mmdiff.zoo.spec import ModelSpec
 
 __all__ = [
     "DataSection",
+    "SourceSection",
     "DeepSpeedSection",
     "MLflowSection",
     "ModelSection",
@@ -37,8 +38,29 @@ class ModelSection(ConfigModel):
     compile: bool = False
 
 
+class SourceSection(ConfigModel):
+    """One dataset of a mixture (data.sources)."""
+
+    shards: str  # a preprocessing output folder or URL, as data.shards
+    weight: float = Field(1.0, gt=0)  # relative share of the samples drawn
+    # empty: data.storage_options; kept out of dumps (MLflow params, resolved.yaml): they may hold keys
+    storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
+
+
 class DataSection(ConfigModel):
-    shards: str  # the preprocessing output folder: shards/*.tar and manifest.json
+    # the preprocessing output (shards/*.index.json + *.tar, manifest.json): a local folder or any fsspec URL
+    # (s3://bucket/prefix, gs://...); None when data.sources is given
+    shards: str | None = None
+    # a mixture instead: [{shards: URL, weight: w}, ...]; every sample drawn picks a source by weight
+    sources: list[SourceSection] = Field(default_factory=list)
+    # options of the shards' filesystem (s3: endpoint_url, key, secret, client_kwargs, ...), as the
+    # preprocessing job's output.storage_options; empty: its defaults (AWS_* variables, ~/.aws). Kept out of
+    # dumps (MLflow params, resolved.yaml): they may hold keys
+    storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
+    # what training checks before reading a shard: "size" (the size its index recorded; the sha256 is
+    # computed as it streams and a mismatch reported at its end) or "sha256" (read whole and checked first)
+    verify: Literal["size", "sha256"] = "size"
+    read_retries: int = Field(3, ge=0)  # a failed read is retried from where it stopped, with backoff
     resolution: int = 512  # the square side; with aspect_buckets, every bucket has about this many pixels
     # SDXL-style aspect-ratio buckets: each image goes to the bucket nearest its aspect ratio, is resized to
     # cover it and centre-cropped; a batch holds one bucket. Sides are multiples of bucket_step (64 for SD:
@@ -50,7 +72,9 @@ class DataSection(ConfigModel):
     cached_latents: bool = True
     max_subjects: int = 2
     micro_batch_size: int = 1  # per rank
-    num_workers: int = 0  # DataLoader workers per rank
+    # DataLoader workers per rank; None: enough for the planned images/s per GPU at the measured CPU cost per
+    # training image, within the node's cores (train.data.default_num_workers, docs/SIZING.md)
+    num_workers: int | None = Field(None, ge=0)
     shuffle_buffer: int = 64
     text_dropout: float = 0.05  # caption and subjects dropped: unconditional for guidance
     subject_dropout: float = 0.05  # subjects dropped, caption kept
@@ -135,6 +159,8 @@ class TrainConfig(ConfigModel):
             raise ValueError(f"model.base.family must be sd15 or sdxl, got {self.model.base.family}")
         if self.model.image_encoder.family != "clip_vision":
             raise ValueError(f"model.image_encoder.family must be clip_vision, got {self.model.image_encoder.family}")
+        if (self.data.shards is None) == (not self.data.sources):
+            raise ValueError("give data.shards (one dataset) or data.sources (a mixture), not both or neither")
         for name in ("text_dropout", "subject_dropout"):
             if not 0.0 <= getattr(self.data, name) < 1.0:
                 raise ValueError(f"data.{name} must be in [0, 1)")
@@ -165,10 +191,19 @@ def load_train_config(path: str | Path, overrides: dict | None = None, check_dat
     from mmdiff.configuration import ConfigError
 
     config = load_config(path, TrainConfig, overrides)
-    shards = Path(config.data.shards)
-    for key, folder in (("data.shards", shards), ("validation.shards", config.validation.shards)):
-        if check_data and folder and not any((Path(folder) / "shards").glob("*.tar")):
-            raise ConfigError(f"{path}: {key}: no shards/*.tar under {folder}")
+    if check_data:
+        from train.shards import Dataset
+
+        data = config.data
+        folders = [("data.shards", data.shards, data.storage_options)] + [
+            (f"data.sources[{i}].shards", s.shards, s.storage_options or data.storage_options)
+            for i, s in enumerate(data.sources)] + [("validation.shards", config.validation.shards, data.storage_options)]
+        for key, folder, options in folders:
+            if folder:
+                try:
+                    Dataset.open(folder, options)
+                except (OSError, ValueError) as exc:
+                    raise ConfigError(f"{path}: {key}: {exc}") from None
     from mmdiff.model_config import MMDiffConfig
 
     mmdiff = load_config(config.model.mmdiff, MMDiffConfig)  # its own errors name its file

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -16,13 +18,7 @@ import torch.distributed as dist
 from mmdiff.configuration import load_config
 from mmdiff.speed import apply_speed_options
 from train.config import TrainConfig
-from train.data import (
-    BatchBuilder,
-    ShardStream,
-    dataset_profile,
-    make_loader,
-    manifest_hash,
-)
+from train.data import BatchBuilder, ShardStream, data_sources, default_num_workers, make_loader
 from train.deepspeed_config import deepspeed_config
 from train.engine import SkippableAdamW, Trainer, TrainerState, TrainingObjective, lr_scheduler
 from train.export import save_adapter
@@ -74,6 +70,34 @@ def make_engine(config: TrainConfig, model):
                                       lr_scheduler=lr_scheduler(optimizer, config),
                                       config=deepspeed_config(config, get_accelerator().device_name()))
     return engine
+
+
+def mixture_hash(sources: list) -> str:
+    """The run's data identity: the manifest hash of its one source, else a hash of every source's hash
+    and weight."""
+    if len(sources) == 1:
+        return sources[0].dataset.manifest_hash()
+    lines = "".join(f"{s.dataset.manifest_hash()}\t{s.weight}\n" for s in sources)
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+def log_datasets(tracker, sources: list) -> None:
+    """One MLflow dataset input per source, its digest the source's manifest hash (its weight in a mixture)."""
+    for source in sources:
+        profile = {**source.dataset.profile(), **({"weight": source.weight} if len(sources) > 1 else {})}
+        tracker.dataset(source.dataset.url, source.dataset.manifest_hash(), profile)
+
+
+def drawn_per_source(state: TrainerState, sources: list, device: torch.device | str) -> dict[str, int]:
+    """The samples drawn from each source by every reader slot of every rank (a sum over the ranks)."""
+    counts = torch.zeros(len(sources), dtype=torch.float64, device=device)
+    for position in state.positions.values():
+        for i, source in enumerate(position.sources):
+            counts[i] += source.drawn
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    names = [s.dataset.url.rstrip("/").rpartition("/")[2] or s.dataset.url for s in sources]
+    return {f"{i}-{name}": int(n) for i, (name, n) in enumerate(zip(names, counts.tolist()))}
 
 
 def generate_sample(config: TrainConfig, adapter_dir: Path):
@@ -133,7 +157,8 @@ def train(config: TrainConfig) -> TrainerState:
         Path(config.output_dir).mkdir(parents=True, exist_ok=True)
         model = build_model(config, accelerator.device_name())
         engine = make_engine(config, model)
-        data_hash = manifest_hash(config.data.shards)
+        sources = data_sources(config.data)
+        data_hash = mixture_hash(sources)
         if rank == 0:
             from train.tracking import RunTracker, TrackingUnavailable, server_reachable
 
@@ -144,10 +169,12 @@ def train(config: TrainConfig) -> TrainerState:
             tracker = RunTracker(config, offline).start(
                 data_hash, {"world_size": str(world), "zero_stage": str(config.deepspeed.zero_stage)},
                 model_settings(config).model_dump(mode="json"), deepspeed_config(config, accelerator.device_name()))
-            tracker.dataset(config.data.shards, data_hash, dataset_profile(config.data.shards))
-            if (report := Path(config.data.shards) / "report").is_dir():  # pipeline.report, beside the dataset input
-                tracker.directory(report, "data_report")
-        state = _train(config, model, engine, tracker, rank, world)
+            log_datasets(tracker, sources)
+            for i, source in enumerate(sources):  # pipeline.report, beside the dataset input (local datasets)
+                report = source.dataset.root / "report"
+                if report.is_local and Path(report.path).is_dir():
+                    tracker.directory(Path(report.path), "data_report" if len(sources) == 1 else f"data_report/{i}")
+        state = _train(config, model, engine, tracker, rank, world, sources)
         if tracker is not None:
             adapter = Path(config.output_dir) / "adapter"
             tracker.directory(adapter, "adapter")
@@ -170,7 +197,7 @@ def train(config: TrainConfig) -> TrainerState:
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, model, engine, tracker, rank: int, world: int) -> TrainerState:
+def _train(config: TrainConfig, model, engine, tracker, rank: int, world: int, sources: list) -> TrainerState:
     """The loop with its hooks (checkpoints' adapters, samples, validation), then the final adapter."""
     def on_checkpoint(step: int) -> None:
         adapter = save_adapter(engine, Path(config.output_dir) / "adapters" / f"step-{step}")
@@ -184,7 +211,7 @@ def _train(config: TrainConfig, model, engine, tracker, rank: int, world: int) -
     # under ZeRO-3 every rank takes part in each forward (the weights are gathered), so every rank generates
     generates = bool(config.validation.shards) and (rank == 0 or config.deepspeed.zero_stage == 3)
     validation = ValidationSet(config.validation.shards, config.validation.num_samples,
-                               config.data.max_subjects) if generates else None
+                               config.data.max_subjects, config.data.storage_options) if generates else None
 
     def on_validate(step: int) -> None:
         if validation is not None:
@@ -206,9 +233,20 @@ def _train(config: TrainConfig, model, engine, tracker, rank: int, world: int) -
     if trainer.load_checkpoint():
         log.info("rank %d: resumed at step %d", rank, trainer.state.step)
     workers = config.data.num_workers
-    stream = ShardStream(config.data.shards, config.data, BatchBuilder(config.data, model.tokenizers, model.image_processor),
-                         config.seed, rank, world, trainer.state.positions,
+    if workers is None:
+        workers = default_num_workers(config.data, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        log.info("rank %d: data.num_workers %d (derived from the measured CPU cost per image)", rank, workers)
+    latent_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)  # the VAE's downsampling
+    builder = BatchBuilder(config.data, model.tokenizers, model.image_processor, latent_factor)
+    stream = ShardStream(sources, config.data, builder, config.seed, rank, world, trainer.state.positions,
                          first_worker=trainer.state.micro_batches % max(1, workers), base=config.model.base)
-    trainer.run(iter(make_loader(stream, workers)))
+    # pinned batches: their copies to the GPU overlap compute (the engine copies with non_blocking)
+    trainer.run(iter(make_loader(stream, workers, pin_memory=torch.device(engine.device).type == "cuda")))
+    drawn = drawn_per_source(trainer.state, sources, engine.device)
+    log.info("rank %d: samples drawn per source, all ranks: %s", rank, drawn)
+    if tracker is not None:  # an artifact: the step's metrics are logged already, and only once
+        (Path(config.output_dir) / "data").mkdir(exist_ok=True)
+        (Path(config.output_dir) / "data" / "drawn.json").write_text(json.dumps(drawn, indent=1, sort_keys=True))
+        tracker.directory(Path(config.output_dir) / "data", "data")
     save_adapter(engine, Path(config.output_dir) / "adapter")
     return trainer.state

@@ -22,8 +22,13 @@ def attention_overlay(batch: dict, attention_maps: torch.Tensor, max_rows: int =
     (normalised per map) tinted over the darkened image; the subject's mask region is a little brighter,
     so attention inside versus outside the mask is visible at a glance."""
     rows = []
-    for b in range(min(max_rows, batch["pixel_values"].shape[0])):
-        image = _to_image(batch["pixel_values"][b]).astype(np.float32)
+    masks = batch["subject_masks"]  # the loader's: uint8 coverage at the latent resolution
+    masks = masks.float() / 255 if masks.dtype == torch.uint8 else masks.float()
+    for b in range(min(max_rows, masks.shape[0])):
+        if "pixel_values" in batch:
+            image = _to_image(batch["pixel_values"][b]).astype(np.float32)
+        else:  # cached latents: the image was never decoded; a grey ground at 8x the mask (the VAE's factor)
+            image = np.full((masks.shape[-2] * 8, masks.shape[-1] * 8, 3), 128.0, np.float32)
         h, w = image.shape[:2]
         panels = [image]
         for s in range(attention_maps.shape[1]):
@@ -32,7 +37,8 @@ def attention_overlay(batch: dict, attention_maps: torch.Tensor, max_rows: int =
             amap = torch.nn.functional.interpolate(attention_maps[b, s][None, None].float().cpu(), size=(h, w),
                                                    mode="bilinear", align_corners=False)[0, 0].numpy()
             amap = (amap - amap.min()) / max(float(amap.max() - amap.min()), 1e-12)
-            mask = batch["subject_masks"][b, s].float().cpu().numpy()[..., None]
+            mask = torch.nn.functional.interpolate(masks[b, s][None, None].cpu(), size=(h, w),
+                                                   mode="nearest")[0, 0].numpy()[..., None]
             colour = COLOURS[s % len(COLOURS)]
             base = image * (0.55 + 0.15 * mask)  # the mask region slightly brighter
             panels.append(base * (1 - 0.6 * amap[..., None]) + colour * 0.6 * amap[..., None])

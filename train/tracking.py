@@ -165,7 +165,7 @@ class RunTracker:
         elif kind == "dict":
             client.log_dict(self.run_id, op["data"], op["artifact_file"])
         elif kind == "inputs":
-            dataset = mlflow.entities.Dataset(name=op["name"], digest=op["digest"], source_type="local",
+            dataset = mlflow.entities.Dataset(name=op["name"], digest=op["digest"], source_type=op.get("source_type", "local"),
                                               source=op["source"], profile=op["profile"])
             context = mlflow.entities.InputTag(key=mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT, value="training")
             client.log_inputs(self.run_id, [mlflow.entities.DatasetInput(dataset, tags=[context])])
@@ -281,9 +281,14 @@ class RunTracker:
     # -- what training logs ----------------------------------------------------------------------------
     def dataset(self, folder: str | Path, digest: str, profile: dict[str, Any]) -> None:
         """The shards as the run's training input (MLflow dataset tracking): digest = manifest hash."""
-        folder = Path(folder).resolve()
-        self._do({"op": "inputs", "name": folder.name, "digest": digest, "source": json.dumps({"uri": folder.as_uri()}),
-                  "profile": json.dumps(profile, sort_keys=True)})
+        url = str(folder)
+        if "://" in url and not url.startswith("file://"):  # object storage: the URL as given
+            name, source_type = url.rstrip("/").rpartition("/")[2], url.partition("://")[0]
+        else:
+            path = Path(url.removeprefix("file://")).resolve()
+            name, source_type, url = path.name, "local", path.as_uri()
+        self._do({"op": "inputs", "name": name, "digest": digest, "source": json.dumps({"uri": url}),
+                  "source_type": source_type, "profile": json.dumps(profile, sort_keys=True)})
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         """One step's metrics, once: a step already logged (before a kill, then redone) is not logged again."""

@@ -9,16 +9,18 @@ per sample: the subject crops, then one image per seed) is logged to MLflow as
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from preprocess.sample import Sample
 
 __all__ = ["ValidationSet", "marked_caption"]
+
+log = logging.getLogger("train")
 
 
 def marked_caption(sample: Sample, max_subjects: int) -> tuple[str, list[Image.Image]]:
@@ -35,16 +37,20 @@ def marked_caption(sample: Sample, max_subjects: int) -> tuple[str, list[Image.I
 class ValidationSet:
     """The held-out samples a run validates on (read once, on every rank that generates)."""
 
-    def __init__(self, folder: str | Path, num_samples: int, max_subjects: int):
-        from train.data import shard_paths
+    def __init__(self, folder: str | Path, num_samples: int, max_subjects: int,
+                 storage_options: dict[str, Any] | None = None):
+        from train.shards import Dataset, ShardSkipped, read_samples
 
         samples = []
-        for raw in wds.tariterators.tarfile_samples([{"url": p} for p in shard_paths(folder)],
-                                                    handler=wds.handlers.warn_and_continue):
+        for shard in Dataset.open(str(folder), storage_options).shards:
             try:
-                samples.append(Sample.from_wds(raw))
-            except ValueError:
-                continue  # a held-out sample training could not read either; the next one stands in
+                for raw in read_samples(shard):
+                    try:
+                        samples.append(Sample.from_wds(raw.wds(shard.location.url)))
+                    except ValueError:
+                        continue  # a held-out sample training could not read either; the next one stands in
+            except ShardSkipped as exc:
+                log.warning("validation: skipped shard %s", exc)
         samples = sorted((s for s in samples if s.entities), key=lambda s: s.key)[:num_samples]
         if not samples:
             raise ValueError(f"validation.shards {folder}: no readable sample with a subject")

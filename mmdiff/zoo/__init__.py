@@ -17,7 +17,7 @@ import torch
 
 from mmdiff.zoo.spec import RANDOM, TINY, ModelSpec
 
-__all__ = ["ModelSpec", "TINY", "RANDOM", "build", "save_tiny", "FAMILY_MODULES"]
+__all__ = ["ModelSpec", "TINY", "RANDOM", "build", "save_tiny", "default_dtype", "FAMILY_MODULES"]
 
 FAMILY_MODULES = {
     "sd15": "mmdiff.zoo.diffusion",
@@ -44,6 +44,18 @@ def build(spec: ModelSpec | dict[str, Any]) -> Any:
     # on "meta", parameters are created there: building on the CPU first would allocate every weight
     with torch.device("meta") if spec.device == "meta" else contextlib.nullcontext():
         return _module(spec.family).build(spec)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Modules built inside create their floating-point parameters in ``dtype`` (a model built in half
+    precision is never first held in float32 on the host); the previous default comes back after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def save_tiny(family: str, path: str | Path, seed: int = 0, **options: Any) -> Path:

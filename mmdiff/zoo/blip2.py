@@ -32,6 +32,7 @@ from transformers import (
     OPTConfig,
 )
 
+from mmdiff.zoo import default_dtype
 from mmdiff.zoo.spec import ModelSpec
 
 __all__ = ["Blip2Bundle", "build", "save_tiny", "TINY_IMAGE_SIZE"]
@@ -96,16 +97,19 @@ def _tiny(seed: int) -> Blip2Bundle:
 
 
 def build(spec: ModelSpec) -> Blip2Bundle:
+    """Built in ``spec.dtype`` from the start (OPT-2.7b in float32 would take 15.5 GB of host memory)."""
+    dtype = getattr(torch, spec.dtype)
     if spec.is_tiny or spec.is_random:
-        bundle = _tiny(spec.seed) if spec.is_tiny else _random(spec.seed)
+        with default_dtype(dtype):
+            bundle = _tiny(spec.seed) if spec.is_tiny else _random(spec.seed)
     else:
         try:
             processor = Blip2Processor.from_pretrained(spec.source)
-            model = Blip2ForConditionalGeneration.from_pretrained(spec.source)
+            model = Blip2ForConditionalGeneration.from_pretrained(spec.source, dtype=dtype)
         except OSError as exc:
             raise OSError(f"blip2: cannot load model {spec.source!r} (a local folder or a cached hub id): {exc}") from exc
         bundle = Blip2Bundle(model.eval(), processor)
-    bundle.model.to(device=spec.device, dtype=getattr(torch, spec.dtype))
+    bundle.model.to(device=spec.device, dtype=dtype)
     return bundle
 
 

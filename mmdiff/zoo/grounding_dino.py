@@ -41,6 +41,7 @@ from transformers import (
     SwinConfig,
 )
 
+from mmdiff.zoo import default_dtype
 from mmdiff.zoo.spec import ModelSpec
 
 __all__ = ["GroundingDinoBundle", "build", "save_tiny", "OFFICIAL_CHECKPOINT", "OFFICIAL_CONFIG", "OFFICIAL_BERT"]
@@ -149,6 +150,12 @@ def _load_official(spec: ModelSpec) -> torch.nn.Module:
 
 
 def build(spec: ModelSpec):
+    """Built in ``spec.dtype`` from the start: no float32 copy of the weights on the host."""
+    with default_dtype(getattr(torch, spec.dtype)):
+        return _build(spec)
+
+
+def _build(spec: ModelSpec):
     if spec.backend == "official":
         if spec.is_tiny:
             with tempfile.TemporaryDirectory() as folder:
@@ -165,7 +172,8 @@ def build(spec: ModelSpec):
                                                             BertTokenizer.from_pretrained(BERT_ASSETS)))
     else:
         try:
-            bundle = GroundingDinoBundle(GroundingDinoForObjectDetection.from_pretrained(spec.source).eval(),
+            bundle = GroundingDinoBundle(GroundingDinoForObjectDetection.from_pretrained(
+                                             spec.source, dtype=getattr(torch, spec.dtype)).eval(),
                                          GroundingDinoProcessor.from_pretrained(spec.source))
         except OSError as exc:
             raise OSError(f"grounding_dino: cannot load model {spec.source!r} (a local folder or a cached hub id): "

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
 
+from mmdiff.zoo import default_dtype
 from mmdiff.zoo.spec import ModelSpec
 
 __all__ = ["SamBundle", "build", "save_tiny", "ARCHITECTURE_KEYS", "OFFICIAL_CHECKPOINT", "OFFICIAL_CONFIG"]
@@ -142,7 +143,14 @@ def _load_official(spec: ModelSpec) -> torch.nn.Module:
 
 
 def build(spec: ModelSpec):
+    """Built in ``spec.dtype`` from the start: no float32 copy of the weights on the host (a checkpoint
+    in float32 is cast as it is copied in)."""
     dtype = getattr(torch, spec.dtype)
+    with default_dtype(dtype):
+        return _build(spec, dtype)
+
+
+def _build(spec: ModelSpec, dtype: torch.dtype):
     if spec.backend == "official":
         if spec.is_tiny:
             torch.manual_seed(spec.seed)
@@ -159,7 +167,8 @@ def build(spec: ModelSpec):
         bundle = _tiny_transformers(spec.seed) if spec.is_tiny else _random_transformers(spec)
     else:
         try:
-            bundle = SamBundle(SamModel.from_pretrained(spec.source).eval(), SamProcessor.from_pretrained(spec.source))
+            bundle = SamBundle(SamModel.from_pretrained(spec.source, dtype=dtype).eval(),
+                               SamProcessor.from_pretrained(spec.source))
         except OSError as exc:
             raise OSError(f"sam: cannot load model {spec.source!r} (a local folder or a cached hub id): {exc}") from exc
     bundle.model.to(device=spec.device, dtype=dtype)
