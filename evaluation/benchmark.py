@@ -1,7 +1,7 @@
 """The benchmark spec: which subjects, prompts and seeds an evaluation generates and scores.
 
-    python -m evaluation.benchmark list --config configs/eval/demo.yaml      # the cases, one a line
-    python -m evaluation.benchmark write-demo outputs/eval/benchmark         # the demo set from scikit-image
+    mmdiff-benchmark list --config configs/eval/demo.yaml      # the cases, one a line
+    mmdiff-benchmark write-demo outputs/eval/benchmark         # the demo set from scikit-image
 
 Subjects come in the DreamBench layout: a folder with one sub-folder of reference photos per subject
 (``<root>/<subject>/00.jpg ...``) and DreamBench's ``prompts_and_classes.txt`` (a ``subject_name,class``
@@ -14,7 +14,6 @@ the portrait set is a folder of ``<person>/*.jpg`` with one-slot templates (``a 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -24,7 +23,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from mmdiff.configuration import ConfigError, ConfigModel
+from mmdiff.cli import CommandParser, prose
+from mmdiff.configuration import ConfigError, ConfigModel, parse_overrides
 
 __all__ = [
     "BenchmarkSpec",
@@ -263,19 +263,24 @@ def write_demo(root: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser("mmdiff-benchmark", prose(__doc__), examples=[
+        "mmdiff-benchmark write-demo outputs/eval/benchmark",
+        "mmdiff-benchmark list --config configs/eval/demo.yaml",
+        "mmdiff-benchmark list --config configs/eval/demo.yaml --set benchmark.prompts_per_subject=1"])
     commands = parser.add_subparsers(dest="command", required=True)
-    listing = commands.add_parser("list", help="print the cases of an evaluation config's benchmark")
-    listing.add_argument("--config", required=True, help="configs/eval/<name>.yaml")
-    demo = commands.add_parser("write-demo", help="write the demo benchmark from scikit-image photos")
-    demo.add_argument("root")
+    listing = commands.add_parser("list", help="print the cases of an evaluation config's benchmark",
+                                  description="Print the cases of an evaluation config's benchmark, one a line.")
+    listing.add_config("configs/eval/<name>.yaml")
+    demo = commands.add_parser("write-demo", help="write the demo benchmark from scikit-image photos",
+                               description="Write the demo benchmark (DreamBench layout) from scikit-image photos.")
+    demo.add_argument("root", help="the folder to write")
     args = parser.parse_args(argv)
     if args.command == "write-demo":
         print(f"demo benchmark written to {write_demo(args.root)}")
         return 0
     from evaluation.evaluate import load_evaluation_config
 
-    config = load_evaluation_config(args.config)
+    config = load_evaluation_config(args.config, parse_overrides(args.set))
     cases = list_cases(config.benchmark)
     for case in cases:
         print(f"{case.case_id}\t{case.prompt}")

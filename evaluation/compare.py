@@ -1,7 +1,7 @@
 """Compare runs: one self-contained HTML page plus a PNG, logged to MLflow.
 
-    python -m evaluation.compare --experiment mmdiff-demo [--filter "params.seed = '0'"] [--out DIR]
-    python -m evaluation.compare --runs RUN_ID RUN_ID ... [--tracking-uri URI] [--out DIR]
+    mmdiff-compare --experiment mmdiff-demo [--filter "params.seed = '0'"] [--out DIR]
+    mmdiff-compare --runs RUN_ID RUN_ID ... [--tracking-uri URI] [--out DIR]
 
 The page (``comparison.html``, images inlined) holds: the metrics table with the best value of each row
 marked, the params and config that differ across the runs, the training and metric curves overlaid,
@@ -14,7 +14,6 @@ curves and the sample grid. Both are logged as artifacts (``comparison/``) of a 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from mmdiff.cli import DEMO_TRACKING_URI, CommandParser, prose
 
 __all__ = ["RunRecord", "collect", "lower_is_better", "render_html", "render_png", "compare", "main"]
 
@@ -291,9 +292,10 @@ def runs_of(client, experiment: str, filter_string: str = "") -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import mlflow
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser("mmdiff-compare", prose(__doc__), examples=[
+        f"mmdiff-compare --experiment mmdiff-demo --tracking-uri {DEMO_TRACKING_URI} --out outputs/compare/demo",
+        (f"mmdiff-compare --experiment mmdiff-demo --filter \"params.run_name = 'demo'\" --tracking-uri {DEMO_TRACKING_URI} "
+        "--out outputs/compare/demo-only --no-log")])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--experiment", help="compare the runs of this experiment")
     source.add_argument("--runs", nargs="+", help="compare these run ids")
@@ -302,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="outputs/compare", help="folder for comparison.html and comparison.png")
     parser.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
     args = parser.parse_args(argv)
+    import mlflow
+
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     run_ids = args.runs or runs_of(mlflow.MlflowClient(tracking_uri), args.experiment, args.filter)
     page, picture, logged = compare(run_ids, args.out, tracking_uri, log=not args.no_log)

@@ -104,10 +104,13 @@ def write_caption_shard(path: str | Path, names: tuple[str, ...] = PHOTOS, size:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from mmdiff.cli import CommandParser
 
-    parser = argparse.ArgumentParser(description="write scikit-image sample photos as demo inputs")
-    parser.add_argument("folder")
+    parser = CommandParser("python -m pipeline.example_inputs", "Write scikit-image's sample photos as demo inputs: "
+                           "JPEG files (photos), the annotation-folder format (annotated) or one caption shard.",
+                           examples=["python -m pipeline.example_inputs outputs/inputs/photos",
+                                     "python -m pipeline.example_inputs outputs/inputs/annotated --kind annotated"])
+    parser.add_argument("folder", help="the folder to write")
     parser.add_argument("--kind", choices=["photos", "annotated", "shard"], default="photos")
     args = parser.parse_args(argv)
     if args.kind == "photos":
