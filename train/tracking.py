@@ -332,7 +332,7 @@ class RunTracker:
                 break
             if time.monotonic() >= deadline:
                 log.error("tracking server %s unreachable: the run's tracking (and registration) waits in %s; "
-                          "send it with: python -m train.tracking --config <this run's config> output_dir=%s",
+                          "send it with: python -m train.tracking --config <this run's config> --set output_dir=%s",
                           self.uri, self.spool, self.config.output_dir)
                 return False
             time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
