@@ -3,7 +3,7 @@
 Every command of mmdiff/cli.py's COMMANDS, as `python -m <module> --help` and, for console scripts, as the
 installed wrapper runs it (`from <module> import <function>; sys.exit(<function>())`), each in a fresh
 interpreter, ``--repeats`` times (the median is reported, with the peak RSS). Side by side in the same run:
-the bare interpreter (`python -c pass`, the floor) and importing each command's work module (what --help
+the bare interpreter (`python -c pass`, the floor) and importing each command's module (what --help
 cost while the parser lived there: torch, Ray, MLflow and the rest). Whether torch was imported comes from
 ``-X importtime``. Absolute times depend on the machine and its load; the ratios are the figure.
 
@@ -64,13 +64,13 @@ def main() -> None:
             target, function = scripts[script].split(":")
             row[script] = measure(["-c", f"import sys; from {target} import {function}; sys.exit({function}())",
                                    "--help"], args.repeats)
-        row["import of the work module"] = measure(["-c", f"import {module}"], args.repeats)
+        row["import of the module"] = measure(["-c", f"import {module}"], args.repeats)
         commands[module] = row
-        help_s, heavy_s = row["python -m"]["seconds"], row["import of the work module"]["seconds"]
+        help_s, heavy_s = row["python -m"]["seconds"], row["import of the module"]["seconds"]
         print(f"{module:26s} --help {help_s:5.2f} s {row['python -m']['max_rss_mib']:4d} MiB "
               f"(torch: {row['python -m']['imports_torch']}); import {module}: {heavy_s:5.2f} s "
               f"{row['import of the work module']['max_rss_mib']:4d} MiB; ratio {heavy_s / help_s:4.1f}x", flush=True)
-    slowest = max(r[k]["seconds"] for r in commands.values() for k in r if k != "import of the work module")
+    slowest = max(r[k]["seconds"] for r in commands.values() for k in r if k != "import of the module")
     print(f"slowest --help: {slowest:.2f} s; any imports torch: "
           f"{any(r[k]['imports_torch'] for r in commands.values() for k in r if k != 'import of the work module')}")
     write_result("bench_cli_help", {
