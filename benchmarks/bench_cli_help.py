@@ -69,10 +69,10 @@ def main() -> None:
         help_s, heavy_s = row["python -m"]["seconds"], row["import of the module"]["seconds"]
         print(f"{module:26s} --help {help_s:5.2f} s {row['python -m']['max_rss_mib']:4d} MiB "
               f"(torch: {row['python -m']['imports_torch']}); import {module}: {heavy_s:5.2f} s "
-              f"{row['import of the work module']['max_rss_mib']:4d} MiB; ratio {heavy_s / help_s:4.1f}x", flush=True)
+              f"{row['import of the module']['max_rss_mib']:4d} MiB; ratio {heavy_s / help_s:4.1f}x", flush=True)
     slowest = max(r[k]["seconds"] for r in commands.values() for k in r if k != "import of the module")
     print(f"slowest --help: {slowest:.2f} s; any imports torch: "
-          f"{any(r[k]['imports_torch'] for r in commands.values() for k in r if k != 'import of the work module')}")
+          f"{any(r[k]['imports_torch'] for r in commands.values() for k in r if k != 'import of the module')}")
     write_result("bench_cli_help", {
         "command": "python -m benchmarks.bench_cli_help " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_average": os.getloadavg()},
