@@ -40,7 +40,7 @@ def timed(argv: list[str]) -> tuple[float, int, bool]:
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"{argv} exited {process.returncode}: {stderr[-2000:]}")
-    imports_torch = any(line.rstrip().endswith("| torch") for line in stderr.splitlines())
+    imports_torch = any(line.rsplit("|", 1)[-1].strip() == "torch" for line in stderr.splitlines())
     return seconds, usage.ru_maxrss // 1024, imports_torch
 
 

@@ -14,6 +14,14 @@ the portrait set is a folder of ``<person>/*.jpg`` with one-slot templates (``a 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m evaluation.benchmark`: parse (and answer --help) before the heavy imports below
+    import sys
+
+    import evaluation.cli
+
+    sys.exit(evaluation.cli.benchmark())
+
+import argparse
 import hashlib
 import json
 import re
@@ -23,7 +31,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from mmdiff.cli import CommandParser, prose
+from evaluation import cli
 from mmdiff.configuration import ConfigError, ConfigModel, parse_overrides
 
 __all__ = [
@@ -262,19 +270,7 @@ def write_demo(root: str | Path) -> Path:
     return root
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = CommandParser("mmdiff-benchmark", prose(__doc__), examples=[
-        "mmdiff-benchmark write-demo outputs/eval/benchmark",
-        "mmdiff-benchmark list --config configs/eval/demo.yaml",
-        "mmdiff-benchmark list --config configs/eval/demo.yaml --set benchmark.prompts_per_subject=1"])
-    commands = parser.add_subparsers(dest="command", required=True)
-    listing = commands.add_parser("list", help="print the cases of an evaluation config's benchmark",
-                                  description="Print the cases of an evaluation config's benchmark, one a line.")
-    listing.add_config("configs/eval/<name>.yaml")
-    demo = commands.add_parser("write-demo", help="write the demo benchmark from scikit-image photos",
-                               description="Write the demo benchmark (DreamBench layout) from scikit-image photos.")
-    demo.add_argument("root", help="the folder to write")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     if args.command == "write-demo":
         print(f"demo benchmark written to {write_demo(args.root)}")
         return 0
@@ -288,5 +284,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+main = cli.benchmark  # the command itself (parsed in evaluation/cli.py)

@@ -14,6 +14,14 @@ curves and the sample grid. Both are logged as artifacts (``comparison/``) of a 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m evaluation.compare`: parse (and answer --help) before the heavy imports below
+    import sys
+
+    import evaluation.cli
+
+    sys.exit(evaluation.cli.compare())
+
+import argparse
 import base64
 import html
 import io
@@ -27,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmdiff.cli import DEMO_TRACKING_URI, CommandParser, prose
+from evaluation import cli
 
 __all__ = ["RunRecord", "collect", "lower_is_better", "render_html", "render_png", "compare", "main"]
 
@@ -291,19 +299,7 @@ def runs_of(client, experiment: str, filter_string: str = "") -> list[str]:
     return [r.info.run_id for r in runs if r.data.tags.get(KIND_TAG) != "comparison"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = CommandParser("mmdiff-compare", prose(__doc__), examples=[
-        f"mmdiff-compare --experiment mmdiff-demo --tracking-uri {DEMO_TRACKING_URI} --out outputs/compare/demo",
-        (f"mmdiff-compare --experiment mmdiff-demo --filter \"params.run_name = 'demo'\" --tracking-uri {DEMO_TRACKING_URI} "
-        "--out outputs/compare/demo-only --no-log")])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--experiment", help="compare the runs of this experiment")
-    source.add_argument("--runs", nargs="+", help="compare these run ids")
-    parser.add_argument("--filter", default="", help="MLflow search filter for --experiment")
-    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI")
-    parser.add_argument("--out", default="outputs/compare", help="folder for comparison.html and comparison.png")
-    parser.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     import mlflow
 
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -314,5 +310,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+main = cli.compare  # the command itself (parsed in evaluation/cli.py)

@@ -19,6 +19,14 @@ the champion is read, every candidate judged, its tags and the alias written whi
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m evaluation.promote`: parse (and answer --help) before the heavy imports below
+    import sys
+
+    import evaluation.cli
+
+    sys.exit(evaluation.cli.promote())
+
+import argparse
 import functools
 import json
 import logging
@@ -34,7 +42,7 @@ from typing import Any, TypeVar
 
 from pydantic import Field
 
-from mmdiff.cli import DEMO_TRACKING_URI, CommandParser, prose
+from evaluation import cli
 from mmdiff.configuration import ConfigError, ConfigModel, load_config, parse_overrides
 
 __all__ = ["AliasLease", "Decision", "Gate", "GatesConfig", "LeaseError", "Outcome", "PromotionError", "check",
@@ -322,21 +330,7 @@ def promote(config: GatesConfig, name: str, versions: list[str], tracking_uri: s
     return outcome
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = CommandParser("mmdiff-promote", prose(__doc__), renamed={"--model": "--model-name"}, examples=[
-        (f"mmdiff-promote --model-name mmdiff-demo --versions 1 2 --gates configs/eval/gates_demo.yaml "
-        f"--tracking-uri {DEMO_TRACKING_URI}"),
-        (f"mmdiff-promote --model-name mmdiff-demo --versions 1 2 --gates configs/eval/gates_demo.yaml --alias demo-best "
-        f"--set rank_by=clip_i --tracking-uri {DEMO_TRACKING_URI}")])
-    parser.add_argument("--model-name", required=True, help="the registered model's name")
-    parser.add_argument("--versions", nargs="+", required=True, help="candidate versions")
-    parser.add_argument("--gates", required=True, metavar="FILE", help="configs/eval/<gates>.yaml")
-    parser.add_overrides()
-    parser.add_argument("--alias", help="default: the gates file's alias (champion)")
-    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI")
-    parser.add_argument("--lease-wait-s", type=float, default=600.0,
-                        help="how long to wait while another promotion of the alias holds its lease")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     config = load_config(args.gates, GatesConfig, parse_overrides(args.set))
     try:
         outcome = promote(config, args.model_name, args.versions,
@@ -358,5 +352,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+main = cli.promote  # the command itself (parsed in evaluation/cli.py)

@@ -1,5 +1,5 @@
 """The data commands' parsers: ``mmdiff-preprocess`` (pipeline/preprocess.py), ``python -m
-pipeline.contact_sheet`` and ``python -m pipeline.report``.
+pipeline.contact_sheet``, ``python -m pipeline.report`` and ``python -m pipeline.example_inputs``.
 
 Light on purpose (see mmdiff/cli.py): each command parses here, then imports the module that does the work.
 """
@@ -8,6 +8,22 @@ from __future__ import annotations
 
 from mmdiff import cli
 from mmdiff.cli import CommandParser
+
+
+def example_inputs_parser() -> CommandParser:
+    parser = CommandParser(
+        "python -m pipeline.example_inputs",
+        "Write scikit-image's sample photos as demo inputs: JPEG files (photos), the annotation-folder format\n"
+        "(annotated) or one caption shard.",
+        examples=["python -m pipeline.example_inputs outputs/inputs/photos",
+                  "python -m pipeline.example_inputs outputs/inputs/annotated --kind annotated"])
+    parser.add_argument("folder", help="the folder to write")
+    parser.add_argument("--kind", choices=["photos", "annotated", "shard"], default="photos")
+    return parser
+
+
+def example_inputs(argv: list[str] | None = None) -> int:
+    return cli.run(example_inputs_parser(), argv, "pipeline.example_inputs:run")
 
 
 def preprocess_parser() -> CommandParser:
