@@ -201,6 +201,20 @@ def test_generate_needs_no_training_config_and_refuses_an_unmarked_prompt_before
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_config_error_is_named_with_exit_status_2(tmp_path, capsys):
+    from evaluation.cli import benchmark, evaluate
+    from pipeline.cli import preprocess
+    from train.cli import latents
+
+    missing = tmp_path / "nope.yaml"
+    for command, argv in [(preprocess, ["--config", str(missing)]), (latents, ["--config", str(missing)]),
+                          (benchmark, ["list", "--config", str(missing)]),
+                          (evaluate, ["--config", "configs/eval/demo.yaml", "--model-uri", "m", "--set", "bogus=1"])]:
+        assert command(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "config error:" in err and (f"{missing}: config file not found" in err or "bogus" in err), err
+
+
 def test_the_examples_that_need_no_server_run(probe, tmp_path, monkeypatch):
     """The demo inputs, the demo benchmark (written, then listed) and the RayService manifest, in-process in a
     scratch folder holding the repository's configs: the same example lines the extended run runs."""
