@@ -48,18 +48,18 @@ demo: $(STAMP)
 		outputs/demo outputs/eval/benchmark outputs/eval/demo-v1 outputs/eval/demo-v2 outputs/compare/demo
 	$(RUN) -m pipeline.example_inputs outputs/inputs/photos
 	$(RUN) -m pipeline.preprocess --config configs/preprocess/demo.yaml
-	$(RUN) -m train.launch --config configs/train/demo.yaml --num_gpus 2
-	$(RUN) -m train.launch --config configs/train/demo.yaml --num_gpus 2 run_name=demo-lr1e-4 \
+	$(RUN) -m train.launch --config configs/train/demo.yaml --num-gpus 2
+	$(RUN) -m train.launch --config configs/train/demo.yaml --num-gpus 2 --set run_name=demo-lr1e-4 \
 		output_dir=outputs/train/demo-lr1e-4 optim.lr=1.0e-4
 	$(RUN) -m train.generate --config configs/train/demo.yaml --prompt "a [cat] on a beach" \
 		--subject skimage:chelsea --steps 10 --out outputs/demo/generated.png
 	$(RUN) -m evaluation.benchmark write-demo outputs/eval/benchmark
-	$(RUN) -m evaluation.evaluate --config configs/eval/demo.yaml --model models:/mmdiff-demo/1 \
+	$(RUN) -m evaluation.evaluate --config configs/eval/demo.yaml --model-uri models:/mmdiff-demo/1 \
 		--set output_dir=outputs/eval/demo-v1
-	$(RUN) -m evaluation.evaluate --config configs/eval/demo.yaml --model models:/mmdiff-demo/2 \
+	$(RUN) -m evaluation.evaluate --config configs/eval/demo.yaml --model-uri models:/mmdiff-demo/2 \
 		--set output_dir=outputs/eval/demo-v2
 	$(RUN) -m evaluation.compare --experiment mmdiff-demo --out outputs/compare/demo
-	$(RUN) -m evaluation.promote --model mmdiff-demo --versions 1 2 --gates configs/eval/gates_demo.yaml
+	$(RUN) -m evaluation.promote --model-name mmdiff-demo --versions 1 2 --gates configs/eval/gates_demo.yaml
 	@echo "demo done: shards + contact sheet in outputs/shards/demo, generated image outputs/demo/generated.png,"
 	@echo "  evaluations outputs/eval/demo-v1 and demo-v2, run comparison report outputs/compare/demo/comparison.html"
 	@echo "  (+ comparison.png), serving alias models:/mmdiff-demo@champion"

@@ -242,7 +242,7 @@ def test_preprocess_rayjob_runs_the_installed_command_on_a_valid_config():
     check_ray_cluster(job["spec"]["rayClusterSpec"])
     argv = shlex.split(job["spec"]["entrypoint"])
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts[argv[0]] == "pipeline.preprocess:main"
+    assert scripts[argv[0]] == "pipeline.cli:preprocess"
     config, overrides = argv[argv.index("--config") + 1], argv[argv.index("--set") + 1:]
     loaded = load_config(REPO / config, PreprocessConfig, parse_overrides(overrides))
     assert str(loaded.output.path) == "/data/shards/mmdiff"
@@ -287,7 +287,7 @@ def test_training_job_script_gives_deepspeed_a_valid_no_ssh_launch(tmp_path, mon
     monkeypatch.setattr(launch.os, "execvpe", lambda file, cmd, env: captured.append(cmd))
     monkeypatch.chdir(REPO)  # the image's working directory holds configs/, as the repository does
     shards = write_shards(tmp_path / "shards", num_samples=2, per_shard=2)  # the cluster's volume, stood in for
-    launch.main([*argv, f"data.shards={shards}"])
+    launch.main([*argv, "--set", f"data.shards={shards}"])
     (command,) = captured
     runner = command.index("deepspeed.launcher.runner")
     args = parse_args(command[runner + 1:])
@@ -298,7 +298,7 @@ def test_training_job_script_gives_deepspeed_a_valid_no_ssh_launch(tmp_path, mon
     os.remove(args.hostfile)
     assert list(hosts.values()) == [int(env["GPUS_PER_NODE"])] * spec["completions"]
     user = args.user_args
-    config = load_train_config(user[user.index("--config") + 1], parse_overrides(user[user.index("--config") + 2:]))
+    config = load_train_config(user[user.index("--config") + 1], parse_overrides(user[user.index("--set") + 1:]))
     assert config.mlflow.tracking_uri == env["MLFLOW_TRACKING_URI"]
 
 

@@ -184,11 +184,11 @@ def test_promote_cli_exit_codes(evaluated, mlflow_server, capsys, tmp_path):  # 
 
     strict = tmp_path / "gates.yaml"
     strict.write_text("rank_by: dino\ngates:\n  - {metric: dino, limit: 2.0}\n")
-    assert main(["--model", MODEL, "--versions", "1", "2", "--gates", str(strict), "--alias", "strict",
+    assert main(["--model-name", MODEL, "--versions", "1", "2", "--gates", str(strict), "--alias", "strict",
                  "--tracking-uri", mlflow_server]) == 1
     err = capsys.readouterr().err
     assert "refused: no candidate passed the gates; @strict is not set" in err
-    assert main(["--model", MODEL, "--versions", "1", "2", "--gates", "configs/eval/gates_demo.yaml",
+    assert main(["--model-name", MODEL, "--versions", "1", "2", "--gates", "configs/eval/gates_demo.yaml",
                  "--alias", "demo", "--tracking-uri", mlflow_server]) == 0
     assert re.search(rf"promote: {MODEL}@demo -> v[12]", capsys.readouterr().out)
 

@@ -168,12 +168,15 @@ def test_declared_dependencies_are_satisfied_by_the_lock(wheel):
     assert not problems, problems
 
 
-def test_console_scripts_answer_help_from_the_installed_package(venv, env, workdir):
-    helps = {name: subprocess.Popen([str(venv / "bin" / name), "--help"], cwd=workdir, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in sorted(SCRIPTS)}
-    for name, process in helps.items():
+def test_console_scripts_answer_help_and_version_from_the_installed_package(venv, env, workdir, wheel):
+    version = wheel.name.split("-")[1]  # the wheel's own version, read back from its metadata by --version
+    answers = {(name, flag): subprocess.Popen([str(venv / "bin" / name), flag], cwd=workdir, env=env, text=True,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for name in sorted(SCRIPTS) for flag in ("--help", "--version")}
+    for (name, flag), process in answers.items():
         out, err = process.communicate(timeout=300)
-        assert process.returncode == 0 and out.startswith("usage:"), (name, out[-2000:], err[-2000:])
+        expected = out.startswith("usage:") if flag == "--help" else out == f"{name} (mmdiff) {version}\n"
+        assert process.returncode == 0 and expected, (name, flag, out[-2000:], err[-2000:])
     # what runs is the wheel's code, and each script's target is a main(argv=None) (read from the source:
     # importing every entry module again would cost as much as the --help runs)
     probe = ("import ast, importlib.util, json\n"
@@ -258,8 +261,8 @@ def test_installed_preprocess_writes_shards_from_photos(demo_shards):
 def tracked_run(venv, env, workdir, demo_shards, team_server) -> tuple[str, Path]:
     uri, _ = team_server
     out = workdir / "train"
-    run([venv / "bin" / "mmdiff-train", "--config", "configs/train/tiny_test.yaml", "--num_gpus", "1",
-         "--master_port", free_port(), f"output_dir={out}", f"data.shards={demo_shards}", f"mlflow.tracking_uri={uri}",
+    run([venv / "bin" / "mmdiff-train", "--config", "configs/train/tiny_test.yaml", "--num-gpus", "1",
+         "--master-port", free_port(), "--set", f"output_dir={out}", f"data.shards={demo_shards}", f"mlflow.tracking_uri={uri}",
          "schedule.max_steps=2", "schedule.sample_every=2", "schedule.checkpoint_every=2"], cwd=workdir, env=env)
     return json.loads((out / "mlflow_run.json").read_text())["run_id"], out
 
@@ -288,8 +291,8 @@ def test_tiny_training_is_tracked_by_the_postgres_backed_team_server(tracked_run
 def test_installed_generate_loads_the_registered_model_from_the_team_server(tracked_run, team_server, venv, env,
                                                                             workdir):
     out = workdir / "generated.png"
-    run([venv / "bin" / "mmdiff-generate", "--config", "configs/train/tiny_test.yaml", "--model",
-         "models:/mmdiff-tiny/1", "--prompt", "a [cat] on a beach", "--subject", "skimage:chelsea", "--steps", "2",
-         "--out", out, f"mlflow.tracking_uri={team_server[0]}"], cwd=workdir, env=env)
+    run([venv / "bin" / "mmdiff-generate", "--model-uri", "models:/mmdiff-tiny/1", "--tracking-uri", team_server[0],
+         "--prompt", "a [cat] on a beach", "--subject", "skimage:chelsea", "--steps", "2", "--out", out],
+        cwd=workdir, env=env)
     image = Image.open(out)
     assert image.size == (64, 64) and len(set(image.getdata())) > 1

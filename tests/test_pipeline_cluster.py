@@ -166,7 +166,7 @@ def test_cluster_launcher_config_is_valid_for_ray_up():
 
 
 def test_entry_point_names_a_missing_config(tmp_path):
-    # what `mmdiff-preprocess` (and `ray exec ... mmdiff-preprocess`) runs: pipeline.preprocess:main
+    # what `mmdiff-preprocess` (and `ray exec ... mmdiff-preprocess`) runs: pipeline.cli:preprocess
     result = subprocess.run([sys.executable, "-m", "pipeline.preprocess", "--config", str(tmp_path / "nope.yaml")],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode != 0 and f"{tmp_path / 'nope.yaml'}: config file not found" in result.stderr

@@ -135,6 +135,24 @@ def test_ranks_read_disjoint_shards(tmp_path):
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 8
 
 
+def test_fewer_samples_than_ranks_still_feed_every_rank_once_per_epoch(tmp_path):
+    """A tiny set (the demo's) with fewer samples than reader slots: each rank gets its turn as the deal
+    turns with the epoch, instead of one rank finding nothing; no epoch hands a sample out twice."""
+    folder = write_shards(tmp_path, num_samples=3, per_shard=3)
+    source, data = stream(folder, micro_batch_size=1, shuffle_buffer=1)
+    drawn = []  # (rank, epoch, key) over 4 draws per rank
+    for rank in range(4):
+        ranked = ShardStream(folder, data, source.builder, seed=7, rank=rank, world_size=4)
+        for batch in itertools.islice(iter(ranked), 4):
+            (key,) = batch["key"]
+            drawn.append((rank, batch["reader"]["sources"][0]["epoch"], key))
+    assert {rank for rank, _, _ in drawn} == {0, 1, 2, 3}
+    per_epoch = {}
+    for _, epoch, key in drawn:
+        per_epoch.setdefault(epoch, []).append(key)
+    assert all(len(keys) == len(set(keys)) for keys in per_epoch.values())
+
+
 # aspect buckets: samples wait in unfilled buckets across batches, and the resumed stream refills them
 @pytest.mark.parametrize(("num_workers", "buckets"), [(0, False), (2, False), (0, True)], ids=["0w", "2w", "bucket"])
 def test_resume_from_a_position_repeats_the_same_batches(tmp_path, num_workers, buckets):

@@ -65,14 +65,14 @@ def finish(process: subprocess.Popen, timeout: int = 400, expect: int | None = 0
 
 
 def launch(*overrides: str, env: dict[str, str] | None = None, timeout: int = 400) -> str:
-    return finish(start("--num_gpus", "2", "--master_port", str(free_port()), *overrides, env=env), timeout)
+    return finish(start("--num-gpus", "2", "--master-port", str(free_port()), "--set", *overrides, env=env), timeout)
 
 
 def kill_when(predicate, *overrides: str, timeout: float = 400) -> str:
     """Start a 2-rank run and SIGKILL the whole job (launcher and ranks) as soon as ``predicate()`` holds,
     polled every few milliseconds: the job is first frozen with SIGSTOP, so it is killed in the state the
     predicate saw. Returns the run's output; fails if the run ended before the predicate held."""
-    process = start("--num_gpus", "2", "--master_port", str(free_port()), *overrides)
+    process = start("--num-gpus", "2", "--master-port", str(free_port()), "--set", *overrides)
     deadline, held = time.monotonic() + timeout, False
     while not held and process.poll() is None and time.monotonic() < deadline:
         if predicate():
@@ -231,8 +231,8 @@ def test_registered_model_generates_an_image(zero2_run, mlflow_server, tmp_path)
     from train.generate import main as generate
 
     out = tmp_path / "generated.png"
-    generate(["--config", CONFIG, "--model", "models:/mmdiff-tiny/1", "--prompt", "a [cat] on a beach",
-              "--subject", "skimage:chelsea", "--steps", "2", "--out", str(out), f"mlflow.tracking_uri={mlflow_server}"])
+    generate(["--model-uri", "models:/mmdiff-tiny/1", "--tracking-uri", mlflow_server, "--prompt", "a [cat] on a beach",
+              "--subject", "skimage:chelsea", "--steps", "2", "--out", str(out)])
     image = Image.open(out)
     assert image.size == (64, 64) and len(set(image.getdata())) > 1
 
@@ -365,8 +365,8 @@ def test_multi_node_without_ssh_matches_one_node(zero2_run, shards, tmp_path):
     Kubernetes, against the 1 node x 2 ranks run. Losses of steps 1-3 depend on the rates of steps 1-2
     only, which are warmup rates and do not depend on max_steps, so a 3-step run must match."""
     port = str(free_port())
-    nodes = [start("--num_gpus", "1", "--num_nodes", "2", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
-                   "--master_port", port, f"output_dir={tmp_path}", f"data.shards={shards}", "schedule.max_steps=3",
+    nodes = [start("--num-gpus", "1", "--num-nodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+                   "--master-port", port, "--set", f"output_dir={tmp_path}", f"data.shards={shards}", "schedule.max_steps=3",
                    "mlflow.registered_model=null", "mlflow.sample_prompt=null") for rank in (0, 1)]
     for node in nodes:
         finish(node)
@@ -408,12 +408,12 @@ def test_config_errors_stop_before_any_process_starts(tmp_path, capsys):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / CONFIG).read_text().replace("  resolution: 64", "  resolutoin: 64"))
-    assert main(["--config", str(bad), "--num_gpus", "2"]) == 2
+    assert main(["--config", str(bad), "--num-gpus", "2"]) == 2
     assert "data.resolutoin" in capsys.readouterr().err
-    assert main(["--config", CONFIG, "--num_gpus", "2", f"data.shards={tmp_path}"]) == 2
+    assert main(["--config", CONFIG, "--num-gpus", "2", "--set", f"data.shards={tmp_path}"]) == 2
     assert "no shards/*.tar" in capsys.readouterr().err
     shards = write_shards(tmp_path / "data", num_samples=2, per_shard=2)
-    assert main(["--config", CONFIG, "--num_gpus", "2", f"data.shards={shards}",
+    assert main(["--config", CONFIG, "--num-gpus", "2", "--set", f"data.shards={shards}",
                  "model.mmdiff=configs/mmdiff/tiny_sdxl.yaml"]) == 2
     assert "does not match base_family sdxl" in capsys.readouterr().err
 
@@ -425,7 +425,7 @@ def test_a_tracking_server_that_never_answers_stops_the_launch_or_is_spooled(sha
 
     closed = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    assert main(["--config", CONFIG, "--num_gpus", "2", f"data.shards={shards}", f"output_dir={tmp_path}",
+    assert main(["--config", CONFIG, "--num-gpus", "2", "--set", f"data.shards={shards}", f"output_dir={tmp_path}",
                  f"mlflow.tracking_uri={closed}", "mlflow.preflight_wait_s=1"]) == 3
     assert time.monotonic() - started < 60  # not the MLflow client's minutes of retries
     err = capsys.readouterr().err
@@ -488,7 +488,7 @@ def test_a_tracking_outage_mid_run_does_not_stop_training(mlflow_server, shards,
     proxy = SwitchableProxy(int(mlflow_server.rsplit(":", 1)[1]))
     out = tmp_path / "run"
     try:
-        job = start("--num_gpus", "2", "--master_port", str(free_port()), f"output_dir={out}", f"data.shards={shards}",
+        job = start("--num-gpus", "2", "--master-port", str(free_port()), "--set", f"output_dir={out}", f"data.shards={shards}",
                     "mlflow.registered_model=mmdiff-tiny-outage", "mlflow.sample_prompt=null", "mlflow.end_wait_s=300",
                     env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.port}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                          "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
@@ -528,7 +528,7 @@ def test_a_full_output_disk_stops_the_job_and_a_rerun_resumes(zero2_run, shards,
         pytest.skip(f"cannot mount a size-limited tmpfs here (needs root or CAP_SYS_ADMIN): {mount.stderr.strip()}")
     overrides = (f"output_dir={out}", f"data.shards={shards}", "mlflow.registered_model=null", "mlflow.sample_prompt=null")
     try:
-        job = start("--num_gpus", "2", "--master_port", str(free_port()), *overrides)
+        job = start("--num-gpus", "2", "--master-port", str(free_port()), "--set", *overrides)
         output = finish(job, expect=None)
         assert job.returncode != 0, output[-4000:]
         for rank in (0, 1):
@@ -562,7 +562,7 @@ def test_training_from_the_object_store_killed_mid_epoch_resumes_to_the_local_ru
     out = tmp_path / "run"
     args = [f"output_dir={out}", f"data.shards={url}", f"data.storage_options={json.dumps(object_store.options)}",
             "schedule.checkpoint_every=3", "mlflow.registered_model=null", "mlflow.sample_prompt=null"]
-    launcher = start("--num_gpus", "2", "--master_port", str(free_port()), *args)
+    launcher = start("--num-gpus", "2", "--master-port", str(free_port()), "--set", *args)
     deadline = time.monotonic() + 400
     try:
         while not ((out / "losses.jsonl").is_file() and len(losses(out)) >= 4):  # past the step-3 checkpoint

@@ -11,13 +11,20 @@ beside them) and training goes on. While offline, the server's ``/health`` is pr
 and timestamps) and the tracker is online again. Registration at the end is part of the spool, so a
 run that ends offline registers when the spool is flushed, at the end of a later resume or by hand:
 
-    python -m train.tracking --config configs/train/<name>.yaml [KEY=VALUE ...]
+    python -m train.tracking --config configs/train/<name>.yaml [--set KEY=VALUE ...] [--wait-s S]
 
 Images (sample generations, attention overlays, validation grids) go through ``log_image(key=, step=)``,
 so the run page's image panel steps through each key's images; :func:`logged_images` lists them back.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # `python -m train.tracking`: parse (and answer --help) before the heavy imports below
+    import sys
+
+    import train.cli
+
+    sys.exit(train.cli.tracking())
 
 import argparse
 import json
@@ -36,6 +43,7 @@ import mlflow
 import yaml
 from PIL import Image
 
+from train import cli
 from train.checkpoint import write_atomic
 from train.config import TrainConfig
 
@@ -335,7 +343,7 @@ class RunTracker:
                 break
             if time.monotonic() >= deadline:
                 log.error("tracking server %s unreachable: the run's tracking (and registration) waits in %s; "
-                          "send it with: python -m train.tracking --config <this run's config> output_dir=%s",
+                          "send it with: python -m train.tracking --config <this run's config> --set output_dir=%s",
                           self.uri, self.spool, self.config.output_dir)
                 return False
             time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
@@ -357,18 +365,13 @@ def logged_images(client: mlflow.MlflowClient, run_id: str, key: str) -> list[tu
     return [(step, path) for step, _, path in sorted(found)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
     """Send a run's spooled tracking (and its pending registration) to the tracking server."""
     from mmdiff.configuration import parse_overrides
     from train.config import load_train_config
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the run's training config")
-    parser.add_argument("--wait_s", type=float, default=0.0, help="wait this long for the server")
-    parser.add_argument("overrides", nargs="*", help="the run's KEY=VALUE overrides (output_dir=... at least)")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = load_train_config(args.config, parse_overrides(args.overrides), check_data=False)
+    config = load_train_config(args.config, parse_overrides(args.set), check_data=False)
     tracker = RunTracker(config, offline=True)
     if not tracker.ops_file.is_file():
         print(f"{tracker.spool}: nothing to send")
@@ -383,5 +386,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+main = cli.tracking  # the command itself (parsed in train/cli.py)

@@ -15,7 +15,6 @@ only once training has registered it.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import shlex
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from mmdiff.cli import CommandParser, prose
 
 RAY_VERSION = "2.60.0"
 
@@ -154,8 +155,10 @@ def render(serve_config_path: str | Path, gpus_per_replica: float | None = None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--serve-config", required=True, help="a Ray Serve config YAML (applications: ...)")
+    parser = CommandParser("python -m infra.k8s.rayservice", prose(__doc__), examples=[
+        ("python -m infra.k8s.rayservice --serve-config infra/serving/serve_config.yaml --gpus-per-replica 1 "
+        "--out infra/k8s/serve/rayservice.yaml")])
+    parser.add_argument("--serve-config", required=True, metavar="FILE", help="a Ray Serve config YAML (applications: ...)")
     parser.add_argument("--gpus-per-replica", type=float, help="set every deployment's ray_actor_options.num_gpus")
     parser.add_argument("--out", required=True, help="the RayService manifest to write")
     args = parser.parse_args(argv)

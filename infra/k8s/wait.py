@@ -15,11 +15,12 @@ is missing.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from collections.abc import Callable
+
+from mmdiff.cli import DEMO_TRACKING_URI, CommandParser, prose
 
 __all__ = ["shards_ready", "parse_model_uri", "model_ready", "wait", "main"]
 
@@ -87,8 +88,9 @@ def wait(check: Callable[[], str | None], what: str, timeout_s: float, poll_s: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.k8s.wait", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser("python -m infra.k8s.wait", prose(__doc__), examples=[
+        "python -m infra.k8s.wait shards outputs/shards/demo --timeout-s 60",
+        f"python -m infra.k8s.wait model models:/mmdiff-demo/1 --tracking-uri {DEMO_TRACKING_URI} --timeout-s 60"])
     parser.add_argument("kind", choices=["shards", "model"], help="what to wait for")
     parser.add_argument("target", help="the shards' folder or URL, or a models:/ URI")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
