@@ -66,7 +66,7 @@ def compare_parser() -> CommandParser:
         "the config that differs, the curves overlaid, same-seed sample grids, attention maps) plus comparison.png,\n"
         "both logged to MLflow on a run tagged mmdiff.kind=comparison in the first run's experiment.",
         examples=[f"mmdiff-compare --experiment mmdiff-demo --tracking-uri {DEMO_TRACKING_URI} --out outputs/compare/demo",
-                  (f"mmdiff-compare --experiment mmdiff-demo --filter \"params.run_name = 'demo'\" "
+                  (f"mmdiff-compare --experiment mmdiff-demo --filter \"attributes.status = 'FINISHED'\" "
                    f"--tracking-uri {DEMO_TRACKING_URI} --out outputs/compare/demo-only --no-log")])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--experiment", help="compare the runs of this experiment")

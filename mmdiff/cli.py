@@ -126,7 +126,14 @@ class CommandParser(argparse.ArgumentParser):
 
 def run(parser: CommandParser, argv: list[str] | None, target: str) -> int:
     """Parse ``argv`` (answering --help/--version light), then import ``target`` ("module:function", the
-    command's work) and call it with the parsed arguments; its return value is the exit status."""
+    command's work) and call it with the parsed arguments; its return value is the exit status. A config
+    that does not load or validate is reported as such (the file and key at fault), exit status 2."""
     args = parser.parse_args(argv)
+    from mmdiff.configuration import ConfigError  # after parsing: it imports pydantic and YAML
+
     module, function = target.split(":")
-    return getattr(importlib.import_module(module), function)(args)
+    try:
+        return getattr(importlib.import_module(module), function)(args)
+    except ConfigError as exc:
+        print(f"{parser.prog}: config error: {exc}", file=sys.stderr)
+        return 2

@@ -201,6 +201,38 @@ def test_generate_needs_no_training_config_and_refuses_an_unmarked_prompt_before
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_config_error_is_named_with_exit_status_2(tmp_path, capsys):
+    from evaluation.cli import benchmark, evaluate
+    from pipeline.cli import preprocess
+    from train.cli import latents
+
+    missing = tmp_path / "nope.yaml"
+    for command, argv in [(preprocess, ["--config", str(missing)]), (latents, ["--config", str(missing)]),
+                          (benchmark, ["list", "--config", str(missing)]),
+                          (evaluate, ["--config", "configs/eval/demo.yaml", "--model-uri", "m", "--set", "bogus=1"])]:
+        assert command(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "config error:" in err and (f"{missing}: config file not found" in err or "bogus" in err), err
+
+
+def test_the_examples_that_need_no_server_run(probe, tmp_path, monkeypatch):
+    """The demo inputs, the demo benchmark (written, then listed) and the RayService manifest, in-process in a
+    scratch folder holding the repository's configs: the same example lines the extended run runs."""
+    import importlib
+
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    shutil.copytree(REPO / "infra" / "serving", tmp_path / "infra" / "serving", ignore=shutil.ignore_patterns("*.py"))
+    (tmp_path / "infra" / "k8s").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for module in ("pipeline.example_inputs", "evaluation.benchmark", "infra.k8s.rayservice"):
+        for example in probe[f"python -m {module}"]["examples"]:
+            argv = shlex.split(example["line"], comments=True)
+            assert importlib.import_module(module).main(argv[(3 if argv[0] == "python" else 1):]) == 0, example["line"]
+    assert len(list((tmp_path / "outputs/inputs/photos").glob("*.jpg"))) == 7
+    generated = (tmp_path / "infra/k8s/serve-rayservice.yaml").read_text()
+    assert generated == (REPO / "infra/k8s/serve-rayservice.yaml").read_text()  # the shipped manifest, regenerated
+
+
 # The extended run: every example of every help, as written, in a scratch copy of the repository's configs,
 # in the order of COMMANDS (the demo's order: photos, shards, training, generation, evaluation,
 # comparison, promotion, the RayService manifest, serving). About as long as `make demo`.

@@ -99,7 +99,7 @@ def latents_parser() -> CommandParser:
         "beside the pipeline's shards; a rerun skips the shards done. One process per GPU under torchrun:\n"
         "torchrun --nproc_per_node 8 -m train.latents --config ...",
         examples=["python -m train.latents --config configs/train/demo.yaml",
-                  "python -m train.latents --config configs/train/demo.yaml --resolutions 64 96 --batch-size 4"])
+                  "python -m train.latents --config configs/train/demo.yaml --resolutions 64 --batch-size 4  # a rerun: done"])
     parser.add_config("the training config (data.shards, model.base)", legacy_overrides=True)
     parser.add_argument("--resolutions", type=int, nargs="+", help="default: the config's data.resolution")
     parser.add_argument("--batch-size", type=int, default=16, help="crops encoded at once (one bucket per batch)")

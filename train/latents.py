@@ -244,15 +244,11 @@ def _crops(layouts: list[Any], image: Image.Image) -> list[tuple[tuple[int, int]
 
 def run(args: argparse.Namespace) -> int:
     """``python -m train.latents``'s parsed arguments (train/cli.py) -> this process's share of the cache."""
-    from mmdiff.configuration import ConfigError, parse_overrides
+    from mmdiff.configuration import parse_overrides
     from train.config import load_train_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        config = load_train_config(args.config, parse_overrides(args.set))
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    config = load_train_config(args.config, parse_overrides(args.set))
     # one process per GPU (torchrun / the DeepSpeed launcher set these); a process group only to wait for all
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = args.device
