@@ -1,8 +1,9 @@
-# The two commands a newcomer needs: `make demo` and `make test`. Both build .venv on first use and
-# reuse it while requirements.lock is unchanged (the stamp file is keyed on the lock's hash).
+# The two commands a newcomer needs: `make demo` and `make test`. Both build .venv on first use from the dev
+# lock and reuse it while the locks and pyproject.toml are unchanged (the stamp file is keyed on their hash).
 PYTHON ?= python3.11
 VENV := .venv
-LOCK_HASH := $(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+LOCKS := requirements/runtime.lock requirements/dev.lock
+LOCK_HASH := $(shell sha256sum $(LOCKS) pyproject.toml | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 RUN := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
@@ -14,10 +15,11 @@ export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 
 install: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+# The dev lock is the runtime lock plus the test and lint tools; every entry is hash-checked.
+$(STAMP): $(LOCKS) pyproject.toml
 	rm -f $(VENV)/.installed-*
 	test -x $(RUN) || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -r requirements.lock
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements/dev.lock
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -46,18 +48,18 @@ demo: $(STAMP)
 		outputs/demo outputs/eval/benchmark outputs/eval/demo-v1 outputs/eval/demo-v2 outputs/compare/demo
 	$(RUN) -m pipeline.example_inputs outputs/inputs/photos
 	$(RUN) -m pipeline.preprocess --config configs/preprocess/demo.yaml
-	$(RUN) -m train.launch --config configs/train/demo.yaml --num_gpus 2
-	$(RUN) -m train.launch --config configs/train/demo.yaml --num_gpus 2 run_name=demo-lr1e-4 \
+	$(RUN) -m train.launch --config configs/train/demo.yaml --num-gpus 2
+	$(RUN) -m train.launch --config configs/train/demo.yaml --num-gpus 2 --set run_name=demo-lr1e-4 \
 		output_dir=outputs/train/demo-lr1e-4 optim.lr=1.0e-4
 	$(RUN) -m train.generate --config configs/train/demo.yaml --prompt "a [cat] on a beach" \
 		--subject skimage:chelsea --steps 10 --out outputs/demo/generated.png
 	$(RUN) -m evaluation.benchmark write-demo outputs/eval/benchmark
-	$(RUN) -m evaluation.evaluate --config configs/eval/demo.yaml --model models:/mmdiff-demo/1 \
+	$(RUN) -m evaluation.evaluate --config configs/eval/demo.yaml --model-uri models:/mmdiff-demo/1 \
 		--set output_dir=outputs/eval/demo-v1
-	$(RUN) -m evaluation.evaluate --config configs/eval/demo.yaml --model models:/mmdiff-demo/2 \
+	$(RUN) -m evaluation.evaluate --config configs/eval/demo.yaml --model-uri models:/mmdiff-demo/2 \
 		--set output_dir=outputs/eval/demo-v2
 	$(RUN) -m evaluation.compare --experiment mmdiff-demo --out outputs/compare/demo
-	$(RUN) -m evaluation.promote --model mmdiff-demo --versions 1 2 --gates configs/eval/gates_demo.yaml
+	$(RUN) -m evaluation.promote --model-name mmdiff-demo --versions 1 2 --gates configs/eval/gates_demo.yaml
 	@echo "demo done: shards + contact sheet in outputs/shards/demo, generated image outputs/demo/generated.png,"
 	@echo "  evaluations outputs/eval/demo-v1 and demo-v2, run comparison report outputs/compare/demo/comparison.html"
 	@echo "  (+ comparison.png), serving alias models:/mmdiff-demo@champion"
@@ -66,11 +68,20 @@ demo: $(STAMP)
 benchmarks: $(STAMP)
 	$(RUN) -m benchmarks.run_all
 
-# Re-resolve the pinned direct dependencies into the full lock (needs the package index).
+# Re-resolve both locks from pyproject.toml (needs the package index): the runtime lock (what the image
+# installs: `mmdiff[runtime]`), then the dev lock on top of it (`mmdiff[dev]`, constrained to the runtime
+# pins). Versions already locked are kept; `make lock LOCK_UPGRADE=--upgrade` moves everything to the newest
+# release the ranges allow. Hashes cover every file of each pinned release (any platform, any Python).
+UV_VERSION := 0.13.9
+LOCK_ARGS := --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--custom-compile-command "make lock" $(LOCK_UPGRADE)
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/pip install -q -r requirements.in
-	.venv-lock/bin/pip freeze --all --exclude-editable | grep -vE "^(-e |pip==)" > requirements.lock
+	.venv-lock/bin/pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	.venv-lock/bin/uv pip compile pyproject.toml requirements/build.in --extra runtime $(LOCK_ARGS) \
+		-o requirements/runtime.lock
+	.venv-lock/bin/uv pip compile pyproject.toml requirements/build.in --extra dev -c requirements/runtime.lock \
+		$(LOCK_ARGS) -o requirements/dev.lock
 	rm -rf .venv-lock
 
 clean:

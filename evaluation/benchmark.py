@@ -1,7 +1,7 @@
 """The benchmark spec: which subjects, prompts and seeds an evaluation generates and scores.
 
-    python -m evaluation.benchmark list --config configs/eval/demo.yaml      # the cases, one a line
-    python -m evaluation.benchmark write-demo outputs/eval/benchmark         # the demo set from scikit-image
+    mmdiff-benchmark list --config configs/eval/demo.yaml      # the cases, one a line
+    mmdiff-benchmark write-demo outputs/eval/benchmark         # the demo set from scikit-image
 
 Subjects come in the DreamBench layout: a folder with one sub-folder of reference photos per subject
 (``<root>/<subject>/00.jpg ...``) and DreamBench's ``prompts_and_classes.txt`` (a ``subject_name,class``
@@ -14,6 +14,13 @@ the portrait set is a folder of ``<person>/*.jpg`` with one-slot templates (``a 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m evaluation.benchmark`: parse (and answer --help) before the heavy imports below
+    import sys
+
+    import evaluation.cli
+
+    sys.exit(evaluation.cli.benchmark())
+
 import argparse
 import hashlib
 import json
@@ -24,7 +31,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from mmdiff.configuration import ConfigError, ConfigModel
+from evaluation import cli
+from mmdiff.configuration import ConfigError, ConfigModel, parse_overrides
 
 __all__ = [
     "BenchmarkSpec",
@@ -262,20 +270,13 @@ def write_demo(root: str | Path) -> Path:
     return root
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    listing = commands.add_parser("list", help="print the cases of an evaluation config's benchmark")
-    listing.add_argument("--config", required=True, help="configs/eval/<name>.yaml")
-    demo = commands.add_parser("write-demo", help="write the demo benchmark from scikit-image photos")
-    demo.add_argument("root")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     if args.command == "write-demo":
         print(f"demo benchmark written to {write_demo(args.root)}")
         return 0
     from evaluation.evaluate import load_evaluation_config
 
-    config = load_evaluation_config(args.config)
+    config = load_evaluation_config(args.config, parse_overrides(args.set))
     cases = list_cases(config.benchmark)
     for case in cases:
         print(f"{case.case_id}\t{case.prompt}")
@@ -283,5 +284,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+main = cli.benchmark  # the command itself (parsed in evaluation/cli.py)

@@ -1,7 +1,7 @@
 """Compare runs: one self-contained HTML page plus a PNG, logged to MLflow.
 
-    python -m evaluation.compare --experiment mmdiff-demo [--filter "params.seed = '0'"] [--out DIR]
-    python -m evaluation.compare --runs RUN_ID RUN_ID ... [--tracking-uri URI] [--out DIR]
+    mmdiff-compare --experiment mmdiff-demo [--filter "params.seed = '0'"] [--out DIR]
+    mmdiff-compare --runs RUN_ID RUN_ID ... [--tracking-uri URI] [--out DIR]
 
 The page (``comparison.html``, images inlined) holds: the metrics table with the best value of each row
 marked, the params and config that differ across the runs, the training and metric curves overlaid,
@@ -13,6 +13,13 @@ curves and the sample grid. Both are logged as artifacts (``comparison/``) of a 
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # `python -m evaluation.compare`: parse (and answer --help) before the heavy imports below
+    import sys
+
+    import evaluation.cli
+
+    sys.exit(evaluation.cli.compare())
 
 import argparse
 import base64
@@ -27,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from evaluation import cli
 
 __all__ = ["RunRecord", "collect", "lower_is_better", "render_html", "render_png", "compare", "main"]
 
@@ -56,10 +65,12 @@ class RunRecord:
 
 
 def _latest_attention(client, run_id: str, workdir: Path) -> Image.Image | None:
-    files = sorted(a.path for a in client.list_artifacts(run_id, "samples") if "attention" in Path(a.path).name)
-    if not files:
+    from train.tracking import logged_images
+
+    images = logged_images(client, run_id, "attention")
+    if not images:
         return None
-    return Image.open(client.download_artifacts(run_id, files[-1], str(workdir))).convert("RGB")
+    return Image.open(client.download_artifacts(run_id, images[-1][1], str(workdir))).convert("RGB")
 
 
 def _evaluation_cases(client, run_id: str, benchmark: str | None, workdir: Path) -> dict[str, dict]:
@@ -290,18 +301,9 @@ def runs_of(client, experiment: str, filter_string: str = "") -> list[str]:
     return [r.info.run_id for r in runs if r.data.tags.get(KIND_TAG) != "comparison"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(args: argparse.Namespace) -> int:
     import mlflow
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--experiment", help="compare the runs of this experiment")
-    source.add_argument("--runs", nargs="+", help="compare these run ids")
-    parser.add_argument("--filter", default="", help="MLflow search filter for --experiment")
-    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI")
-    parser.add_argument("--out", default="outputs/compare", help="folder for comparison.html and comparison.png")
-    parser.add_argument("--no-log", action="store_true", help="do not log the report to MLflow")
-    args = parser.parse_args(argv)
     tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     run_ids = args.runs or runs_of(mlflow.MlflowClient(tracking_uri), args.experiment, args.filter)
     page, picture, logged = compare(run_ids, args.out, tracking_uri, log=not args.no_log)
@@ -310,5 +312,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+main = cli.compare  # the command itself (parsed in evaluation/cli.py)

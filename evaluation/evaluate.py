@@ -1,9 +1,9 @@
 """The evaluation job: generate every benchmark case with one model, score it, record it in MLflow.
 
-    python -m evaluation.evaluate --config configs/eval/demo.yaml --model models:/mmdiff-demo/1 \
-        [--tracking-uri URI] [--runner ray|loop] [--set key=value ...]
+    mmdiff-evaluate --config configs/eval/demo.yaml --model-uri models:/mmdiff-demo/1 \
+        [--tracking-uri URI] [--runner ray|loop] [--set key=value ...]      # flags: evaluation/cli.py
 
-``--model``: a registered version (``models:/<name>/<version>`` or ``models:/<name>@<alias>``), a run's
+``--model-uri``: a registered version (``models:/<name>/<version>`` or ``models:/<name>@<alias>``), a run's
 adapter (``runs:/<run_id>/adapter``) or a local adapter folder. The job is a Ray Data job (embedded Ray,
 or the cluster in ``ray.address`` / RAY_ADDRESS): a generation actor pool (the model loaded once per
 actor, on a GPU when ``generate.num_gpus`` > 0) feeds a scoring actor pool (CLIP, DINO, ArcFace and the
@@ -19,6 +19,13 @@ A case that fails is recorded with its reason and the job goes on.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # `python -m evaluation.evaluate`: parse (and answer --help) before the heavy imports below
+    import sys
+
+    import evaluation.cli
+
+    sys.exit(evaluation.cli.evaluate())
 
 import argparse
 import json
@@ -37,6 +44,7 @@ import torch
 import yaml
 from PIL import Image
 
+from evaluation import cli
 from evaluation.benchmark import BenchmarkSpec, Case, benchmark_hash, list_cases
 from evaluation.decontamination import benchmark_files, check_training_data
 from mmdiff.configuration import ConfigModel, load_config, parse_overrides
@@ -144,7 +152,7 @@ def resolve_source(uri: str, tracking_uri: str | None) -> ModelSource:
             if number in ("", "latest"):
                 versions = client.search_model_versions(f"name='{name}'")
                 if not versions:
-                    raise ValueError(f"--model {uri}: registered model {name!r} has no versions")
+                    raise ValueError(f"--model-uri {uri}: registered model {name!r} has no versions")
                 version = max(versions, key=lambda v: int(v.version))
             else:
                 version = client.get_model_version(name, number)
@@ -152,7 +160,7 @@ def resolve_source(uri: str, tracking_uri: str | None) -> ModelSource:
     if uri.startswith("runs:/"):
         return ModelSource(uri, uri.removeprefix("runs:/").split("/", 1)[0])
     if not Path(uri).is_dir():
-        raise ValueError(f"--model {uri}: not a models:/ or runs:/ URI nor an adapter folder")
+        raise ValueError(f"--model-uri {uri}: not a models:/ or runs:/ URI nor an adapter folder")
     return ModelSource(uri, None)
 
 
@@ -191,7 +199,7 @@ def load_pipeline(uri: str, tracking_uri: str | None, device: str | None = None,
         if base is None:
             base = MMDiffModel.recorded_spec(adapter, "base")
             if base is None:
-                raise ValueError(f"--model {uri}: {adapter} records no base model")
+                raise ValueError(f"--model-uri {uri}: {adapter} records no base model")
         device, dtype = resolve_placement(device or recorded.get("device") or "auto",
                                           dtype or recorded.get("dtype") or "auto", reserved_gpus,
                                           "evaluation's generate stage")
@@ -566,18 +574,11 @@ def log_evaluation(result: EvaluationResult, tracking_uri: str | None) -> str:
     return run_id
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="configs/eval/<name>.yaml")
-    parser.add_argument("--model", required=True, help="models:/<name>/<version>, models:/<name>@<alias>, "
-                        "runs:/<run_id>/adapter or an adapter folder")
-    parser.add_argument("--tracking-uri", help="default: the config's tracking_uri, else MLFLOW_TRACKING_URI")
-    parser.add_argument("--runner", choices=("ray", "loop"), default="ray")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``mmdiff-evaluate``'s parsed arguments (evaluation/cli.py) -> the evaluation, logged."""
     config = load_evaluation_config(args.config, parse_overrides(args.set))
     tracking_uri = args.tracking_uri or config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    result = run_evaluation(config, args.model, tracking_uri, args.runner)
+    result = run_evaluation(config, args.model_uri, tracking_uri, args.runner)
     run_id = log_evaluation(result, tracking_uri)
     print(result.line(), flush=True)
     print(f"results: {result.output_dir}/table.json, summary.json, images/; MLflow run {run_id} "
@@ -585,5 +586,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+main = cli.evaluate  # the command itself (parsed in evaluation/cli.py)

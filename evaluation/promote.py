@@ -1,7 +1,7 @@
 """Promote: move a registry alias (``champion``) to a model version only when its evaluation passes the gates.
 
-    python -m evaluation.promote --model mmdiff-demo --versions 1 2 --gates configs/eval/gates.yaml \
-        [--alias champion] [--tracking-uri URI]
+    mmdiff-promote --model-name mmdiff-demo --versions 1 2 --gates configs/eval/gates.yaml \
+        [--alias champion] [--tracking-uri URI] [--set KEY=VALUE ...]
 
 Each candidate's figures are the ``eval.<metric>`` metrics that ``evaluation.evaluate`` logged on the
 run that trained it. A candidate passes when, for every gate, its figure is within the gate's ``limit``
@@ -19,6 +19,13 @@ the champion is read, every candidate judged, its tags and the alias written whi
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m evaluation.promote`: parse (and answer --help) before the heavy imports below
+    import sys
+
+    import evaluation.cli
+
+    sys.exit(evaluation.cli.promote())
+
 import argparse
 import functools
 import json
@@ -35,7 +42,8 @@ from typing import Any, TypeVar
 
 from pydantic import Field
 
-from mmdiff.configuration import ConfigError, ConfigModel, load_config
+from evaluation import cli
+from mmdiff.configuration import ConfigError, ConfigModel, load_config, parse_overrides
 
 __all__ = ["AliasLease", "Decision", "Gate", "GatesConfig", "LeaseError", "Outcome", "PromotionError", "check",
            "main", "promote"]
@@ -322,36 +330,26 @@ def promote(config: GatesConfig, name: str, versions: list[str], tracking_uri: s
     return outcome
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="registered model name")
-    parser.add_argument("--versions", nargs="+", required=True, help="candidate versions")
-    parser.add_argument("--gates", required=True, help="configs/eval/<gates>.yaml")
-    parser.add_argument("--alias", help="default: the gates file's alias (champion)")
-    parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI")
-    parser.add_argument("--lease-wait-s", type=float, default=600.0,
-                        help="how long to wait while another promotion of the alias holds its lease")
-    args = parser.parse_args(argv)
-    config = load_config(args.gates, GatesConfig)
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.gates, GatesConfig, parse_overrides(args.set))
     try:
-        outcome = promote(config, args.model, args.versions,
+        outcome = promote(config, args.model_name, args.versions,
                           args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), args.alias, args.lease_wait_s)
     except PromotionError as exc:
         print(f"promote: {exc}", file=sys.stderr)
         return 2
     alias = args.alias or config.alias
     for decision in outcome.decisions:
-        print(f"{args.model} v{decision.version}: {'passed' if decision.passed else 'refused'}")
+        print(f"{args.model_name} v{decision.version}: {'passed' if decision.passed else 'refused'}")
         for reason in decision.reasons:
             print(f"    {reason}")
     if outcome.promoted is None:
         held = f"stays with v{outcome.champion_before}" if outcome.champion_before else "is not set"
         print(f"promote: refused: no candidate passed the gates; @{alias} {held}", file=sys.stderr)
         return 1
-    print(f"promote: {args.model}@{alias} -> v{outcome.promoted}"
+    print(f"promote: {args.model_name}@{alias} -> v{outcome.promoted}"
           + (f" (was v{outcome.champion_before})" if outcome.champion_before else ""))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+main = cli.promote  # the command itself (parsed in evaluation/cli.py)

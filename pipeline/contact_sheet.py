@@ -1,9 +1,16 @@
 """QA contact sheet: a PNG grid of samples with masks, boxes and phrases drawn over them.
 
-    python -m pipeline.contact_sheet <output folder> [--samples 16] [--png sheet.png]
+    python -m pipeline.contact_sheet <output folder> [--samples 16] [--png sheet.png]   # flags: pipeline/cli.py
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # `python -m pipeline.contact_sheet`: parse (and answer --help) before the heavy imports below
+    import sys
+
+    import pipeline.cli
+
+    sys.exit(pipeline.cli.contact_sheet())
 
 import argparse
 import io
@@ -13,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline import cli
 from pipeline.shards import read_samples
 from pipeline.storage import Location
 from preprocess.sample import Sample
@@ -66,16 +74,10 @@ def contact_sheet(output: str | Path | Location, png: str | Path | Location, sam
     return png
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("output", help="a preprocessing job's output folder")
-    parser.add_argument("--samples", type=int, default=16)
-    parser.add_argument("--png", default=None, help="default: <output>/contact_sheet.png")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     path = contact_sheet(args.output, args.png or Location(args.output) / "contact_sheet.png", args.samples)
     print(f"contact sheet: {path}")
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+main = cli.contact_sheet  # the command itself (parsed in pipeline/cli.py)

@@ -7,11 +7,21 @@ human annotation: the photos are real, the masks are approximate), for the impor
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m pipeline.example_inputs`: parse (and answer --help) before the imports below
+    import sys
+
+    import pipeline.cli
+
+    sys.exit(pipeline.cli.example_inputs())
+
+import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from pipeline import cli
 
 __all__ = ["PHOTOS", "CAPTIONS", "ANNOTATIONS", "photo", "write_photos", "write_annotation_folder", "write_caption_shard"]
 
@@ -103,13 +113,7 @@ def write_caption_shard(path: str | Path, names: tuple[str, ...] = PHOTOS, size:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="write scikit-image sample photos as demo inputs")
-    parser.add_argument("folder")
-    parser.add_argument("--kind", choices=["photos", "annotated", "shard"], default="photos")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     if args.kind == "photos":
         written = write_photos(args.folder)
     elif args.kind == "annotated":
@@ -120,5 +124,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+main = cli.example_inputs  # the command itself (parsed in pipeline/cli.py)

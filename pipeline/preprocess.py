@@ -1,6 +1,7 @@
 """The preprocessing job: inputs -> validated images -> annotated samples -> WebDataset shards.
 
-    python -m pipeline.preprocess --config configs/preprocess/demo.yaml [--set output.path=/tmp/x ...]
+    mmdiff-preprocess --config configs/preprocess/demo.yaml [--set output.path=/tmp/x ...]
+    python -m pipeline.preprocess ...      # the same command (its flags are in pipeline/cli.py)
 
 runs on an embedded Ray (or on the cluster named by RAY_ADDRESS, as under ``ray job submit``).
 Exactly once: the listing is cut into partitions (input i of the listing -> partition i // shard_size); a
@@ -23,6 +24,13 @@ pending partition.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m pipeline.preprocess`: parse (and answer --help) before the heavy imports below
+    import sys
+
+    import pipeline.cli
+
+    sys.exit(pipeline.cli.preprocess())
+
 import argparse
 import hashlib
 import json
@@ -34,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mmdiff.configuration import ConfigModel, config_hash, load_config, parse_overrides
+from pipeline import cli
 from pipeline.config import PreprocessConfig
 from pipeline.contact_sheet import contact_sheet
 from pipeline.curation_config import curation_content, curation_enabled
@@ -397,11 +406,8 @@ def _write_manifest(config: PreprocessConfig, layout: ShardLayout, chash: str, l
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="configs/preprocess/<name>.yaml")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """``mmdiff-preprocess``'s parsed arguments (pipeline/cli.py) -> the job; the exit status."""
     config = load_config(args.config, PreprocessConfig, parse_overrides(args.set))
     try:
         summary = run_job(config)
@@ -418,5 +424,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+main = cli.preprocess  # the command itself (parsed in pipeline/cli.py)

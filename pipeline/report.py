@@ -1,6 +1,6 @@
 """The data report of a finished output folder: ``report.html`` plus its PNGs in ``<out>/report/``.
 
-    python -m pipeline.report <output folder> [--samples 5000]
+    python -m pipeline.report <output folder> [--samples 5000]      # flags: pipeline/cli.py
 
 The page is self-contained (every picture is inlined; the PNGs beside it are the same pictures, for
 tools that want files): counts by reason (written, rejected by reason, skipped by reason, from the
@@ -12,6 +12,13 @@ numbers the page shows.
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # `python -m pipeline.report`: parse (and answer --help) before the heavy imports below
+    import sys
+
+    import pipeline.cli
+
+    sys.exit(pipeline.cli.report())
 
 import argparse
 import base64
@@ -25,6 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline import cli
 from pipeline.dedup import CurationFiles
 from pipeline.shards import ShardLayout, write_json_atomic
 from pipeline.storage import Location
@@ -183,14 +191,9 @@ def write_report(root: str | Path | Location, samples: int = 5000) -> Location:
     return out / "report.html"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("output", help="a finished preprocessing output folder (local or s3://)")
-    parser.add_argument("--samples", type=int, default=5000, help="samples read for the histograms")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
     print(write_report(args.output, args.samples))
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+main = cli.report  # the command itself (parsed in pipeline/cli.py)

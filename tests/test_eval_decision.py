@@ -46,7 +46,7 @@ def tracked_run(root, uri: str, name: str, weight: float, seed: int) -> str:
         tracker.metrics({"loss": 1.0 / step + weight, "attention_loss": weight * step}, step)
     batch = {"pixel_values": torch.rand(1, 3, 32, 32) * 2 - 1, "subject_valid": torch.ones(1, 1, dtype=torch.bool),
              "subject_masks": torch.ones(1, 1, 32, 32)}
-    tracker.image(attention_overlay(batch, torch.rand(1, 1, 8, 8)), "samples/attention-step-000004.png")
+    tracker.image(attention_overlay(batch, torch.rand(1, 1, 8, 8)), "attention", 4)
     model.save_pretrained(root / name / "adapter")
     tracker.directory(root / name / "adapter", "adapter")
     register_model(config, root / name / "adapter", tracker.run_id, "eval-test-data")
@@ -114,6 +114,8 @@ def test_compare_report_holds_both_runs_config_diff_and_same_seed_grids(evaluate
     for case in ("single/cat/p00/s0", "multi/cat+cup/p00/s0", "portrait/astronaut/p00/s0"):
         assert len(re.findall(f"<img alt='{re.escape(case)}' src='data:image/png;base64,", grid)) == 2
     assert "ceiling/" not in grid and grid.count("<img class='ref'") == 5  # cat, cup, cat + cup, astronaut
+    attention = text[text.index("<h2>Attention"):]  # each run's overlay, found by its log_image key
+    assert attention.count("src='data:image/png;base64,") == 2 and "none logged" not in attention
     assert text.count("class='best'") >= 3 and "src='http" not in text  # self-contained
     from PIL import Image
 
@@ -182,11 +184,11 @@ def test_promote_cli_exit_codes(evaluated, mlflow_server, capsys, tmp_path):  # 
 
     strict = tmp_path / "gates.yaml"
     strict.write_text("rank_by: dino\ngates:\n  - {metric: dino, limit: 2.0}\n")
-    assert main(["--model", MODEL, "--versions", "1", "2", "--gates", str(strict), "--alias", "strict",
+    assert main(["--model-name", MODEL, "--versions", "1", "2", "--gates", str(strict), "--alias", "strict",
                  "--tracking-uri", mlflow_server]) == 1
     err = capsys.readouterr().err
     assert "refused: no candidate passed the gates; @strict is not set" in err
-    assert main(["--model", MODEL, "--versions", "1", "2", "--gates", "configs/eval/gates_demo.yaml",
+    assert main(["--model-name", MODEL, "--versions", "1", "2", "--gates", "configs/eval/gates_demo.yaml",
                  "--alias", "demo", "--tracking-uri", mlflow_server]) == 0
     assert re.search(rf"promote: {MODEL}@demo -> v[12]", capsys.readouterr().out)
 

@@ -6,7 +6,8 @@ tracked by the team MLflow server on a real PostgreSQL (mmdiff-train) -> an imag
 (mmdiff-generate).
 
 What this does not verify: that pip resolves the declared ranges from an index (no full 7 GB install
-here); test_declared_dependencies_are_satisfied_by_the_lock checks the ranges against the lock instead.
+here); test_declared_dependencies_are_satisfied_by_the_lock checks the ranges against the lock instead, and
+tests/test_packaging_install.py (extended) installs the runtime lock into a venv of its own.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from PIL import Image
+
+from train.export import locked_versions
 
 REPO = Path(__file__).resolve().parent.parent
 # Every entry point the README documents; each target is a main(argv=None).
@@ -124,27 +128,20 @@ def test_wheel_holds_every_package_its_data_and_the_scripts(wheel):
     assert assets and assets <= set(names), sorted(assets - set(names))
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "configs/"))]
     assert len(meta.get_all("Requires-Dist")) >= 20
-    assert {"official", "serve", "dev"} <= set(meta.get_all("Provides-Extra"))
+    assert {"face", "official", "serve", "tracking-server", "runtime", "dev"} <= set(meta.get_all("Provides-Extra"))
+    assert SpecifierSet(meta["Requires-Python"]) == SpecifierSet(">=3.11,<3.13")
     declared = {line.split("=")[0].strip() for line in entry_points.split("[console_scripts]")[1].splitlines()
                 if "=" in line}
     assert SCRIPTS <= declared, declared
 
 
-def lock_pins() -> dict[str, str]:
-    pins = {}
-    for line in (REPO / "requirements.lock").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, version = line.split("==")
-            pins[canonicalize_name(name)] = version.strip()
-    return pins
-
-
 def test_declared_dependencies_are_satisfied_by_the_lock(wheel):
-    """Every Requires-Dist of the wheel, in every extra, is met by the locked version; for a requirement
-    with extras (ray[data]) so are the requirements those extras pull in, read from that package's own
-    metadata."""
+    """Every Requires-Dist of the wheel, in every extra but spacy (outside the tested stack, in no lock), is
+    met by the dev lock's version (the runtime lock's pins are the same: tests/test_packaging_deps.py); for a
+    requirement with extras (ray[data]) so are the requirements those extras pull in, read from that
+    package's own metadata."""
     _, meta, _ = wheel_metadata(wheel)
-    pins, extras = lock_pins(), meta.get_all("Provides-Extra")
+    pins, extras = locked_versions(REPO / "requirements" / "dev.lock"), meta.get_all("Provides-Extra")
     problems = []
 
     def check(req: Requirement, environment: dict) -> None:
@@ -155,7 +152,7 @@ def test_declared_dependencies_are_satisfied_by_the_lock(wheel):
             problems.extend(f"unknown extra mmdiff[{e}]" for e in req.extras if e not in extras)
             return
         if name not in pins:
-            problems.append(f"{req} is not in requirements.lock")
+            problems.append(f"{req} is not in requirements/dev.lock")
         elif not req.specifier.contains(pins[name], prereleases=True):
             problems.append(f"{req} excludes the locked {name}=={pins[name]}")
         for extra in req.extras:
@@ -164,18 +161,22 @@ def test_declared_dependencies_are_satisfied_by_the_lock(wheel):
                 if sub.marker and sub.marker.evaluate({"extra": extra}):
                     check(Requirement(str(sub).split(";")[0]), {"extra": ""})
 
-    for extra in ["", *extras]:
+    assert "spacy" in extras
+    for extra in ["", *(e for e in extras if e != "spacy")]:
         for line in meta.get_all("Requires-Dist"):
             check(Requirement(line), {"extra": extra})
     assert not problems, problems
 
 
-def test_console_scripts_answer_help_from_the_installed_package(venv, env, workdir):
-    helps = {name: subprocess.Popen([str(venv / "bin" / name), "--help"], cwd=workdir, env=env, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in sorted(SCRIPTS)}
-    for name, process in helps.items():
+def test_console_scripts_answer_help_and_version_from_the_installed_package(venv, env, workdir, wheel):
+    version = wheel.name.split("-")[1]  # the wheel's own version, read back from its metadata by --version
+    answers = {(name, flag): subprocess.Popen([str(venv / "bin" / name), flag], cwd=workdir, env=env, text=True,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for name in sorted(SCRIPTS) for flag in ("--help", "--version")}
+    for (name, flag), process in answers.items():
         out, err = process.communicate(timeout=300)
-        assert process.returncode == 0 and out.startswith("usage:"), (name, out[-2000:], err[-2000:])
+        expected = out.startswith("usage:") if flag == "--help" else out == f"{name} (mmdiff) {version}\n"
+        assert process.returncode == 0 and expected, (name, flag, out[-2000:], err[-2000:])
     # what runs is the wheel's code, and each script's target is a main(argv=None) (read from the source:
     # importing every entry module again would cost as much as the --help runs)
     probe = ("import ast, importlib.util, json\n"
@@ -260,8 +261,8 @@ def test_installed_preprocess_writes_shards_from_photos(demo_shards):
 def tracked_run(venv, env, workdir, demo_shards, team_server) -> tuple[str, Path]:
     uri, _ = team_server
     out = workdir / "train"
-    run([venv / "bin" / "mmdiff-train", "--config", "configs/train/tiny_test.yaml", "--num_gpus", "1",
-         "--master_port", free_port(), f"output_dir={out}", f"data.shards={demo_shards}", f"mlflow.tracking_uri={uri}",
+    run([venv / "bin" / "mmdiff-train", "--config", "configs/train/tiny_test.yaml", "--num-gpus", "1",
+         "--master-port", free_port(), "--set", f"output_dir={out}", f"data.shards={demo_shards}", f"mlflow.tracking_uri={uri}",
          "schedule.max_steps=2", "schedule.sample_every=2", "schedule.checkpoint_every=2"], cwd=workdir, env=env)
     return json.loads((out / "mlflow_run.json").read_text())["run_id"], out
 
@@ -290,8 +291,8 @@ def test_tiny_training_is_tracked_by_the_postgres_backed_team_server(tracked_run
 def test_installed_generate_loads_the_registered_model_from_the_team_server(tracked_run, team_server, venv, env,
                                                                             workdir):
     out = workdir / "generated.png"
-    run([venv / "bin" / "mmdiff-generate", "--config", "configs/train/tiny_test.yaml", "--model",
-         "models:/mmdiff-tiny/1", "--prompt", "a [cat] on a beach", "--subject", "skimage:chelsea", "--steps", "2",
-         "--out", out, f"mlflow.tracking_uri={team_server[0]}"], cwd=workdir, env=env)
+    run([venv / "bin" / "mmdiff-generate", "--model-uri", "models:/mmdiff-tiny/1", "--tracking-uri", team_server[0],
+         "--prompt", "a [cat] on a beach", "--subject", "skimage:chelsea", "--steps", "2", "--out", out],
+        cwd=workdir, env=env)
     image = Image.open(out)
     assert image.size == (64, 64) and len(set(image.getdata())) > 1

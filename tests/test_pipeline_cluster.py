@@ -162,11 +162,11 @@ def test_cluster_launcher_config_is_valid_for_ray_up():
     config = yaml.safe_load((ROOT / "infra/ray/cluster.yaml").read_text())
     validate_config(prepare_config(config))  # Ray's own defaults + schema check, as `ray up` runs them
     assert "mmdiff-preprocess --config" in (ROOT / "infra/ray/cluster.yaml").read_text()  # the console script
-    assert any("pip install" in c and "requirements.lock" in c for c in config["setup_commands"])
+    assert any("pip install" in c and "requirements/runtime.lock" in c for c in config["setup_commands"])
 
 
 def test_entry_point_names_a_missing_config(tmp_path):
-    # what `mmdiff-preprocess` (and `ray exec ... mmdiff-preprocess`) runs: pipeline.preprocess:main
+    # what `mmdiff-preprocess` (and `ray exec ... mmdiff-preprocess`) runs: pipeline.cli:preprocess
     result = subprocess.run([sys.executable, "-m", "pipeline.preprocess", "--config", str(tmp_path / "nope.yaml")],
                             capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode != 0 and f"{tmp_path / 'nope.yaml'}: config file not found" in result.stderr

@@ -123,7 +123,7 @@ def test_a_dead_holders_lease_is_outlasted_and_a_live_one_waited_for(sqlite_regi
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
     gates = tmp_path / "gates.yaml"
     gates.write_text(json.dumps(GATES))
-    assert main(["--model", NAME, "--versions", "3", "--gates", str(gates), "--tracking-uri", uri,
+    assert main(["--model-name", NAME, "--versions", "3", "--gates", str(gates), "--tracking-uri", uri,
                  "--lease-wait-s", "1"]) == 2
     assert "another promotion holds the lease" in capsys.readouterr().err
 

@@ -135,6 +135,24 @@ def test_ranks_read_disjoint_shards(tmp_path):
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 8
 
 
+def test_fewer_samples_than_ranks_still_feed_every_rank_once_per_epoch(tmp_path):
+    """A tiny set (the demo's) with fewer samples than reader slots: each rank gets its turn as the deal
+    turns with the epoch, instead of one rank finding nothing; no epoch hands a sample out twice."""
+    folder = write_shards(tmp_path, num_samples=3, per_shard=3)
+    source, data = stream(folder, micro_batch_size=1, shuffle_buffer=1)
+    drawn = []  # (rank, epoch, key) over 4 draws per rank
+    for rank in range(4):
+        ranked = ShardStream(folder, data, source.builder, seed=7, rank=rank, world_size=4)
+        for batch in itertools.islice(iter(ranked), 4):
+            (key,) = batch["key"]
+            drawn.append((rank, batch["reader"]["sources"][0]["epoch"], key))
+    assert {rank for rank, _, _ in drawn} == {0, 1, 2, 3}
+    per_epoch = {}
+    for _, epoch, key in drawn:
+        per_epoch.setdefault(epoch, []).append(key)
+    assert all(len(keys) == len(set(keys)) for keys in per_epoch.values())
+
+
 # aspect buckets: samples wait in unfilled buckets across batches, and the resumed stream refills them
 @pytest.mark.parametrize(("num_workers", "buckets"), [(0, False), (2, False), (0, True)], ids=["0w", "2w", "bucket"])
 def test_resume_from_a_position_repeats_the_same_batches(tmp_path, num_workers, buckets):
@@ -319,6 +337,27 @@ def test_resume_refuses_positions_of_another_world_size(tmp_path):
     resumed = ShardStream(folder, data, source.builder, seed=7, positions={0: saved})  # 1 rank now
     with pytest.raises(ValueError, match="saved by 2 reader slots .* this run has 1"):
         make_loader(resumed, 0)
+
+
+def test_a_checkpoint_with_the_old_epoch_offset_positions_stops_the_resume_naming_it(tmp_path):
+    """A checkpoint written before per-slot shard/byte positions (each worker's epoch, offset and pending
+    samples, as the trainer wrote them then) is not damage: the resume stops with the checkpoint's file and
+    what to do, instead of skipping it (and every older step of the run, all in that layout) as corrupt."""
+    from train.checkpoint import CheckpointFormatError, Checkpoints, sha256_file
+
+    folder = tmp_path / "checkpoints"
+    (folder / "step-4").mkdir(parents=True)
+    state = folder / "step-4" / "trainer_state_rank0.json"
+    state.write_text(json.dumps({"step": 4, "micro_batches": 4, "nonfinite_total": 0, "nonfinite_in_row": 0,
+                                 "rejected_total": 0, "checkpoint_scores": {},
+                                 "positions": {"0": {"epoch": 1, "offset": 6, "pending": [5]}}}))
+    (folder / "step-4" / "manifest.json").write_text(json.dumps({"format": 1, "step": 4, "world_size": 1, "files": {
+        state.name: {"size": state.stat().st_size, "sha256": sha256_file(state)}}}))
+    with pytest.raises(CheckpointFormatError) as error:
+        Checkpoints(folder, rank=0, world=1).check("step-4")
+    message = str(error.value)
+    assert str(state) in message and "['epoch', 'offset', 'pending']" in message
+    assert "start a new run in another output_dir" in message and str(folder) in message
 
 
 def test_a_transient_read_error_is_retried_from_where_it_stopped(tmp_path, caplog):

@@ -66,7 +66,7 @@ def test_cached_latents_give_the_same_loss_as_the_vae(tmp_path, single_thread):
 
 
 def test_cached_latents_job_reports_config_errors(tmp_path, capsys):
-    assert main(["--config", "configs/train/tiny_test.yaml", f"data.shards={tmp_path}"]) == 2
+    assert main(["--config", "configs/train/tiny_test.yaml", "--set", f"data.shards={tmp_path}"]) == 2
     assert "no shards/*.tar" in capsys.readouterr().err
 
 

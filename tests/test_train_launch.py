@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from test_train_data import write_shards
 
+from train.tracking import logged_images
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = "configs/train/tiny_test.yaml"
 pytestmark = pytest.mark.slow
@@ -63,14 +65,14 @@ def finish(process: subprocess.Popen, timeout: int = 400, expect: int | None = 0
 
 
 def launch(*overrides: str, env: dict[str, str] | None = None, timeout: int = 400) -> str:
-    return finish(start("--num_gpus", "2", "--master_port", str(free_port()), *overrides, env=env), timeout)
+    return finish(start("--num-gpus", "2", "--master-port", str(free_port()), "--set", *overrides, env=env), timeout)
 
 
 def kill_when(predicate, *overrides: str, timeout: float = 400) -> str:
     """Start a 2-rank run and SIGKILL the whole job (launcher and ranks) as soon as ``predicate()`` holds,
     polled every few milliseconds: the job is first frozen with SIGSTOP, so it is killed in the state the
     predicate saw. Returns the run's output; fails if the run ended before the predicate held."""
-    process = start("--num_gpus", "2", "--master_port", str(free_port()), *overrides)
+    process = start("--num-gpus", "2", "--master-port", str(free_port()), "--set", *overrides)
     deadline, held = time.monotonic() + timeout, False
     while not held and process.poll() is None and time.monotonic() < deadline:
         if predicate():
@@ -153,24 +155,39 @@ def test_zero2_run_is_tracked_in_mlflow(zero2_run, mlflow_server):
     assert rates == pytest.approx([0.0, 0.005] + [0.01 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
     ds_json = json.loads(Path(client.download_artifacts(run.info.run_id, "config/deepspeed.json", str(zero2_run / "dl"))).read_text())
     assert ds_json["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 20000000}
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert {"samples/attention-step-000003.png", "samples/attention-step-000006.png",
-            "samples/generated-step-000006.png"} <= artifacts
-    overlay = Image.open(client.download_artifacts(run.info.run_id, "samples/attention-step-000006.png",
-                                                   str(zero2_run / "dl")))
+    # images through log_image(key=, step=): the UI's image panel steps through each key
+    attention = logged_images(client, run.info.run_id, "attention")
+    assert [step for step, _ in attention] == [3, 6]
+    assert [step for step, _ in logged_images(client, run.info.run_id, "sample")] == [6]
+    assert "mlflow.loggedImages" in client.get_run(run.info.run_id).data.tags
+    overlay = Image.open(client.download_artifacts(run.info.run_id, attention[-1][1], str(zero2_run / "dl")))
     assert overlay.height == 64 * 2 and overlay.width >= 64 * 2  # 2 examples: image + a subject panel
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {
         "checkpoints/step-2", "checkpoints/step-4", "checkpoints/step-6"}
     # validation grids: 2 held-out samples (rows) x (their subject crop + one image per seed 0 and 1)
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "validation")} == {
-        "validation/step-000003.png", "validation/step-000006.png"}
-    grid = Image.open(client.download_artifacts(run.info.run_id, "validation/step-000006.png", str(zero2_run / "dl")))
+    validation = logged_images(client, run.info.run_id, "validation")
+    assert [step for step, _ in validation] == [3, 6]
+    grid = Image.open(client.download_artifacts(run.info.run_id, validation[-1][1], str(zero2_run / "dl")))
     assert grid.size == (3 * 64, 2 * 64) and len(set(grid.getdata())) > 1
     assert {"config/resolved.yaml", "config/mmdiff.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     version = client.get_model_version("mmdiff-tiny", "1")
     assert version.run_id == run.info.run_id
     assert version.tags["run_id"] == run.info.run_id and version.tags["data.manifest_hash"] == "test-manifest"
     assert version.tags["base_model"] == "tiny"
+
+
+def test_the_serving_gate_waits_for_a_registered_model(zero2_run, mlflow_server, capsys):
+    """infra/k8s/wait.py, the serving pods' init container, against the registry the run above wrote:
+    a registered version, `latest` and an alias that is not set yet."""
+    from infra.k8s import wait
+
+    quick = ["--tracking-uri", mlflow_server, "--timeout-s", "0.2", "--poll-s", "0.05"]
+    assert wait.main(["model", "models:/mmdiff-tiny/1", *quick]) == 0
+    assert wait.main(["model", "models:/mmdiff-tiny/latest", *quick]) == 0
+    assert wait.main(["model", "models:/mmdiff-tiny@champion", *quick]) == 1
+    assert "gave up on model models:/mmdiff-tiny@champion" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        wait.main(["model", "runs:/abc/adapter", *quick])  # not a registry URI: refused at once
 
 
 def test_retention_keeps_the_newest_two_and_the_best_by_loss(zero2_run):
@@ -214,8 +231,8 @@ def test_registered_model_generates_an_image(zero2_run, mlflow_server, tmp_path)
     from train.generate import main as generate
 
     out = tmp_path / "generated.png"
-    generate(["--config", CONFIG, "--model", "models:/mmdiff-tiny/1", "--prompt", "a [cat] on a beach",
-              "--subject", "skimage:chelsea", "--steps", "2", "--out", str(out), f"mlflow.tracking_uri={mlflow_server}"])
+    generate(["--model-uri", "models:/mmdiff-tiny/1", "--tracking-uri", mlflow_server, "--prompt", "a [cat] on a beach",
+              "--subject", "skimage:chelsea", "--steps", "2", "--out", str(out)])
     image = Image.open(out)
     assert image.size == (64, 64) and len(set(image.getdata())) > 1
 
@@ -348,8 +365,8 @@ def test_multi_node_without_ssh_matches_one_node(zero2_run, shards, tmp_path):
     Kubernetes, against the 1 node x 2 ranks run. Losses of steps 1-3 depend on the rates of steps 1-2
     only, which are warmup rates and do not depend on max_steps, so a 3-step run must match."""
     port = str(free_port())
-    nodes = [start("--num_gpus", "1", "--num_nodes", "2", "--node_rank", str(rank), "--master_addr", "127.0.0.1",
-                   "--master_port", port, f"output_dir={tmp_path}", f"data.shards={shards}", "schedule.max_steps=3",
+    nodes = [start("--num-gpus", "1", "--num-nodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+                   "--master-port", port, "--set", f"output_dir={tmp_path}", f"data.shards={shards}", "schedule.max_steps=3",
                    "mlflow.registered_model=null", "mlflow.sample_prompt=null") for rank in (0, 1)]
     for node in nodes:
         finish(node)
@@ -391,12 +408,12 @@ def test_config_errors_stop_before_any_process_starts(tmp_path, capsys):
 
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO / CONFIG).read_text().replace("  resolution: 64", "  resolutoin: 64"))
-    assert main(["--config", str(bad), "--num_gpus", "2"]) == 2
+    assert main(["--config", str(bad), "--num-gpus", "2"]) == 2
     assert "data.resolutoin" in capsys.readouterr().err
-    assert main(["--config", CONFIG, "--num_gpus", "2", f"data.shards={tmp_path}"]) == 2
+    assert main(["--config", CONFIG, "--num-gpus", "2", "--set", f"data.shards={tmp_path}"]) == 2
     assert "no shards/*.tar" in capsys.readouterr().err
     shards = write_shards(tmp_path / "data", num_samples=2, per_shard=2)
-    assert main(["--config", CONFIG, "--num_gpus", "2", f"data.shards={shards}",
+    assert main(["--config", CONFIG, "--num-gpus", "2", "--set", f"data.shards={shards}",
                  "model.mmdiff=configs/mmdiff/tiny_sdxl.yaml"]) == 2
     assert "does not match base_family sdxl" in capsys.readouterr().err
 
@@ -408,7 +425,7 @@ def test_a_tracking_server_that_never_answers_stops_the_launch_or_is_spooled(sha
 
     closed = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    assert main(["--config", CONFIG, "--num_gpus", "2", f"data.shards={shards}", f"output_dir={tmp_path}",
+    assert main(["--config", CONFIG, "--num-gpus", "2", "--set", f"data.shards={shards}", f"output_dir={tmp_path}",
                  f"mlflow.tracking_uri={closed}", "mlflow.preflight_wait_s=1"]) == 3
     assert time.monotonic() - started < 60  # not the MLflow client's minutes of retries
     err = capsys.readouterr().err
@@ -442,6 +459,7 @@ def test_tracking_spooled_from_the_start_reaches_the_server_when_it_answers(mlfl
         (tmp_path / "adapter" / "weights.txt").write_text("w")
         tracker.directory(tmp_path / "adapter", "adapter")
         shutil.rmtree(tmp_path / "adapter")  # the spool kept its own copy
+        tracker.image(Image.new("RGB", (8, 4), (200, 30, 10)), "attention", 3)
         assert tracker.run_id is None and tracker.finish(wait_s=0) is False
         again = RunTracker(config, offline=True)  # a resumed run sees what is spooled: no step twice
         again.metrics({"loss": 0.5}, 2)
@@ -455,6 +473,9 @@ def test_tracking_spooled_from_the_start_reaches_the_server_when_it_answers(mlfl
     assert run.data.params["data.resolution"] == "64"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "adapter")] == ["adapter/weights.txt"]
+    ((step, path),) = logged_images(client, run.info.run_id, "attention")  # the spooled image, as log_image
+    image = Image.open(client.download_artifacts(run.info.run_id, path, str(tmp_path / "dl")))
+    assert step == 3 and image.size == (8, 4) and image.getpixel((0, 0)) == (200, 30, 10)
 
 
 @pytest.mark.extended
@@ -467,7 +488,7 @@ def test_a_tracking_outage_mid_run_does_not_stop_training(mlflow_server, shards,
     proxy = SwitchableProxy(int(mlflow_server.rsplit(":", 1)[1]))
     out = tmp_path / "run"
     try:
-        job = start("--num_gpus", "2", "--master_port", str(free_port()), f"output_dir={out}", f"data.shards={shards}",
+        job = start("--num-gpus", "2", "--master-port", str(free_port()), "--set", f"output_dir={out}", f"data.shards={shards}",
                     "mlflow.registered_model=mmdiff-tiny-outage", "mlflow.sample_prompt=null", "mlflow.end_wait_s=300",
                     env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{proxy.port}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                          "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"})
@@ -507,7 +528,7 @@ def test_a_full_output_disk_stops_the_job_and_a_rerun_resumes(zero2_run, shards,
         pytest.skip(f"cannot mount a size-limited tmpfs here (needs root or CAP_SYS_ADMIN): {mount.stderr.strip()}")
     overrides = (f"output_dir={out}", f"data.shards={shards}", "mlflow.registered_model=null", "mlflow.sample_prompt=null")
     try:
-        job = start("--num_gpus", "2", "--master_port", str(free_port()), *overrides)
+        job = start("--num-gpus", "2", "--master-port", str(free_port()), "--set", *overrides)
         output = finish(job, expect=None)
         assert job.returncode != 0, output[-4000:]
         for rank in (0, 1):
@@ -541,7 +562,7 @@ def test_training_from_the_object_store_killed_mid_epoch_resumes_to_the_local_ru
     out = tmp_path / "run"
     args = [f"output_dir={out}", f"data.shards={url}", f"data.storage_options={json.dumps(object_store.options)}",
             "schedule.checkpoint_every=3", "mlflow.registered_model=null", "mlflow.sample_prompt=null"]
-    launcher = start("--num_gpus", "2", "--master_port", str(free_port()), *args)
+    launcher = start("--num-gpus", "2", "--master-port", str(free_port()), "--set", *args)
     deadline = time.monotonic() + 400
     try:
         while not ((out / "losses.jsonl").is_file() and len(losses(out)) >= 4):  # past the step-3 checkpoint

@@ -377,7 +377,8 @@ class _SourceReader:
             try:
                 for number, sample in enumerate(read_samples(shard, data.verify, data.read_retries, p.byte), p.index):
                     p.byte, p.index = sample.end, number + 1
-                    if every_nth and (number + p.shard) % self.slots != self.slot:
+                    # the deal turns with the epoch, so with fewer samples than slots each slot gets its turn
+                    if every_nth and (number + p.shard + p.epoch) % self.slots != self.slot:
                         continue
                     yield [p.shard, number, sample.start, sample.end], self._raw(shard, sample)
             except ShardSkipped as exc:
@@ -406,7 +407,9 @@ class _SourceReader:
                 p.drawn += 1
                 return p.epoch, ref, raw
             self._barren += 1
-            if self._barren > 1:  # the resumed epoch may be spent; two in a row means no usable data
+            # an epoch may be spent (on resume) or dealt this slot nothing (fewer samples than slots, the deal
+            # turns each epoch): a whole turn of the deal plus one with no sample means no usable data
+            if self._barren > self.slots + 1:
                 raise RuntimeError(f"rank {self.stream.rank} slot {self.slot}: source {self.dataset.url} yields "
                                    "no usable sample (see the skipped shards above)")
             p.epoch, p.shard, p.byte, p.index, p.taken = p.epoch + 1, 0, 0, 0, 0

@@ -1,17 +1,20 @@
-"""Generate an image from a registered model: the last step of `make demo`.
-
-    python -m train.generate --config configs/train/demo.yaml --prompt "a cat on the beach" \
-        --subject skimage:chelsea --out outputs/demo/generated.png
-
-``--model`` defaults to the newest version of the config's registered model; ``--subject`` is an image
-path or ``skimage:<name>`` (a photo shipped with scikit-image), once per subject word.
+"""`mmdiff-generate`: an image from a registered (or saved) model, the last step of `make demo`. Its
+flags, help and examples are in train/cli.py (parsed before torch or MLflow is imported).
 """
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m train.generate`: parse (and answer --help) before the heavy imports below
+    import sys
+
+    import train.cli
+
+    sys.exit(train.cli.generate())
+
 import argparse
 import base64
 import io
+import sys
 from pathlib import Path
 
 import mlflow
@@ -19,7 +22,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from mmdiff.configuration import load_config, parse_overrides
+from mmdiff.configuration import ConfigError, load_config, parse_overrides
+from train import cli
 from train.config import TrainConfig
 
 
@@ -50,30 +54,38 @@ def generate(model_uri: str, prompt: str, subjects: list[Image.Image], seed: int
     return Image.open(io.BytesIO(base64.b64decode(model.predict(frame)["image"][0])))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the training config (tracking URI, registered model)")
-    parser.add_argument("--model", help="model URI; default models:/<registered_model>/latest")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--subject", action="append", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance_scale", type=float, default=5.0)
-    parser.add_argument("--device", help="default: the model's rule (auto: the GPU when there is one)")
-    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"),
-                        help="default: the model's rule (auto: bfloat16 on a GPU, float32 on the CPU)")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    config = load_config(args.config, TrainConfig, parse_overrides(args.overrides))
-    mlflow.set_tracking_uri(config.tracking_uri)
-    uri = args.model or f"models:/{config.mlflow.registered_model}/latest"
-    image = generate(uri, args.prompt, [load_subject(s) for s in args.subject], args.seed, args.steps, args.guidance_scale,
-                     args.device, args.dtype)
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """``mmdiff-generate``'s parsed arguments -> the image file; a prompt whose [word] marks do not match
+    the subjects is refused before the model loads."""
+    from mmdiff.prompting import parse_markers
+
+    try:
+        _, spans = parse_markers(args.prompt)
+    except ValueError as exc:
+        parser.error(f"--prompt: {exc}")
+    if len(spans) != len(args.subject):
+        parser.error(f"--prompt {args.prompt!r} marks {len(spans)} subject word(s) as [word] but {len(args.subject)} "
+                     "--subject image(s) were given (mark each subject's word, e.g. \"a [cat] on a beach\")")
+    try:
+        subjects = [load_subject(s) for s in args.subject]
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    uri, tracking_uri = args.model_uri, args.tracking_uri
+    if args.config:
+        try:
+            config = load_config(args.config, TrainConfig, parse_overrides(args.set))
+        except ConfigError as exc:
+            print(f"config error: {exc}", file=sys.stderr)
+            return 2
+        uri = uri or f"models:/{config.mlflow.registered_model}/latest"
+        tracking_uri = tracking_uri or config.tracking_uri
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    image = generate(uri, args.prompt, subjects, args.seed, args.steps, args.guidance_scale, args.device, args.dtype)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
     print(f"{uri} -> {args.out} ({image.size[0]}x{image.size[1]})")
+    return 0
 
 
-if __name__ == "__main__":
-    main()
+main = cli.generate  # the command itself (parsed in train/cli.py)

@@ -1,6 +1,6 @@
 """Cached VAE latents: each training image's VAE posterior, computed once ahead of training.
 
-    python -m train.latents --config configs/train/sd15.yaml [--resolutions 512 768] [KEY=VALUE ...]
+    python -m train.latents --config configs/train/sd15.yaml [--resolutions 512 768] [--set KEY=VALUE ...]
     torchrun --nproc_per_node 8 -m train.latents --config ...      # one process per GPU
 
 Each process encodes its share of the shards in batches of one aspect bucket, on its GPU in half
@@ -22,6 +22,13 @@ the sidecar of the shard it reads, and runs the VAE for any sample without them.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m train.latents`: parse (and answer --help) before the heavy imports below
+    import sys
+
+    import train.cli
+
+    sys.exit(train.cli.latents())
+
 import argparse
 import hashlib
 import io
@@ -41,6 +48,7 @@ from PIL import Image
 from mmdiff.zoo.spec import ModelSpec
 from pipeline.storage import Location
 from preprocess.sample import Sample
+from train import cli
 
 __all__ = ["LatentSidecar", "ShardEncoder", "cache_latents", "latent_dir", "member_name", "vae_tag"]
 
@@ -234,24 +242,13 @@ def _crops(layouts: list[Any], image: Image.Image) -> list[tuple[tuple[int, int]
     return list(crops.items())
 
 
-def main(argv: list[str] | None = None) -> int:
-    from mmdiff.configuration import ConfigError, parse_overrides
+def run(args: argparse.Namespace) -> int:
+    """``python -m train.latents``'s parsed arguments (train/cli.py) -> this process's share of the cache."""
+    from mmdiff.configuration import parse_overrides
     from train.config import load_train_config
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--resolutions", type=int, nargs="*", help="default: the config's data.resolution")
-    parser.add_argument("--batch-size", type=int, default=16, help="crops encoded at once (one bucket per batch)")
-    parser.add_argument("--device", default="auto", help="auto: this process's GPU when there is one")
-    parser.add_argument("--dtype", default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        config = load_train_config(args.config, parse_overrides(args.overrides))
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    config = load_train_config(args.config, parse_overrides(args.set))
     # one process per GPU (torchrun / the DeepSpeed launcher set these); a process group only to wait for all
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     device = args.device
@@ -267,5 +264,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+main = cli.latents  # the command itself (parsed in train/cli.py)

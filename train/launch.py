@@ -1,16 +1,15 @@
-"""Check a training config, then start `deepspeed --module train.main` on it.
-
-    python -m train.launch --config configs/train/demo.yaml --num_gpus 2 [--hostfile H] [KEY=VALUE ...]
-    # one command per node, no ssh (Slurm, Kubernetes): every node names its rank and the first node
-    python -m train.launch --config C --num_gpus 8 --num_nodes 2 --node_rank 0 --master_addr HOST [--master_port P]
-
-Config errors are reported here, before any training process starts, and so is a tracking server that
-does not answer (``mlflow.preflight_wait_s``): the launcher stops with exit status 3, or, with
-``mlflow.on_unreachable=spool``, starts the run tracking into its spool (train/tracking.py). Without a GPU
-the ranks run on CPU (DS_ACCELERATOR=cpu, gloo); ``--num_gpus`` is then the number of CPU ranks.
+"""`mmdiff-train`: check a training config and the tracking server, then start `deepspeed --module
+train.main` on it. Its flags, help and examples are in train/cli.py (parsed before torch is imported).
 """
 
 from __future__ import annotations
+
+if __name__ == "__main__":  # `python -m train.launch`: parse (and answer --help) before the heavy imports below
+    import sys
+
+    import train.cli
+
+    sys.exit(train.cli.launch())
 
 import argparse
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mmdiff.configuration import ConfigError, parse_overrides
+from train import cli
 from train.config import TrainConfig, load_train_config
 
 MAIN = Path(__file__).with_name("main.py")
@@ -50,7 +50,7 @@ def command(config: str, num_gpus: int, overrides: list[str], hostfile: str | No
     if master_port:
         cmd += ["--master_port", str(master_port)]
     # as a module, so the installed package (or PYTHONPATH) is imported, never a path next to a script
-    return cmd + ["--module", "train.main", "--config", config, *overrides]
+    return cmd + ["--module", "train.main", "--config", config] + (["--set", *overrides] if overrides else [])
 
 
 def tracking_preflight(config: TrainConfig) -> str | None:
@@ -72,24 +72,11 @@ def tracking_preflight(config: TrainConfig) -> str | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--num_gpus", type=int, default=1, help="ranks per node (CPU ranks without a GPU)")
-    parser.add_argument("--hostfile", help="multi-node: see infra/deepspeed/README.md")
-    parser.add_argument("--master_port", type=int)
-    parser.add_argument("--num_nodes", type=int, help="without ssh: the number of nodes, each running this command")
-    parser.add_argument("--node_rank", type=int, help="without ssh: this node's rank, 0 .. num_nodes-1")
-    parser.add_argument("--master_addr", help="without ssh: the address of node 0, reachable from every node")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    no_ssh = args.num_nodes is not None or args.node_rank is not None
-    if no_ssh and (args.num_nodes is None or args.node_rank is None or not args.master_addr or args.hostfile):
-        parser.error("without ssh give --num_nodes, --node_rank and --master_addr together, and no --hostfile")
-    if no_ssh and not 0 <= args.node_rank < args.num_nodes:
-        parser.error(f"--node_rank {args.node_rank} is not in 0..{args.num_nodes - 1}")
+def run(args: argparse.Namespace) -> int:
+    """The launch of ``mmdiff-train``'s parsed arguments: check the config and the tracking server, then
+    exec the DeepSpeed launcher (this process becomes it)."""
     try:
-        config = load_train_config(args.config, parse_overrides(args.overrides))
+        config = load_train_config(args.config, parse_overrides(args.set))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
@@ -102,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(MAIN.parent.parent / ".cache" / "torch_extensions"))
+    no_ssh = args.node_rank is not None
     hostfile = node_hostfile(args.num_nodes, args.num_gpus) if no_ssh else args.hostfile
-    os.execvpe(sys.executable, command(args.config, args.num_gpus, args.overrides, hostfile, args.master_port,
-                                       args.node_rank if no_ssh else None, args.master_addr), env)
+    os.execvpe(sys.executable, command(args.config, args.num_gpus, args.set, hostfile, args.master_port,
+                                       args.node_rank, args.master_addr), env)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+main = cli.launch  # the command itself (parsed in train/cli.py)

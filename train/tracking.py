@@ -11,14 +11,25 @@ beside them) and training goes on. While offline, the server's ``/health`` is pr
 and timestamps) and the tracker is online again. Registration at the end is part of the spool, so a
 run that ends offline registers when the spool is flushed, at the end of a later resume or by hand:
 
-    python -m train.tracking --config configs/train/<name>.yaml [KEY=VALUE ...]
+    python -m train.tracking --config configs/train/<name>.yaml [--set KEY=VALUE ...] [--wait-s S]
+
+Images (sample generations, attention overlays, validation grids) go through ``log_image(key=, step=)``,
+so the run page's image panel steps through each key's images; :func:`logged_images` lists them back.
 """
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # `python -m train.tracking`: parse (and answer --help) before the heavy imports below
+    import sys
+
+    import train.cli
+
+    sys.exit(train.cli.tracking())
+
 import argparse
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -32,10 +43,11 @@ import mlflow
 import yaml
 from PIL import Image
 
+from train import cli
 from train.checkpoint import write_atomic
 from train.config import TrainConfig
 
-__all__ = ["RunTracker", "TrackingUnavailable", "flatten", "git_commit", "server_reachable"]
+__all__ = ["RunTracker", "TrackingUnavailable", "flatten", "git_commit", "logged_images", "server_reachable"]
 
 log = logging.getLogger("train")
 
@@ -176,6 +188,11 @@ class RunTracker:
             client.log_artifacts(self.run_id, op["local_dir"], op["artifact_path"])
         elif kind == "artifact":
             client.log_artifact(self.run_id, op["local_file"], op["artifact_path"] or None)
+        elif kind == "image":
+            with Image.open(op["local_file"]) as image:
+                image.load()
+                client.log_image(self.run_id, image, key=op["key"], step=op["step"], timestamp=op["timestamp"],
+                                 synchronous=True)
         elif kind == "status":
             if op["status"] == "RUNNING":
                 client.update_run(self.run_id, status="RUNNING")
@@ -300,12 +317,14 @@ class RunTracker:
         if self.run_id is not None:
             self._record_run()
 
-    def image(self, image: Image.Image, artifact_file: str) -> None:
-        path = Path(artifact_file)
+    def image(self, image: Image.Image, key: str, step: int) -> None:
+        """``image`` as step ``step`` of the image series ``key`` (MLflow's ``log_image(key=, step=)``); the
+        timestamp is taken now, so a spooled image keeps it when it is sent later."""
         with tempfile.TemporaryDirectory() as tmp:
-            image.save(Path(tmp) / path.name)
-            folder = path.parent.as_posix()
-            self._do({"op": "artifact", "local_file": str(Path(tmp) / path.name), "artifact_path": "" if folder == "." else folder})
+            path = Path(tmp) / "image.png"
+            image.save(path)
+            self._do({"op": "image", "local_file": str(path), "key": key, "step": int(step),
+                      "timestamp": mlflow.utils.time.get_current_time_millis()})
 
     def directory(self, local_dir: str | Path, artifact_path: str) -> None:
         self._do({"op": "artifacts", "local_dir": str(local_dir), "artifact_path": artifact_path})
@@ -324,25 +343,35 @@ class RunTracker:
                 break
             if time.monotonic() >= deadline:
                 log.error("tracking server %s unreachable: the run's tracking (and registration) waits in %s; "
-                          "send it with: python -m train.tracking --config <this run's config> output_dir=%s",
+                          "send it with: python -m train.tracking --config <this run's config> --set output_dir=%s",
                           self.uri, self.spool, self.config.output_dir)
                 return False
             time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
         return True
 
 
-def main(argv: list[str] | None = None) -> int:
+# MLflow's file name for an image logged with a key: images/<key, "/" as "~">+step+<step>+timestamp+<ms>+<uuid>.png
+# (older clients wrote "%" for "+"), beside a "+compressed.webp" thumbnail.
+_IMAGE_FILE = re.compile(r"(?P<key>.+?)[+%]step[+%](?P<step>\d+)[+%]timestamp[+%](?P<timestamp>\d+)[+%][0-9a-f-]+\.png")
+
+
+def logged_images(client: mlflow.MlflowClient, run_id: str, key: str) -> list[tuple[int, str]]:
+    """(step, artifact path) of every full-size image logged under ``key`` in ``run_id``, by step (and time)."""
+    found = []
+    for artifact in client.list_artifacts(run_id, "images"):
+        match = _IMAGE_FILE.fullmatch(Path(artifact.path).name)
+        if match and match["key"].replace("~", "/") == key:
+            found.append((int(match["step"]), int(match["timestamp"]), artifact.path))
+    return [(step, path) for step, _, path in sorted(found)]
+
+
+def run(args: argparse.Namespace) -> int:
     """Send a run's spooled tracking (and its pending registration) to the tracking server."""
     from mmdiff.configuration import parse_overrides
     from train.config import load_train_config
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the run's training config")
-    parser.add_argument("--wait_s", type=float, default=0.0, help="wait this long for the server")
-    parser.add_argument("overrides", nargs="*", help="the run's KEY=VALUE overrides (output_dir=... at least)")
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = load_train_config(args.config, parse_overrides(args.overrides), check_data=False)
+    config = load_train_config(args.config, parse_overrides(args.set), check_data=False)
     tracker = RunTracker(config, offline=True)
     if not tracker.ops_file.is_file():
         print(f"{tracker.spool}: nothing to send")
@@ -357,5 +386,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+main = cli.tracking  # the command itself (parsed in train/cli.py)

@@ -9,13 +9,14 @@ Blocks until interrupted (Ctrl-C shuts the application down). For a declarative 
 
 from __future__ import annotations
 
-import argparse
 import os
 
+from mmdiff.cli import DEMO_TRACKING_URI, CommandParser, prose
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mmdiff-serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def main(argv: list[str] | None = None) -> int:
+    parser = CommandParser("mmdiff-serve", prose(__doc__), examples=[
+        f"mmdiff-serve --model-uri models:/mmdiff-demo@champion --tracking-uri {DEMO_TRACKING_URI} --port 8000"])
     parser.add_argument("--model-uri", default="models:/mmdiff@champion",
                         help="models:/<name>@<alias> is followed as the alias moves; a version is fixed")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
