@@ -24,7 +24,6 @@ read) is dropped and recorded in ``converted_from.json`` with the reason.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -304,8 +303,9 @@ def convert(checkpoint_dir: str | Path, out_dir: str | Path, base: ModelSpec, im
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mmdiff.convert_official",
-                                     description=__doc__.split("\n")[0])
+    from mmdiff.cli import CommandParser
+
+    parser = CommandParser(prog="python -m mmdiff.convert_official", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint_dir", type=Path, help="the official release's checkpoint folder")
     parser.add_argument("out_dir", type=Path, help="where to write the mmdiff adapter folder")
     parser.add_argument("--base", required=True, help="SDXL base: a diffusers folder or hub id "
@@ -314,8 +314,11 @@ def main(argv: list[str] | None = None) -> None:
                                                               "(openai/clip-vit-large-patch14)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = convert(args.checkpoint_dir, args.out_dir, ModelSpec(family="sdxl", source=args.base),
-                  ModelSpec(family="clip_vision", source=args.image_encoder))
+    try:
+        out = convert(args.checkpoint_dir, args.out_dir, ModelSpec(family="sdxl", source=args.base),
+                      ModelSpec(family="clip_vision", source=args.image_encoder))
+    except OfficialCheckpointError as exc:
+        parser.exit(2, f"{parser.prog}: {exc}\n")
     print(f"wrote {out}")
 
 
