@@ -339,6 +339,27 @@ def test_resume_refuses_positions_of_another_world_size(tmp_path):
         make_loader(resumed, 0)
 
 
+def test_a_checkpoint_with_the_old_epoch_offset_positions_stops_the_resume_naming_it(tmp_path):
+    """A checkpoint written before per-slot shard/byte positions (each worker's epoch, offset and pending
+    samples, as the trainer wrote them then) is not damage: the resume stops with the checkpoint's file and
+    what to do, instead of skipping it (and every older step of the run, all in that layout) as corrupt."""
+    from train.checkpoint import CheckpointFormatError, Checkpoints, sha256_file
+
+    folder = tmp_path / "checkpoints"
+    (folder / "step-4").mkdir(parents=True)
+    state = folder / "step-4" / "trainer_state_rank0.json"
+    state.write_text(json.dumps({"step": 4, "micro_batches": 4, "nonfinite_total": 0, "nonfinite_in_row": 0,
+                                 "rejected_total": 0, "checkpoint_scores": {},
+                                 "positions": {"0": {"epoch": 1, "offset": 6, "pending": [5]}}}))
+    (folder / "step-4" / "manifest.json").write_text(json.dumps({"format": 1, "step": 4, "world_size": 1, "files": {
+        state.name: {"size": state.stat().st_size, "sha256": sha256_file(state)}}}))
+    with pytest.raises(CheckpointFormatError) as error:
+        Checkpoints(folder, rank=0, world=1).check("step-4")
+    message = str(error.value)
+    assert str(state) in message and "['epoch', 'offset', 'pending']" in message
+    assert "start a new run in another output_dir" in message and str(folder) in message
+
+
 def test_a_transient_read_error_is_retried_from_where_it_stopped(tmp_path, caplog):
     import fsspec
     from fsspec.implementations.local import LocalFileSystem

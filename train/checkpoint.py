@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 __all__ = [
     "CheckpointError",
+    "CheckpointFormatError",
     "Checkpoints",
     "kept_checkpoints",
     "read_trainer_state",
@@ -64,6 +65,11 @@ def _free(path: Path) -> str:
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed, or a checkpoint folder with no step that can be."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """A checkpoint written in a layout this version cannot resume. Not damage: the run's older steps have
+    the same layout, so resuming stops here instead of falling back to them."""
 
 
 def _deepspeed_globals() -> list[type]:
@@ -141,6 +147,11 @@ def read_trainer_state(path: Path, checkpoint: Path) -> Any:
 
     try:
         return TrainerState.from_json(path.read_text())
+    except CheckpointFormatError as exc:
+        raise CheckpointFormatError(
+            f"{path}: {exc}. This version cannot continue that run's data stream: finish the run with the mmdiff "
+            f"version that wrote it, or start a new run in another output_dir (or move {checkpoint.parent} away); "
+            "a new run starts from step 0") from exc
     except FileNotFoundError as exc:
         raise CheckpointError(f"{checkpoint}: {path.name} is missing (written with another number of ranks?)") from exc
     except (ValueError, KeyError, TypeError) as exc:
@@ -302,6 +313,8 @@ class Checkpoints:
         if not problems:
             try:
                 state = read_trainer_state(target / f"trainer_state_rank{self.rank}.json", target)
+            except CheckpointFormatError:
+                raise  # every rank reads the same layout here: all stop, none waits in a collective
             except CheckpointError as exc:
                 problems.append(str(exc))
         return problems, state, False

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.checkpoint import Checkpoints, kept_checkpoints, write_atomic
+from train.checkpoint import CheckpointFormatError, Checkpoints, kept_checkpoints, write_atomic
 from train.config import TrainConfig
 from train.data import ReaderPosition
 
@@ -110,6 +110,10 @@ class TrainerState:
     @classmethod
     def from_json(cls, text: str) -> TrainerState:
         data = json.loads(text)
+        if any("sources" not in v for v in data["positions"].values()):
+            raise CheckpointFormatError(
+                "its data positions are in the layout written before each reader slot recorded its shard and byte "
+                f"(per worker: {sorted(next(v for v in data['positions'].values() if 'sources' not in v))})")
         data["positions"] = {int(k): ReaderPosition(**v) for k, v in data["positions"].items()}
         data["checkpoint_scores"] = {int(k): v for k, v in data.get("checkpoint_scores", {}).items()}
         return cls(**data)
