@@ -344,8 +344,11 @@ class MMDiffModel(nn.Module):
         added = None
         if pooled is not None:
             factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the image size, from the latents'
-            target_size = torch.tensor([s * factor for s in latents.shape[-2:]], device=self.device).expand(latents.shape[0], 2)
-            time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], target_size], dim=1)
+            # filled on the device (torch.tensor(list, device=...) would be a blocking host->device copy per step)
+            original = batch["original_size"]
+            target_size = torch.stack([original.new_full((latents.shape[0],), side * factor) for side in latents.shape[-2:]],
+                                      dim=1)
+            time_ids = torch.cat([original, batch["crop_top_left"], target_size], dim=1)
             added = {"text_embeds": pooled, "time_ids": time_ids.to(prompt_embeds.dtype)}
 
         conditioning = SubjectConditioning(tokens, valid, cfg.subject_scale, cfg.num_tokens, token_index.clamp(min=0),

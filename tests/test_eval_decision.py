@@ -8,7 +8,6 @@ import json
 import re
 
 import mlflow
-import numpy as np
 import pytest
 import torch
 
@@ -19,6 +18,7 @@ from evaluation.promote import GatesConfig, promote
 from mmdiff import MMDiffConfig, MMDiffModel
 from mmdiff.configuration import load_config
 from test_train_launch import mlflow_server  # noqa: F401 - the module's server fixture
+from tests.helpers import screenshot_hsv
 from train.config import TrainConfig
 from train.export import register_model
 from train.samples import attention_overlay
@@ -130,21 +130,7 @@ def test_compare_report_renders_in_chromium(report, tmp_path):
     """The page as a browser shows it: headless Chromium (Debian's package, .ci/setup-system) screenshots it;
     the inlined sample images must be decoded and drawn (the tiny models' images are strongly coloured, the
     page's own colours are greys and pale table fills)."""
-    import shutil
-    import subprocess
-
-    browser = shutil.which("chromium")
-    assert browser, "chromium is not installed: `make test` installs it through .ci/setup-system"
-    shot = tmp_path / "shot.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2400", f"--screenshot={shot}",
-                    report[0].as_uri()], check=True, capture_output=True, timeout=120)
-    from PIL import Image
-
-    image = Image.open(shot).convert("HSV")
-    assert image.size == (1200, 2400)
-    hsv = np.asarray(image)
+    hsv = screenshot_hsv(report[0], tmp_path, 1200)
     dark_text = (hsv[:300, :, 2] < 80).sum()
     vivid = ((hsv[..., 1] > 128) & (hsv[..., 2] > 80)).sum()
     assert dark_text > 500 and vivid > 8 * 64 * 64, (dark_text, vivid)

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -34,6 +33,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from PIL import Image
 
+from tests.helpers import free_port
 from train.export import locked_versions
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,12 +41,6 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = {"mmdiff-preprocess", "mmdiff-train", "mmdiff-generate", "mmdiff-benchmark", "mmdiff-evaluate",
            "mmdiff-compare", "mmdiff-promote", "mmdiff-serve"}
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(cmd: list, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:

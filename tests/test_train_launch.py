@@ -10,7 +10,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,18 +22,13 @@ import pytest
 import torch
 from PIL import Image
 from test_train_data import write_shards
+from tests.helpers import free_port
 
 from train.tracking import logged_images
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = "configs/train/tiny_test.yaml"
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
