@@ -135,6 +135,11 @@ def official_config(official: dict[str, dict[str, Any]], unet_dim: int, processo
     })
 
 
+def is_position_ids(key: str, value: torch.Tensor) -> bool:
+    """Older transformers versions saved CLIP's ``embeddings.position_ids`` (0, 1, 2, ...) in its state dict."""
+    return key.endswith("embeddings.position_ids") and torch.equal(value.flatten().long(), torch.arange(value.numel()))
+
+
 def changed_image_encoder_layers(official_encoder: dict[str, torch.Tensor], vision: Any) -> int:
     """How many last CLIP layers the official image encoder weights change (the rest must equal the
     pretrained encoder's, since our model keeps them frozen)."""
@@ -142,6 +147,8 @@ def changed_image_encoder_layers(official_encoder: dict[str, torch.Tensor], visi
     num_layers = vision.model.config.num_hidden_layers
     lowest, frozen_changed = num_layers, []
     for key, value in official_encoder.items():
+        if is_position_ids(key, value) and key not in pretrained:
+            continue  # a fixed buffer older transformers saved (recorded as dropped by convert_state_dict)
         if key not in pretrained:
             raise OfficialCheckpointError(f"{FILES['custom']}[image_encoder] {key!r}: not a parameter of the image "
                                           f"encoder given (another CLIP?)")
@@ -219,6 +226,9 @@ def convert_state_dict(official: dict[str, dict[str, Any]], model: MMDiffModel, 
         target = f"image_encoder.vision_model.{key}"
         if target in trainable:
             ours[target] = value
+        elif is_position_ids(key, value) and target not in model.state_dict():
+            dropped.append({"key": f"image_encoder.{key}", "reason": "position ids (0, 1, 2, ...), a fixed buffer "
+                                                                    "this transformers version does not store"})
         # else: equal to the pretrained encoder's (checked by changed_image_encoder_layers)
     face = custom["face_embeds_proj"]
     renames = {"proj.0.": "query_mlp.net.0.", "proj.2.": "query_mlp.net.2.", "layer_norm.": "query_mlp.norm.",
