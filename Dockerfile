@@ -4,7 +4,7 @@
 # manifests) or point the configs at your own store.
 #   docker build -t mmdiff:0.1.0 .
 #
-# torch 2.14.1's wheel (requirements.lock) brings its CUDA 13.0 user-space libraries as pip packages
+# torch 2.14.1's wheel (requirements/runtime.lock) brings its CUDA 13.0 user-space libraries as pip packages
 # (nvidia-*-cu13, cuda-toolkit 13.0.x); the base only has to match that CUDA line and lets the NVIDIA
 # container runtime mount a driver that supports it (>= 580). Python 3.11 comes from the deadsnakes PPA
 # (Ubuntu 24.04 ships 3.12).
@@ -29,13 +29,15 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3.11 -m venv /opt/venv
-# The lock first, in its own layer: it changes far less often than the code. deepspeed's and
-# groundingdino-py's setup.py import torch, so torch and the build tools go in before the rest, which is
-# then built against them without build isolation. --no-deps: the lock is the complete set.
-COPY requirements.lock /tmp/requirements.lock
-RUN grep -E '^(torch|setuptools|wheel)==' /tmp/requirements.lock > /tmp/first.txt \
- && /opt/venv/bin/pip install --no-deps -r /tmp/first.txt \
- && /opt/venv/bin/pip install --no-deps --no-build-isolation -r /tmp/requirements.lock
+# The runtime lock first, in its own layer: it changes far less often than the code. It is the runtime set
+# only (`mmdiff[runtime]`: no test or lint tools, which live in requirements/dev.lock), and every file is
+# checked against its hash. deepspeed's and groundingdino-py's setup.py import torch, so torch and the build
+# tools go in before the rest (awk copies their entries, hash lines included), which is then built against
+# them without build isolation. --no-deps: the lock is the complete set.
+COPY requirements/runtime.lock /tmp/runtime.lock
+RUN awk '/^(torch|setuptools|wheel)==/ {entry = 1} entry {print} !/\\$/ {entry = 0}' /tmp/runtime.lock > /tmp/first.txt \
+ && /opt/venv/bin/pip install --no-deps --require-hashes -r /tmp/first.txt \
+ && /opt/venv/bin/pip install --no-deps --require-hashes --no-build-isolation -r /tmp/runtime.lock
 COPY . /src
 RUN /opt/venv/bin/pip wheel --no-deps --no-build-isolation -w /dist /src \
  && /opt/venv/bin/pip install --no-deps /dist/mmdiff-*.whl \

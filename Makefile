@@ -1,8 +1,9 @@
-# The two commands a newcomer needs: `make demo` and `make test`. Both build .venv on first use and
-# reuse it while requirements.lock is unchanged (the stamp file is keyed on the lock's hash).
+# The two commands a newcomer needs: `make demo` and `make test`. Both build .venv on first use from the dev
+# lock and reuse it while the locks and pyproject.toml are unchanged (the stamp file is keyed on their hash).
 PYTHON ?= python3.11
 VENV := .venv
-LOCK_HASH := $(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+LOCKS := requirements/runtime.lock requirements/dev.lock
+LOCK_HASH := $(shell sha256sum $(LOCKS) pyproject.toml | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 RUN := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
@@ -14,10 +15,11 @@ export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 
 install: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+# The dev lock is the runtime lock plus the test and lint tools; every entry is hash-checked.
+$(STAMP): $(LOCKS) pyproject.toml
 	rm -f $(VENV)/.installed-*
 	test -x $(RUN) || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -r requirements.lock
+	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements/dev.lock
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -66,11 +68,20 @@ demo: $(STAMP)
 benchmarks: $(STAMP)
 	$(RUN) -m benchmarks.run_all
 
-# Re-resolve the pinned direct dependencies into the full lock (needs the package index).
+# Re-resolve both locks from pyproject.toml (needs the package index): the runtime lock (what the image
+# installs: `mmdiff[runtime]`), then the dev lock on top of it (`mmdiff[dev]`, constrained to the runtime
+# pins). Versions already locked are kept; `make lock LOCK_UPGRADE=--upgrade` moves everything to the newest
+# release the ranges allow. Hashes cover every file of each pinned release (any platform, any Python).
+UV_VERSION := 0.13.9
+LOCK_ARGS := --quiet --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--custom-compile-command "make lock" $(LOCK_UPGRADE)
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/pip install -q -r requirements.in
-	.venv-lock/bin/pip freeze --all --exclude-editable | grep -vE "^(-e |pip==)" > requirements.lock
+	.venv-lock/bin/pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	.venv-lock/bin/uv pip compile pyproject.toml requirements/build.in --extra runtime $(LOCK_ARGS) \
+		-o requirements/runtime.lock
+	.venv-lock/bin/uv pip compile pyproject.toml requirements/build.in --extra dev -c requirements/runtime.lock \
+		$(LOCK_ARGS) -o requirements/dev.lock
 	rm -rf .venv-lock
 
 clean:

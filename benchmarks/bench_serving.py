@@ -15,7 +15,8 @@ Latency percentiles are those of the good requests in the batched rounds. Writes
 ``--abuse`` serves with the shipped defaults (``ServingConfig``: body deadline, upload and generation bounds,
 request deadline) and sends at once: ``--clients`` good clients (``--requests`` each, retried after a
 429/503 as ``Retry-After`` says, at most 10 times), ``--slow-clients`` that send their body one byte a
-second, ``--oversized`` bodies over ``max_body_bytes``, one bad request of each kind per good client, and a
+second, ``--oversized`` bodies over ``max_body_bytes``, one bad request of each kind per good client (retried
+the same way until its body is read and refused, 413/422) and one with a wrong Content-Type (415 at once), and a
 ``/healthz`` probe every 0.25 s; then one 100-step request with a 2 s deadline (``x-request-timeout-s``), which
 must answer 504 and be stopped. The peak RSS of Serve's processes (replica, proxy, all of Ray's) is sampled
 every 0.25 s. Writes benchmarks/results/bench_serving_abuse.json.
@@ -25,15 +26,17 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import socket
 import tempfile
-from collections import Counter
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -74,14 +77,37 @@ def register_tiny_versions(root: Path, name: str, seeds: tuple[int, ...] = (1,))
     return config.tracking_uri
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_serve(tracking_uri: str, **http_options) -> Iterator[str]:
+    """Ray (2 CPUs) and Serve's proxy on a free loopback port, replicas resolving ``models:/`` through
+    ``tracking_uri``: yields the base URL; shuts both down after."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port, **http_options})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def b64_jpeg(array: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="JPEG")
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def post(url: str, body: dict) -> tuple[int, dict[str, str], float]:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+def post(url: str, body: dict, content_type: str = "application/json") -> tuple[int, dict[str, str], float]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": content_type})
     start = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=300) as response:
@@ -242,7 +268,8 @@ def run_abuse(base: str, clients: int, requests: int, slow_clients: int, oversiz
     url = f"{base}/generate"
     photo = b64_jpeg(data.chelsea())
     good = {"prompt": "a [cat] on a beach", "subjects": [photo], "num_inference_steps": steps, "seed": 0}
-    answers: dict[str, Counter] = {k: Counter() for k in ("good", "good_first_try", "slow", "oversized", "bad")}
+    answers: dict[str, Counter] = {k: Counter() for k in ("good", "good_first_try", "slow", "oversized", "bad",
+                                                          "bad_first_try", "bad_header")}
     failures: list[str] = []
     probes: list[tuple[int, float]] = []
     lock, stop = threading.Lock(), threading.Event()
@@ -253,19 +280,25 @@ def run_abuse(base: str, clients: int, requests: int, slow_clients: int, oversiz
             if not ok:
                 failures.append(f"{kind} request answered {status}")
 
+    def until_answered(kind: str, body: dict, expected: set[int]) -> None:
+        """Sent again after a 429/503 as Retry-After says, at most 10 times (a body is only read, and so
+        judged, once it gets an upload slot); notes the first answer and the last."""
+        for attempt in range(10):
+            status, headers, _ = post(url, body)
+            if attempt == 0:
+                note(f"{kind}_first_try", status, status in expected | {429, 503})
+            if status not in (429, 503):
+                break
+            time.sleep(float(headers.get("retry-after", headers.get("Retry-After", 1))))
+        note(kind, status, status in expected)
+
     def good_client(index: int) -> None:
         for number in range(requests):
-            for attempt in range(10):
-                status, headers, _ = post(url, {**good, "seed": index * 1000 + number})
-                if attempt == 0:
-                    note("good_first_try", status, status in (200, 429, 503))
-                if status not in (429, 503):
-                    break
-                time.sleep(float(headers.get("retry-after", headers.get("Retry-After", 1))))
-            note("good", status, status in (200, 429, 503))
+            until_answered("good", {**good, "seed": index * 1000 + number}, {200, 429, 503})
         for bad in bad_requests(good):
-            status = post(url, bad)[0]
-            note("bad", status, 400 <= status < 500)
+            until_answered("bad", bad, {413, 422})
+        status = post(url, good, content_type="text/plain")[0]  # what the headers show: refused at once
+        note("bad_header", status, status == 415)
 
     def slow_client() -> None:
         status = slow_body(url, 2 * body_timeout_s)
@@ -351,7 +384,6 @@ def summarize(rounds: list[dict]) -> dict:
 
 
 def abuse(args: argparse.Namespace) -> int:
-    import ray
     from ray import serve
 
     from infra.serving.app import ServingConfig, build_app, proxy_options
@@ -359,18 +391,12 @@ def abuse(args: argparse.Namespace) -> int:
     clients = args.clients if args.clients != 8 else 64
     requests = args.requests if args.requests != 6 else 2
     config = ServingConfig()  # the shipped bounds and deadlines
-    with tempfile.TemporaryDirectory() as tmp:
-        tracking_uri = register_tiny_versions(Path(tmp), NAME)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}})
-        memory = PeakMemory()
+    memory = PeakMemory()
+    with tempfile.TemporaryDirectory() as tmp, ray_serve(register_tiny_versions(Path(tmp), NAME),
+                                                         **proxy_options(config)) as base:
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port, **proxy_options(config)})
             serve.run(build_app({"model_uri": f"models:/{NAME}@champion", "poll_interval_s": 3600, "num_cpus": 1,
                                  "max_replicas": 1}), name="bench", route_prefix="/")
-            base = f"http://127.0.0.1:{port}"
             run_load(f"{base}/generate", 2, 2, 10**6, args.steps, 60)  # warm-up, not counted
             idle = memory.sample()
             memory.start()
@@ -380,8 +406,6 @@ def abuse(args: argparse.Namespace) -> int:
             counters = get_json(f"{base}/readyz")["load"]
         finally:
             memory.stop.set()
-            serve.shutdown()
-            ray.shutdown()
     result = {
         "failed": load["failed"] + (deadline["status"] != 504) + (not deadline["generation_stopped"]),
         "clients": clients, "requests_per_client": requests, "slow_clients": args.slow_clients,
@@ -413,36 +437,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.abuse:
         return abuse(args)
 
-    import ray
     from ray import serve
 
     from infra.serving.app import build_app
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tracking_uri = register_tiny_versions(Path(tmp), NAME)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}})
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            url = f"http://127.0.0.1:{port}/generate"
-            rounds: dict[str, list[dict]] = {"batched": [], "unbatched": []}
-            for index in range(args.rounds):  # alternate the modes, so a change in machine load hits both
-                for mode, batch_size in (("batched", 8), ("unbatched", 1)):
-                    # the same deployment, reconfigured in place (user_config): only the batch size differs
-                    serve.run(build_app({"model_uri": f"models:/{NAME}@champion", "max_batch_size": batch_size,
-                                         "poll_interval_s": 3600, "num_cpus": 1}), name="bench", route_prefix="/")
-                    if index == 0:
-                        run_load(url, 2, 2, 10**6, args.steps, 60)  # warm-up, not counted
-                    rounds[mode].append(run_load(url, args.clients, args.requests, args.bad_every, args.steps,
-                                                 args.time_limit / args.rounds))
-                    print(f"round {index} {mode}: {len(rounds[mode][-1]['latencies'])} answers in "
-                          f"{rounds[mode][-1]['elapsed_s']:.1f} s", flush=True)
-            modes = {mode: summarize(r) for mode, r in rounds.items()}
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+    with tempfile.TemporaryDirectory() as tmp, ray_serve(register_tiny_versions(Path(tmp), NAME)) as base:
+        url = f"{base}/generate"
+        rounds: dict[str, list[dict]] = {"batched": [], "unbatched": []}
+        for index in range(args.rounds):  # alternate the modes, so a change in machine load hits both
+            for mode, batch_size in (("batched", 8), ("unbatched", 1)):
+                # the same deployment, reconfigured in place (user_config): only the batch size differs
+                serve.run(build_app({"model_uri": f"models:/{NAME}@champion", "max_batch_size": batch_size,
+                                     "poll_interval_s": 3600, "num_cpus": 1}), name="bench", route_prefix="/")
+                if index == 0:
+                    run_load(url, 2, 2, 10**6, args.steps, 60)  # warm-up, not counted
+                rounds[mode].append(run_load(url, args.clients, args.requests, args.bad_every, args.steps,
+                                             args.time_limit / args.rounds))
+                print(f"round {index} {mode}: {len(rounds[mode][-1]['latencies'])} answers in "
+                      f"{rounds[mode][-1]['elapsed_s']:.1f} s", flush=True)
+        modes = {mode: summarize(r) for mode, r in rounds.items()}
     batched, unbatched = modes["batched"], modes["unbatched"]
     result = {
         "p50_s": batched["p50_s"], "p95_s": batched["p95_s"], "p99_s": batched["p99_s"],

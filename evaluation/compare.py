@@ -65,10 +65,12 @@ class RunRecord:
 
 
 def _latest_attention(client, run_id: str, workdir: Path) -> Image.Image | None:
-    files = sorted(a.path for a in client.list_artifacts(run_id, "samples") if "attention" in Path(a.path).name)
-    if not files:
+    from train.tracking import logged_images
+
+    images = logged_images(client, run_id, "attention")
+    if not images:
         return None
-    return Image.open(client.download_artifacts(run_id, files[-1], str(workdir))).convert("RGB")
+    return Image.open(client.download_artifacts(run_id, images[-1][1], str(workdir))).convert("RGB")
 
 
 def _evaluation_cases(client, run_id: str, benchmark: str | None, workdir: Path) -> dict[str, dict]:

@@ -29,7 +29,8 @@ COMMANDS = {
     "pipeline.report": None, "train.launch": "mmdiff-train", "train.latents": None, "train.tracking": None,
     "train.main": None, "train.generate": "mmdiff-generate", "evaluation.benchmark": "mmdiff-benchmark",
     "evaluation.evaluate": "mmdiff-evaluate", "evaluation.compare": "mmdiff-compare",
-    "evaluation.promote": "mmdiff-promote", "infra.k8s.rayservice": None, "infra.serving.cli": "mmdiff-serve",
+    "evaluation.promote": "mmdiff-promote", "infra.k8s.rayservice": None, "infra.k8s.wait": None,
+    "infra.serving.cli": "mmdiff-serve",
 }
 # the help examples' MLflow store: the one `make demo` trains into (a path relative to the repository root)
 DEMO_TRACKING_URI = "sqlite:///outputs/train/demo/mlflow.db"

@@ -68,8 +68,9 @@ class MMDiffModel(nn.Module):
 
         image_dim, patch_dim = self.image_encoder.embed_dim, self.image_encoder.patch_dim
         unet_dim = self.unet.config.cross_attention_dim
-        self.text_fusions = nn.ModuleList(TextFusion(image_dim, enc.config.hidden_size, config.fusion_input_norm)
-                                          for enc in encoders)
+        hidden = image_dim if config.fusion_projection_hidden == "image" else None
+        self.text_fusions = nn.ModuleList(TextFusion(image_dim, enc.config.hidden_size, config.fusion_input_norm,
+                                                     config.fusion_residual, hidden) for enc in encoders)
         for encoder, fusion in zip(encoders, self.text_fusions):
             install_fusion(encoder, fusion)
         self.query_mlp = QueryMLP(config.face_embed_dim if config.portrait else image_dim, unet_dim, config.num_tokens)
@@ -343,8 +344,11 @@ class MMDiffModel(nn.Module):
         added = None
         if pooled is not None:
             factor = 2 ** (len(self.vae.config.block_out_channels) - 1)  # the image size, from the latents'
-            target_size = torch.tensor([s * factor for s in latents.shape[-2:]], device=self.device).expand(latents.shape[0], 2)
-            time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], target_size], dim=1)
+            # filled on the device (torch.tensor(list, device=...) would be a blocking host->device copy per step)
+            original = batch["original_size"]
+            target_size = torch.stack([original.new_full((latents.shape[0],), side * factor) for side in latents.shape[-2:]],
+                                      dim=1)
+            time_ids = torch.cat([original, batch["crop_top_left"], target_size], dim=1)
             added = {"text_embeds": pooled, "time_ids": time_ids.to(prompt_embeds.dtype)}
 
         conditioning = SubjectConditioning(tokens, valid, cfg.subject_scale, cfg.num_tokens, token_index.clamp(min=0),

@@ -5,7 +5,7 @@ rule-based chunker tuned to BLIP-2 style captions ("a man riding a horse on a be
 run of words between boundary words (prepositions, conjunctions, verbs, pronouns, relative words); its
 last word is the head noun. Phrases that name several things ("two dogs", "a group of people", "cars")
 are flagged ``counted``/``plural`` so the filter can drop them, as the method prescribes. Set
-``spacy_model`` to use spaCy's ``noun_chunks`` instead (spaCy is optional and not in the default stack).
+``spacy_model`` to use spaCy's ``noun_chunks`` instead (spaCy is optional, outside the tested stack: the ``spacy`` extra).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from mmdiff.configuration import ConfigModel
+from mmdiff.extras import require
 
 __all__ = ["Phrase", "PhraseConfig", "PhraseExtractor", "extract_phrases"]
 
@@ -153,12 +154,9 @@ class PhraseExtractor:
         self.config = config
         self._nlp = None
         if config.spacy_model is not None:
-            try:
-                import spacy
-            except ImportError as exc:
-                raise ImportError(
-                    f"phrases.spacy_model={config.spacy_model!r} needs spaCy, which is not installed"
-                ) from exc
+            require(f"phrases.spacy_model={config.spacy_model!r}", "spacy", "spacy")
+            import spacy
+
             self._nlp = spacy.load(config.spacy_model)
 
     def __call__(self, captions: list[str]) -> list[list[Phrase]]:

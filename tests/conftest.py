@@ -23,6 +23,16 @@ def single_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """An embedded Ray (2 CPUs) for the module's jobs; modules that start their own cluster do not ask for it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def mlflow_uris_stay_in_their_module():
     """mlflow.set_tracking_uri / set_registry_uri also write MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI into

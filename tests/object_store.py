@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
+from tests.helpers import free_port
 
 # moto's server imports werkzeug, flask and botocore's service models before it listens: about 2 s on an
 # idle machine, measured up to 15 s while the other test lanes load the 2 cores; 90 s leaves room.
@@ -46,12 +47,6 @@ class ObjectStore:
         return f"s3://{self.bucket}/{prefix}"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _answers(endpoint: str) -> bool:
     try:
         with urllib.request.urlopen(f"{endpoint}/moto-api/data.json", timeout=2) as response:
@@ -62,7 +57,7 @@ def _answers(endpoint: str) -> bool:
 
 def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
     """``moto_server`` on a free loopback port; returns once it answers (bounded), or raises with its log."""
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,

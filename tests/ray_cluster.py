@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,17 +37,13 @@ from typing import Any
 
 import psutil
 
+from tests.helpers import free_port
+
 __all__ = ["RAY", "NODE_IP", "RayNode", "LocalRayCluster"]
 
 RAY = str(Path(sys.executable).with_name("ray"))
 NODE_IP = "127.0.0.2"
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

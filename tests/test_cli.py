@@ -222,15 +222,15 @@ def test_the_examples_that_need_no_server_run(probe, tmp_path, monkeypatch):
 
     (tmp_path / "configs").symlink_to(REPO / "configs")
     shutil.copytree(REPO / "infra" / "serving", tmp_path / "infra" / "serving", ignore=shutil.ignore_patterns("*.py"))
-    (tmp_path / "infra" / "k8s").mkdir()
+    (tmp_path / "infra" / "k8s" / "serve").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     for module in ("pipeline.example_inputs", "evaluation.benchmark", "infra.k8s.rayservice"):
         for example in probe[f"python -m {module}"]["examples"]:
             argv = shlex.split(example["line"], comments=True)
             assert importlib.import_module(module).main(argv[(3 if argv[0] == "python" else 1):]) == 0, example["line"]
     assert len(list((tmp_path / "outputs/inputs/photos").glob("*.jpg"))) == 7
-    generated = (tmp_path / "infra/k8s/serve-rayservice.yaml").read_text()
-    assert generated == (REPO / "infra/k8s/serve-rayservice.yaml").read_text()  # the shipped manifest, regenerated
+    generated = (tmp_path / "infra/k8s/serve/rayservice.yaml").read_text()
+    assert generated == (REPO / "infra/k8s/serve/rayservice.yaml").read_text()  # the shipped manifest, regenerated
 
 
 # The extended run: every example of every help, as written, in a scratch copy of the repository's configs,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shlex
+import shutil
 import stat
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from mmdiff.configuration import load_config, parse_overrides
 from pipeline.config import PreprocessConfig
 from pipeline.stages import model_steps
 from train.config import load_train_config
+from train.export import locked_versions
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "infra" / "k8s"
@@ -57,9 +59,10 @@ def test_dockerfile_installs_the_lock_and_the_wheel_as_a_non_root_user_without_w
     text = (REPO / "Dockerfile").read_text()
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     assert "ARG CUDA_BASE=nvidia/cuda:13.0.2-base-ubuntu24.04" in lines  # torch 2.14.1's wheel is CUDA 13.0
-    assert any(p.startswith("nvidia-cuda-runtime==13.0.") for p in (REPO / "requirements.lock").read_text().split())
+    assert locked_versions(REPO / "requirements" / "runtime.lock")["nvidia-cuda-runtime"].startswith("13.0.")
     assert "wget" in text  # KubeRay probes Ray pods with it
-    assert "python3.11" in text and "-r /tmp/requirements.lock" in text and "pip install --no-deps /dist/mmdiff-" in text
+    # the runtime lock and the wheel only: tests/test_packaging_deps.py checks the install lines in detail
+    assert "python3.11" in text and "-r /tmp/runtime.lock" in text and "pip install --no-deps /dist/mmdiff-" in text
     assert [line for line in lines if line.startswith("USER")][-1] == "USER 1000:1000"
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".git", ".venv", "outputs", "tests"} <= set(ignored)
@@ -68,23 +71,149 @@ def test_dockerfile_installs_the_lock_and_the_wheel_as_a_non_root_user_without_w
     assert not [c for c in copies if any(ext in c for ext in (".safetensors", ".pth", ".bin", ".onnx", "/models"))]
 
 
-def test_every_manifest_parses_and_the_kustomization_lists_them():
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    manifests = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-    assert sorted(kustomization["resources"]) == manifests
-    assert [image["name"] for image in kustomization["images"]] == ["mmdiff"]
-    for name in manifests:
-        for doc in documents(name):
-            assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], name
+STEPS = {"mlflow": {"Service", "Deployment"}, "data": {"RayJob"}, "train": {"Service", "Job"}, "serve": {"RayService"}}
+KUSTOMIZE_KEYS = {"apiVersion", "kind", "resources", "components", "namespace", "images"}
+
+
+def check_pod_spec(spec: dict, where: str) -> None:
+    """Every container (init containers too) uses the image, mounts only declared volumes, and has
+    requests == limits (GPUs require it)."""
+    volumes = {v["name"] for v in spec.get("volumes", [])}
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        assert container["name"] and container["image"] == "mmdiff", (where, container)
+        mounts = {m["name"] for m in container.get("volumeMounts", [])}
+        assert mounts <= volumes, (where, container["name"], mounts - volumes)
+        resources = container["resources"]
+        assert resources["requests"] == resources["limits"], (where, container["name"])
+
+
+def test_every_manifest_parses_and_belongs_to_one_step():
+    top = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert top["resources"] == list(STEPS)  # the order the README gives; the gates enforce it anyway
+    listed = []
+    for step, kinds in STEPS.items():
+        kustomization = yaml.safe_load((K8S / step / "kustomization.yaml").read_text())
+        assert set(kustomization) <= KUSTOMIZE_KEYS and kustomization["components"] == ["../common"], step
+        listed += [f"{step}/{name}" for name in kustomization["resources"]]
+        docs = [d for name in kustomization["resources"] for d in documents(f"{step}/{name}")]
+        assert {d["kind"] for d in docs} == kinds, step
+        for doc in docs:
+            assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], step
             for spec in pod_specs(doc) if doc["kind"] in ("Job", "Deployment", "RayJob", "RayService") else []:
-                volumes = {v["name"] for v in spec.get("volumes", [])}
-                for container in spec["containers"]:
-                    assert container["name"] and container["image"] == "mmdiff", (name, container)
-                    mounts = {m["name"] for m in container.get("volumeMounts", [])}
-                    assert mounts <= volumes, (name, container["name"], mounts - volumes)
-                    resources = container["resources"]
-                    # extended resources (GPUs) must have requests == limits
-                    assert resources["requests"] == resources["limits"], (name, container["name"])
+                check_pod_spec(spec, step)
+    assert sorted(listed) == sorted(str(p.relative_to(K8S)) for p in K8S.glob("*/*.yaml") if p.name != "kustomization.yaml")
+    common = yaml.safe_load((K8S / "common" / "kustomization.yaml").read_text())
+    assert common["kind"] == "Component" and [image["name"] for image in common["images"]] == ["mmdiff"]
+
+
+def emulate_kustomize(folder: Path) -> list[dict]:
+    """What `kubectl kustomize` makes of this layout (resources: files or folders, components, namespace,
+    images): for machines without kubectl; checked against kubectl where it exists."""
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    assert set(kustomization) <= KUSTOMIZE_KEYS, f"{folder}: the emulation does not cover {set(kustomization) - KUSTOMIZE_KEYS}"
+    docs = []
+    for entry in kustomization.get("resources", []):
+        path = folder / entry
+        docs += emulate_kustomize(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+    for layer in [*(yaml.safe_load((folder / c / "kustomization.yaml").read_text())
+                    for c in kustomization.get("components", [])), kustomization]:
+        images = {i["name"]: f"{i['newName']}:{i['newTag']}" for i in layer.get("images", [])}
+        for doc in docs:
+            if "namespace" in layer:
+                doc["metadata"]["namespace"] = layer["namespace"]
+            retag(doc, images)
+    return docs
+
+
+def retag(node, images: dict[str, str]) -> None:
+    """Kustomize's image transformer: every container and init container, at any depth (CRDs included)."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("containers", "initContainers"):
+                for container in value:
+                    container["image"] = images.get(container["image"], container["image"])
+            retag(value, images)
+    elif isinstance(node, list):
+        for item in node:
+            retag(item, images)
+
+
+def kustomize(folder: Path) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return emulate_kustomize(folder)
+    out = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"kubectl kustomize {folder}: {out.stderr}"
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def keyed(docs: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def test_each_step_renders_with_kustomize_into_the_namespace_and_the_pushed_image():
+    """`kubectl kustomize infra/k8s/<step>` (or the emulation, where kubectl is missing) for every step: the
+    step's objects only, all in the namespace, every container (init containers too) on the image the
+    common component names, each pod spec still valid; the whole folder is the union of the steps."""
+    common = yaml.safe_load((K8S / "common" / "kustomization.yaml").read_text())
+    (image,) = [f"{i['newName']}:{i['newTag']}" for i in common["images"]]
+    every = {}
+    for step, kinds in STEPS.items():
+        docs = keyed(kustomize(K8S / step))
+        if shutil.which("kubectl"):  # the emulation stands in for kubectl elsewhere: it must agree with it
+            assert docs == keyed(emulate_kustomize(K8S / step)), step
+        assert {kind for kind, _ in docs} == kinds, step
+        for doc in docs.values():
+            assert doc["metadata"]["namespace"] == common["namespace"], (step, doc["metadata"])
+            for spec in pod_specs(doc) if doc["kind"] in ("Job", "Deployment", "RayJob", "RayService") else []:
+                images = {c["image"] for c in spec.get("initContainers", []) + spec["containers"]}
+                assert images == {image}, (step, images)
+                check_pod_spec({**spec, "containers": [{**c, "image": "mmdiff"} for c in spec["containers"]],
+                                "initContainers": [{**c, "image": "mmdiff"} for c in spec.get("initContainers", [])]},
+                               step)
+        every.update(docs)
+    assert keyed(kustomize(K8S)) == every
+
+
+def test_training_waits_for_the_shards_preprocessing_writes(tmp_path):
+    """The training pods' init container runs the gate on the folder the RayJob writes and the training
+    config reads; the gate itself (infra/k8s/wait.py) run on a folder: not ready without the manifest or
+    while a job holds the lease, ready once the manifest is there and the lease is gone."""
+    from infra.k8s import wait
+
+    job = by_kind("train/train-job.yaml", "Job")["spec"]["template"]["spec"]
+    (gate,) = job["initContainers"]
+    command = gate["command"]
+    assert command[:5] == ["python", "-m", "infra.k8s.wait", "shards", command[4]]
+    shards = command[4]
+    rayjob = shlex.split(by_kind("data/preprocess-rayjob.yaml", "RayJob")["spec"]["entrypoint"])
+    assert f"output.path={shards}" in rayjob
+    (container,) = job["containers"]
+    argv = shlex.split(container["args"][0].split("exec ", 1)[1].replace("\\\n", " "))
+    config = argv[argv.index("--config") + 1]
+    assert str(load_train_config(REPO / config, {}, check_data=False).data.shards) == shards
+    assert {m["mountPath"]: m.get("readOnly") for m in gate["volumeMounts"]} == {"/data": True}
+
+    folder, quick = tmp_path / "shards", ["--timeout-s", "0.2", "--poll-s", "0.05"]
+    assert wait.main(["shards", str(folder), *quick]) == 1  # nothing written yet
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{}")
+    (folder / "lock.json").write_text("{}")
+    assert wait.main(["shards", str(folder), *quick]) == 1  # a job still holds the folder
+    (folder / "lock.json").unlink()
+    assert wait.main(["shards", str(folder), *quick]) == 0
+
+
+def test_serving_waits_for_every_model_its_serve_config_serves():
+    from infra.k8s.rayservice import model_uris
+
+    service = by_kind("serve/rayservice.yaml", "RayService")
+    uris = model_uris(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    assert uris == model_uris(yaml.safe_load((REPO / "infra/serving/serve_config.yaml").read_text())) and uris
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert [g["command"] for g in head["initContainers"]] == [["python", "-m", "infra.k8s.wait", "model", u] for u in uris]
+    for gate in head["initContainers"]:  # the registry it asks is the one the replicas load from
+        assert {e["name"]: e["value"] for e in gate["env"]} == {e["name"]: e["value"] for e in head["containers"][0]["env"]}
 
 
 def ray_groups(cluster: dict) -> list[dict]:
@@ -107,7 +236,7 @@ def check_ray_cluster(cluster: dict) -> None:
 
 
 def test_preprocess_rayjob_runs_the_installed_command_on_a_valid_config():
-    job = by_kind("preprocess-rayjob.yaml", "RayJob")
+    job = by_kind("data/preprocess-rayjob.yaml", "RayJob")
     assert job["apiVersion"] == "ray.io/v1"
     assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["submissionMode"] == "K8sJobMode"
     check_ray_cluster(job["spec"]["rayClusterSpec"])
@@ -136,7 +265,7 @@ def test_training_job_script_gives_deepspeed_a_valid_no_ssh_launch(tmp_path, mon
     from test_train_data import write_shards
     from train import launch
 
-    service, job = by_kind("train-job.yaml", "Service"), by_kind("train-job.yaml", "Job")
+    service, job = by_kind("train/train-job.yaml", "Service"), by_kind("train/train-job.yaml", "Job")
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
     pod = spec["template"]["spec"]
@@ -206,7 +335,7 @@ def test_rayservice_embeds_the_validated_serve_config_and_sizes_workers_per_repl
 
 
 def test_shipped_rayservice_is_generated_from_the_shipped_serve_config(tmp_path, monkeypatch):
-    shipped = (K8S / "serve-rayservice.yaml").read_text()
+    shipped = (K8S / "serve" / "rayservice.yaml").read_text()
     command = shlex.split(shipped.splitlines()[0].split("`")[1])
     assert command[:3] == ["python", "-m", "infra.k8s.rayservice"]
     args = command[3:command.index("--out")]
@@ -221,11 +350,11 @@ def test_shipped_rayservice_is_generated_from_the_shipped_serve_config(tmp_path,
 
 
 def test_jobs_and_serving_point_at_the_shipped_mlflow_service():
-    service = by_kind("mlflow.yaml", "Service")
+    service = by_kind("mlflow/mlflow.yaml", "Service")
     uri = f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
-    (container,) = by_kind("train-job.yaml", "Job")["spec"]["template"]["spec"]["containers"]
+    (container,) = by_kind("train/train-job.yaml", "Job")["spec"]["template"]["spec"]["containers"]
     assert {e["name"]: e["value"] for e in container["env"]}["MLFLOW_TRACKING_URI"] == uri
-    rayservice_doc = by_kind("serve-rayservice.yaml", "RayService")
+    rayservice_doc = by_kind("serve/rayservice.yaml", "RayService")
     for spec in pod_specs(rayservice_doc):
         for c in spec["containers"]:
             assert {e["name"]: e["value"] for e in c["env"]}["MLFLOW_TRACKING_URI"] == uri

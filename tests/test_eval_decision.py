@@ -8,7 +8,6 @@ import json
 import re
 
 import mlflow
-import numpy as np
 import pytest
 import torch
 
@@ -19,6 +18,7 @@ from evaluation.promote import GatesConfig, promote
 from mmdiff import MMDiffConfig, MMDiffModel
 from mmdiff.configuration import load_config
 from test_train_launch import mlflow_server  # noqa: F401 - the module's server fixture
+from tests.helpers import screenshot_hsv
 from train.config import TrainConfig
 from train.export import register_model
 from train.samples import attention_overlay
@@ -46,7 +46,7 @@ def tracked_run(root, uri: str, name: str, weight: float, seed: int) -> str:
         tracker.metrics({"loss": 1.0 / step + weight, "attention_loss": weight * step}, step)
     batch = {"pixel_values": torch.rand(1, 3, 32, 32) * 2 - 1, "subject_valid": torch.ones(1, 1, dtype=torch.bool),
              "subject_masks": torch.ones(1, 1, 32, 32)}
-    tracker.image(attention_overlay(batch, torch.rand(1, 1, 8, 8)), "samples/attention-step-000004.png")
+    tracker.image(attention_overlay(batch, torch.rand(1, 1, 8, 8)), "attention", 4)
     model.save_pretrained(root / name / "adapter")
     tracker.directory(root / name / "adapter", "adapter")
     register_model(config, root / name / "adapter", tracker.run_id, "eval-test-data")
@@ -114,6 +114,8 @@ def test_compare_report_holds_both_runs_config_diff_and_same_seed_grids(evaluate
     for case in ("single/cat/p00/s0", "multi/cat+cup/p00/s0", "portrait/astronaut/p00/s0"):
         assert len(re.findall(f"<img alt='{re.escape(case)}' src='data:image/png;base64,", grid)) == 2
     assert "ceiling/" not in grid and grid.count("<img class='ref'") == 5  # cat, cup, cat + cup, astronaut
+    attention = text[text.index("<h2>Attention"):]  # each run's overlay, found by its log_image key
+    assert attention.count("src='data:image/png;base64,") == 2 and "none logged" not in attention
     assert text.count("class='best'") >= 3 and "src='http" not in text  # self-contained
     from PIL import Image
 
@@ -128,21 +130,7 @@ def test_compare_report_renders_in_chromium(report, tmp_path):
     """The page as a browser shows it: headless Chromium (Debian's package, .ci/setup-system) screenshots it;
     the inlined sample images must be decoded and drawn (the tiny models' images are strongly coloured, the
     page's own colours are greys and pale table fills)."""
-    import shutil
-    import subprocess
-
-    browser = shutil.which("chromium")
-    assert browser, "chromium is not installed: `make test` installs it through .ci/setup-system"
-    shot = tmp_path / "shot.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2400", f"--screenshot={shot}",
-                    report[0].as_uri()], check=True, capture_output=True, timeout=120)
-    from PIL import Image
-
-    image = Image.open(shot).convert("HSV")
-    assert image.size == (1200, 2400)
-    hsv = np.asarray(image)
+    hsv = screenshot_hsv(report[0], tmp_path, 1200)
     dark_text = (hsv[:300, :, 2] < 80).sum()
     vivid = ((hsv[..., 1] > 128) & (hsv[..., 2] > 80)).sum()
     assert dark_text > 500 and vivid > 8 * 64 * 64, (dark_text, vivid)

@@ -76,7 +76,20 @@ def test_gradients_reach_exactly_the_trainable_set(model):
     optimizer = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
     optimizer.zero_grad()
     torch.manual_seed(0)
-    model.training_loss(_batch(model, [[True, True]]))["loss"].backward()
+    batch = _batch(model, [[True, True]])
+    batch["pixel_values"] = batch["pixel_values"][..., :48]  # 64x48: SDXL's height and width cannot be swapped unseen
+    sdxl = len(model.text_encoders) == 2
+    if sdxl:
+        batch.update(original_size=torch.tensor([[600, 400]]), crop_top_left=torch.tensor([[0, 8]]))
+    seen = {}
+    hook = model.unet.register_forward_pre_hook(lambda _m, _a, kwargs: seen.update(kwargs), with_kwargs=True)
+    try:
+        model.training_loss(batch)["loss"].backward()
+    finally:
+        hook.remove()
+    if sdxl:  # the UNet's time ids: original size and crop from the batch, target size from the latents
+        time_ids, expected = seen["added_cond_kwargs"]["time_ids"], [[600, 400, 0, 8, 64, 48]]
+        assert time_ids.dtype == seen["added_cond_kwargs"]["text_embeds"].dtype and time_ids.tolist() == expected
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     # LoRA down-projections get no gradient while the up-projection is still zero: check after one step.
     optimizer.step()

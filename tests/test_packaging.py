@@ -6,7 +6,8 @@ tracked by the team MLflow server on a real PostgreSQL (mmdiff-train) -> an imag
 (mmdiff-generate).
 
 What this does not verify: that pip resolves the declared ranges from an index (no full 7 GB install
-here); test_declared_dependencies_are_satisfied_by_the_lock checks the ranges against the lock instead.
+here); test_declared_dependencies_are_satisfied_by_the_lock checks the ranges against the lock instead, and
+tests/test_packaging_install.py (extended) installs the runtime lock into a venv of its own.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -29,20 +29,18 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from PIL import Image
+
+from tests.helpers import free_port
+from train.export import locked_versions
 
 REPO = Path(__file__).resolve().parent.parent
 # Every entry point the README documents; each target is a main(argv=None).
 SCRIPTS = {"mmdiff-preprocess", "mmdiff-train", "mmdiff-generate", "mmdiff-benchmark", "mmdiff-evaluate",
            "mmdiff-compare", "mmdiff-promote", "mmdiff-serve"}
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(cmd: list, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
@@ -124,27 +122,20 @@ def test_wheel_holds_every_package_its_data_and_the_scripts(wheel):
     assert assets and assets <= set(names), sorted(assets - set(names))
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "configs/"))]
     assert len(meta.get_all("Requires-Dist")) >= 20
-    assert {"official", "serve", "dev"} <= set(meta.get_all("Provides-Extra"))
+    assert {"face", "official", "serve", "tracking-server", "runtime", "dev"} <= set(meta.get_all("Provides-Extra"))
+    assert SpecifierSet(meta["Requires-Python"]) == SpecifierSet(">=3.11,<3.13")
     declared = {line.split("=")[0].strip() for line in entry_points.split("[console_scripts]")[1].splitlines()
                 if "=" in line}
     assert SCRIPTS <= declared, declared
 
 
-def lock_pins() -> dict[str, str]:
-    pins = {}
-    for line in (REPO / "requirements.lock").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, version = line.split("==")
-            pins[canonicalize_name(name)] = version.strip()
-    return pins
-
-
 def test_declared_dependencies_are_satisfied_by_the_lock(wheel):
-    """Every Requires-Dist of the wheel, in every extra, is met by the locked version; for a requirement
-    with extras (ray[data]) so are the requirements those extras pull in, read from that package's own
-    metadata."""
+    """Every Requires-Dist of the wheel, in every extra but spacy (outside the tested stack, in no lock), is
+    met by the dev lock's version (the runtime lock's pins are the same: tests/test_packaging_deps.py); for a
+    requirement with extras (ray[data]) so are the requirements those extras pull in, read from that
+    package's own metadata."""
     _, meta, _ = wheel_metadata(wheel)
-    pins, extras = lock_pins(), meta.get_all("Provides-Extra")
+    pins, extras = locked_versions(REPO / "requirements" / "dev.lock"), meta.get_all("Provides-Extra")
     problems = []
 
     def check(req: Requirement, environment: dict) -> None:
@@ -155,7 +146,7 @@ def test_declared_dependencies_are_satisfied_by_the_lock(wheel):
             problems.extend(f"unknown extra mmdiff[{e}]" for e in req.extras if e not in extras)
             return
         if name not in pins:
-            problems.append(f"{req} is not in requirements.lock")
+            problems.append(f"{req} is not in requirements/dev.lock")
         elif not req.specifier.contains(pins[name], prereleases=True):
             problems.append(f"{req} excludes the locked {name}=={pins[name]}")
         for extra in req.extras:
@@ -164,7 +155,8 @@ def test_declared_dependencies_are_satisfied_by_the_lock(wheel):
                 if sub.marker and sub.marker.evaluate({"extra": extra}):
                     check(Requirement(str(sub).split(";")[0]), {"extra": ""})
 
-    for extra in ["", *extras]:
+    assert "spacy" in extras
+    for extra in ["", *(e for e in extras if e != "spacy")]:
         for line in meta.get_all("Requires-Dist"):
             check(Requirement(line), {"extra": extra})
     assert not problems, problems

@@ -50,7 +50,7 @@ def test_missing_spacy_is_a_clear_error():
     try:
         import spacy  # noqa: F401
     except ImportError:
-        with pytest.raises(ImportError, match="spacy_model='en_core_web_sm' needs spaCy"):
+        with pytest.raises(ImportError, match=r"spacy_model='en_core_web_sm' needs spacy, .*pip install 'mmdiff\[spacy\]'"):
             PhraseExtractor(PhraseConfig(spacy_model="en_core_web_sm"))
     else:
         pytest.skip("spaCy is installed here; the missing-spaCy error cannot be exercised")

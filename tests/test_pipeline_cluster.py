@@ -162,7 +162,7 @@ def test_cluster_launcher_config_is_valid_for_ray_up():
     config = yaml.safe_load((ROOT / "infra/ray/cluster.yaml").read_text())
     validate_config(prepare_config(config))  # Ray's own defaults + schema check, as `ray up` runs them
     assert "mmdiff-preprocess --config" in (ROOT / "infra/ray/cluster.yaml").read_text()  # the console script
-    assert any("pip install" in c and "requirements.lock" in c for c in config["setup_commands"])
+    assert any("pip install" in c and "requirements/runtime.lock" in c for c in config["setup_commands"])
 
 
 def test_entry_point_names_a_missing_config(tmp_path):

@@ -21,7 +21,8 @@ from pipeline.example_inputs import photo
 from pipeline.inputs import make_key
 from pipeline.preprocess import content_hash, run_job
 from pipeline.shards import ShardLayout
-from tests.test_pipeline_job import CONFIGS, output_files, ray_session  # noqa: F401 - ray_session: a fixture
+from tests.helpers import screenshot_hsv
+from tests.test_pipeline_job import CONFIGS, output_files
 
 WITH_COPIES = ("astronaut", "chelsea", "coffee", "camera", "brick", "hubble_deep_field")
 BENCHMARK = {"dog": "horse", "clock": "immunohistochemistry"}  # subject -> the photo that is its reference
@@ -164,9 +165,6 @@ def test_report_renders_in_chromium_and_its_numbers_match_the_manifest(runs, tmp
     the histograms and duplicate thumbnails are inlined, and headless Chromium draws it (its thumbnails are
     photos: vivid pixels, where the page's own colours are greys and pale fills)."""
     import re
-    import subprocess
-
-    from PIL import Image
 
     manifest = json.loads((runs[1] / "manifest.json").read_text())
     page = (runs[1] / "report" / "report.html").read_text()  # written by the job
@@ -182,14 +180,7 @@ def test_report_renders_in_chromium_and_its_numbers_match_the_manifest(runs, tmp
     assert page.count("data:image/png;base64,") == 4 + len(WITH_COPIES) * (1 + len(COPIES))  # histograms + thumbnails
     assert sorted(p.name for p in (runs[1] / "report").glob("*.png")) == [
         "aspect_ratio.png", "caption_words.png", "entities.png", "mask_area.png"]
-    browser = shutil.which("chromium")
-    assert browser, "chromium is not installed: `make test` installs it through .ci/setup-system"
-    shot = tmp_path / "shot.png"
-    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,2400", f"--screenshot={shot}",
-                    (runs[1] / "report" / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
-    hsv = np.asarray(Image.open(shot).convert("HSV"))
+    hsv = screenshot_hsv(runs[1] / "report" / "report.html", tmp_path, 1000)
     dark_text = (hsv[:400, :, 2] < 80).sum()
     vivid = ((hsv[..., 1] > 100) & (hsv[..., 2] > 80)).sum()
     assert dark_text > 500 and vivid > 4 * 48 * 48, (dark_text, vivid)

@@ -32,15 +32,6 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "preprocess"
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def config(name: str, **overrides) -> PreprocessConfig:
     return load_config(CONFIGS / f"{name}.yaml", PreprocessConfig, overrides)
 

@@ -15,7 +15,7 @@ from pipeline.example_inputs import write_photos
 from pipeline.preprocess import run_job
 from pipeline.stages import sample_stages
 from tests.faults import run_killing_a_worker
-from tests.test_pipeline_job import CONFIGS, output_files, ray_session  # noqa: F401 - ray_session: a fixture
+from tests.test_pipeline_job import CONFIGS, output_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 

@@ -245,15 +245,6 @@ BARE = "benchmarks.bench_pipeline_scale:BareSampler"
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
     """Local inputs of every kind: ``photos/`` (PNGs in two folders, a file that is no image, a text file,
     a folder named like an image), ``photos.txt`` (a list of them with a missing and a repeated line) and

@@ -22,7 +22,8 @@ import yaml
 from PIL import Image
 from skimage import data
 
-from benchmarks.bench_serving import register_tiny_versions, slow_body
+from benchmarks.bench_serving import ray_serve, register_tiny_versions, slow_body
+from tests.helpers import free_port
 from train.export import LOCK
 
 NAME = "mmdiff-serving"
@@ -31,21 +32,16 @@ GOOD = {"prompt": "a [cat] on a beach", "num_inference_steps": 2, "seed": 1}
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def b64(image: np.ndarray | Image.Image, fmt: str = "JPEG") -> str:
     buffer = io.BytesIO()
     (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format=fmt)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def http(url: str, body: bytes | dict | None = None, timeout: float = 120) -> tuple[int, dict[str, str], bytes]:
+def http(url: str, body: bytes | dict | None = None, timeout: float = 120,
+         headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     payload = json.dumps(body).encode() if isinstance(body, dict) else body
-    request = urllib.request.Request(url, payload, {"Content-Type": "application/json"})
+    request = urllib.request.Request(url, payload, {"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, dict(response.headers), response.read()
@@ -53,13 +49,13 @@ def http(url: str, body: bytes | dict | None = None, timeout: float = 120) -> tu
         return error.code, dict(error.headers), error.read()
 
 
-def wait_until(check, seconds: float, what: str):
+def wait_until(check, seconds: float, what: str, poll_s: float = 0.5):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         result = check()
         if result:
             return result
-        time.sleep(0.5)
+        time.sleep(poll_s)
     raise AssertionError(f"{what} within {seconds} s")
 
 
@@ -169,21 +165,14 @@ BOUNDS = {"body_timeout_s": 3.0, "max_uploads": 16, "max_generations": 16}
 @pytest.fixture(scope="module")
 def service(registry):
     """One Serve instance on loopback for all the HTTP tests below (Serve start costs seconds)."""
-    import ray
     from ray import serve
 
     from infra.serving.app import ServingConfig, build_app, proxy_options
 
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": registry}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port, **proxy_options(ServingConfig(**BOUNDS))})
+    with ray_serve(registry, **proxy_options(ServingConfig(**BOUNDS))) as base:
         serve.run(build_app({"model_uri": f"models:/{NAME}@champion", "poll_interval_s": 0.5, "num_cpus": 0.5,
                              "batch_wait_timeout_s": 0.2, "limits": LIMITS, **BOUNDS}), name="mmdiff", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+        yield base
 
 
 def pixels(body: bytes) -> np.ndarray:
@@ -241,6 +230,41 @@ def test_serving_bad_requests_get_a_4xx_naming_the_field(service, kind):
     assert "Traceback" not in answer["error"]
 
 
+def raw_post(url: str, head: str, body: bytes) -> tuple[int, dict]:
+    """POST /generate with exactly these header lines (urllib would add its own Content-Length and type)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(f"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\n{head}Connection: close\r\n\r\n".encode()
+                     + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split(b" ")[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+# What the headers alone show: answered before an upload slot is taken, so also while every slot is held.
+HEADER_FAULTS = {
+    "form content type": ("Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 2\r\n", b"{}",
+                          415, "content-type"),
+    "no content type": ("Content-Length: 2\r\n", b"{}", 415, "content-type"),
+    "empty body": ("Content-Type: application/json\r\nContent-Length: 0\r\n", b"", 422, "body"),
+    "declared oversize": ("Content-Type: application/json\r\nContent-Length: 2000000\r\n", b"", 413, "body"),
+    "bad deadline": ("Content-Type: application/json\r\nContent-Length: 2\r\nx-request-timeout-s: soon\r\n", b"{}",
+                     422, "x-request-timeout-s"),
+}
+
+
+def test_serving_header_faults_are_named_and_a_chunked_body_is_read(service):
+    for kind, (head, body, status, field) in HEADER_FAULTS.items():
+        got, answer = raw_post(service, head, body)
+        assert (got, answer["field"]) == (status, field), (kind, answer)
+    # no Content-Length: the chunked body is read (and here refused for what it holds, not as empty)
+    got, answer = raw_post(service, "Content-Type: application/json; charset=utf-8\r\nTransfer-Encoding: chunked\r\n",
+                           b"9\r\n{prompt: \r\n0\r\n\r\n")
+    assert got == 422 and answer["field"] == "body" and "empty" not in answer["error"], answer
+
+
 def test_serving_concurrent_requests_match_sequential(service):
     photos = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket(), data.immunohistochemistry(),
               np.ascontiguousarray(data.coffee()[:, ::-1])]
@@ -262,8 +286,10 @@ def readyz_load(service: str) -> dict[str, int]:
 @pytest.mark.extended
 def test_serving_holds_under_slow_bodies_oversized_and_concurrent_requests(service):
     """100 clients trickling their bodies, 16 good requests, oversized and bad ones, all at once: the slow
-    ones get 408 (body deadline) or 429 (upload slots full), good ones 200 (or 429/503, then 200 on a
-    retry), bad ones their 4xx, and /healthz answers 200 throughout."""
+    ones get 408 (body deadline) or 429 (upload slots full), /healthz answers 200 throughout, and
+    - what the headers show to be wrong gets its 4xx at once, also while every upload slot is held;
+    - what only the body shows needs an upload slot: 429 with Retry-After while none is free, then on a
+      retry the body is read and its fault named (422), as a good request is answered 200."""
     good = {**GOOD, "subjects": [b64(data.chelsea())]}
     stop, probes = threading.Event(), []
 
@@ -273,31 +299,43 @@ def test_serving_holds_under_slow_bodies_oversized_and_concurrent_requests(servi
             probes.append((http(f"{service}/healthz", timeout=15)[0], time.monotonic() - start))
             time.sleep(0.2)
 
-    def good_client(seed: int) -> list[int]:
-        statuses = []
+    def client(body: dict | bytes) -> list[tuple[int, str]]:
+        answers = []
         for _ in range(20):  # bounded: retried while the replica says it is busy
-            statuses.append(http(f"{service}/generate", {**good, "seed": seed})[0])
-            if statuses[-1] not in (429, 503):
+            status, headers, text = http(f"{service}/generate", body)
+            answers.append((status, headers.get("retry-after", "") if status in (429, 503) else text[:2000]))
+            if status not in (429, 503):
                 break
             time.sleep(1)
-        return statuses
+        return answers
+
+    def while_slots_full() -> list[tuple[str, int, dict]]:
+        wait_until(lambda: readyz_load(service)["uploads"] >= BOUNDS["max_uploads"], 60,
+                   "the slow clients did not hold every upload slot", poll_s=0.05)
+        return [(kind, *raw_post(service, head, body)) for kind, (head, body, _, _) in HEADER_FAULTS.items()]
 
     prober = threading.Thread(target=probe)
     prober.start()
     try:
-        with ThreadPoolExecutor(100 + 16 + 4) as pool:
+        with ThreadPoolExecutor(100 + 16 + 2 + 2 + 1) as pool:
             slow = [pool.submit(slow_body, f"{service}/generate", 4 * BOUNDS["body_timeout_s"]) for _ in range(100)]
-            goods = [pool.submit(good_client, seed) for seed in range(16)]
+            header_faults = pool.submit(while_slots_full)
+            goods = [pool.submit(client, {**good, "seed": seed}) for seed in range(16)]
             oversized = [pool.submit(http, f"{service}/generate", {**good, "subjects": ["A" * 2**20]}) for _ in range(2)]
-            bad = [pool.submit(http, f"{service}/generate", BAD[kind][0]()) for kind in ("bad option", "not JSON")]
-            slow, goods = [f.result() for f in slow], [f.result() for f in goods]
-            oversized, bad = [f.result()[0] for f in oversized], [f.result()[0] for f in bad]
+            bad = [pool.submit(client, BAD[kind][0]()) for kind in ("bad option", "not JSON")]
+            slow, goods, bad = [f.result() for f in slow], [f.result() for f in goods], [f.result() for f in bad]
+            oversized, header_faults = [f.result()[0] for f in oversized], header_faults.result()
     finally:
         stop.set()
         prober.join(timeout=60)
     assert set(slow) <= {408, 429} and 408 in slow, sorted(slow)
-    assert all(set(s[:-1]) <= {429, 503} and s[-1] == 200 for s in goods), goods
-    assert oversized == [413, 413] and bad == [422, 422]
+    for kind, status, answer in header_faults:
+        assert (status, answer["field"]) == HEADER_FAULTS[kind][2:], (kind, status, answer)
+    assert oversized == [413, 413]
+    for answers, final in [(a, 200) for a in goods] + [(a, 422) for a in bad]:
+        busy, (status, _) = answers[:-1], answers[-1]
+        assert status == final and all(s in (429, 503) and int(after) >= 1 for s, after in busy), answers
+    assert [json.loads(a[-1][1])["field"] for a in bad] == ["num_inference_steps", "body"]
     assert probes and {status for status, _ in probes} == {200}, probes
     load = readyz_load(service)
     assert load["uploads"] == 0 and load["generations"] == 0, load

@@ -10,7 +10,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,16 +22,13 @@ import pytest
 import torch
 from PIL import Image
 from test_train_data import write_shards
+from tests.helpers import free_port
+
+from train.tracking import logged_images
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = "configs/train/tiny_test.yaml"
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -153,24 +149,39 @@ def test_zero2_run_is_tracked_in_mlflow(zero2_run, mlflow_server):
     assert rates == pytest.approx([0.0, 0.005] + [0.01 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
     ds_json = json.loads(Path(client.download_artifacts(run.info.run_id, "config/deepspeed.json", str(zero2_run / "dl"))).read_text())
     assert ds_json["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 20000000}
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert {"samples/attention-step-000003.png", "samples/attention-step-000006.png",
-            "samples/generated-step-000006.png"} <= artifacts
-    overlay = Image.open(client.download_artifacts(run.info.run_id, "samples/attention-step-000006.png",
-                                                   str(zero2_run / "dl")))
+    # images through log_image(key=, step=): the UI's image panel steps through each key
+    attention = logged_images(client, run.info.run_id, "attention")
+    assert [step for step, _ in attention] == [3, 6]
+    assert [step for step, _ in logged_images(client, run.info.run_id, "sample")] == [6]
+    assert "mlflow.loggedImages" in client.get_run(run.info.run_id).data.tags
+    overlay = Image.open(client.download_artifacts(run.info.run_id, attention[-1][1], str(zero2_run / "dl")))
     assert overlay.height == 64 * 2 and overlay.width >= 64 * 2  # 2 examples: image + a subject panel
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {
         "checkpoints/step-2", "checkpoints/step-4", "checkpoints/step-6"}
     # validation grids: 2 held-out samples (rows) x (their subject crop + one image per seed 0 and 1)
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "validation")} == {
-        "validation/step-000003.png", "validation/step-000006.png"}
-    grid = Image.open(client.download_artifacts(run.info.run_id, "validation/step-000006.png", str(zero2_run / "dl")))
+    validation = logged_images(client, run.info.run_id, "validation")
+    assert [step for step, _ in validation] == [3, 6]
+    grid = Image.open(client.download_artifacts(run.info.run_id, validation[-1][1], str(zero2_run / "dl")))
     assert grid.size == (3 * 64, 2 * 64) and len(set(grid.getdata())) > 1
     assert {"config/resolved.yaml", "config/mmdiff.yaml"} <= {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     version = client.get_model_version("mmdiff-tiny", "1")
     assert version.run_id == run.info.run_id
     assert version.tags["run_id"] == run.info.run_id and version.tags["data.manifest_hash"] == "test-manifest"
     assert version.tags["base_model"] == "tiny"
+
+
+def test_the_serving_gate_waits_for_a_registered_model(zero2_run, mlflow_server, capsys):
+    """infra/k8s/wait.py, the serving pods' init container, against the registry the run above wrote:
+    a registered version, `latest` and an alias that is not set yet."""
+    from infra.k8s import wait
+
+    quick = ["--tracking-uri", mlflow_server, "--timeout-s", "0.2", "--poll-s", "0.05"]
+    assert wait.main(["model", "models:/mmdiff-tiny/1", *quick]) == 0
+    assert wait.main(["model", "models:/mmdiff-tiny/latest", *quick]) == 0
+    assert wait.main(["model", "models:/mmdiff-tiny@champion", *quick]) == 1
+    assert "gave up on model models:/mmdiff-tiny@champion" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        wait.main(["model", "runs:/abc/adapter", *quick])  # not a registry URI: refused at once
 
 
 def test_retention_keeps_the_newest_two_and_the_best_by_loss(zero2_run):
@@ -442,6 +453,7 @@ def test_tracking_spooled_from_the_start_reaches_the_server_when_it_answers(mlfl
         (tmp_path / "adapter" / "weights.txt").write_text("w")
         tracker.directory(tmp_path / "adapter", "adapter")
         shutil.rmtree(tmp_path / "adapter")  # the spool kept its own copy
+        tracker.image(Image.new("RGB", (8, 4), (200, 30, 10)), "attention", 3)
         assert tracker.run_id is None and tracker.finish(wait_s=0) is False
         again = RunTracker(config, offline=True)  # a resumed run sees what is spooled: no step twice
         again.metrics({"loss": 0.5}, 2)
@@ -455,6 +467,9 @@ def test_tracking_spooled_from_the_start_reaches_the_server_when_it_answers(mlfl
     assert run.data.params["data.resolution"] == "64"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "adapter")] == ["adapter/weights.txt"]
+    ((step, path),) = logged_images(client, run.info.run_id, "attention")  # the spooled image, as log_image
+    image = Image.open(client.download_artifacts(run.info.run_id, path, str(tmp_path / "dl")))
+    assert step == 3 and image.size == (8, 4) and image.getpixel((0, 0)) == (200, 30, 10)
 
 
 @pytest.mark.extended

@@ -1,7 +1,7 @@
 """Export: the trainable weights as the safetensors adapter, logged and registered as a pyfunc model.
 
 The registered model is self-contained: it ships the code it imports (``mmdiff`` and preprocessing's image
-check) as ``code_paths``, pins its pip requirements from ``requirements.lock``, declares an input/output
+check) as ``code_paths``, pins its pip requirements from ``requirements/runtime.lock``, declares an input/output
 signature, and stores the base model spec as an artifact. It loads in any process with those packages.
 """
 
@@ -23,11 +23,11 @@ from mmdiff.integrity import write_manifest
 from mmdiff.provenance import source_commit
 from train.config import TrainConfig
 
-__all__ = ["save_adapter", "register_model", "inference_requirements", "model_signature"]
+__all__ = ["save_adapter", "register_model", "inference_requirements", "locked_versions", "model_signature"]
 
 PYFUNC_MODEL = Path(__file__).with_name("pyfunc_model.py")
 REPO = Path(__file__).resolve().parents[1]
-LOCK = REPO / "requirements.lock"
+LOCK = REPO / "requirements" / "runtime.lock"
 # what train/pyfunc_model.py and the code it ships import at inference time (distribution names)
 INFERENCE_PACKAGES = ("mlflow", "torch", "diffusers", "transformers", "accelerate", "peft", "safetensors",
                       "numpy", "pillow", "pandas", "pydantic", "PyYAML")
@@ -39,11 +39,24 @@ def _canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def locked_versions(lock: Path) -> dict[str, str]:
+    """``{canonical name: version}`` of a lock file (requirements/*.lock: ``name==version`` entries, each
+    followed by its ``--hash`` lines and ``# via`` comments)."""
+    pins = {}
+    for number, line in enumerate(Path(lock).read_text().splitlines(), 1):
+        if not line.strip() or line[0].isspace() or line.startswith("#"):
+            continue
+        match = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;\\]+)", line)
+        if match is None:
+            raise ValueError(f"{lock}:{number}: not a pinned `name==version` entry: {line.strip()[:80]!r}")
+        pins[_canonical(match[1])] = match[3]
+    return pins
+
+
 def inference_requirements(lock: Path = LOCK) -> list[str]:
     """``name==version`` for each inference package, from the lock (or, without one, as installed)."""
     if lock.is_file():
-        pins = dict(line.split("==", 1) for line in lock.read_text().split() if "==" in line)
-        pins = {_canonical(name): version for name, version in pins.items()}
+        pins = locked_versions(lock)
     else:  # an installed wheel: the environment was built from the lock
         pins = {_canonical(n): importlib.metadata.version(n) for n in INFERENCE_PACKAGES}
     missing = [n for n in INFERENCE_PACKAGES if _canonical(n) not in pins]

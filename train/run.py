@@ -179,7 +179,7 @@ def train(config: TrainConfig) -> TrainerState:
             adapter = Path(config.output_dir) / "adapter"
             tracker.directory(adapter, "adapter")
             if config.mlflow.sample_prompt:
-                tracker.image(generate_sample(config, adapter), f"samples/generated-step-{state.step:06d}.png")
+                tracker.image(generate_sample(config, adapter), "sample", state.step)
             if config.mlflow.registered_model:
                 tracker.register(adapter, data_hash)
             tracker.finish(wait_s=config.mlflow.end_wait_s)
@@ -206,7 +206,7 @@ def _train(config: TrainConfig, model, engine, tracker, rank: int, world: int, s
 
     def on_sample(step: int, batch: dict, attention_maps: torch.Tensor | None) -> None:
         if tracker is not None and attention_maps is not None:
-            tracker.image(attention_overlay(batch, attention_maps), f"samples/attention-step-{step:06d}.png")
+            tracker.image(attention_overlay(batch, attention_maps), "attention", step)
 
     # under ZeRO-3 every rank takes part in each forward (the weights are gathered), so every rank generates
     generates = bool(config.validation.shards) and (rank == 0 or config.deepspeed.zero_stage == 3)
@@ -225,7 +225,7 @@ def _train(config: TrainConfig, model, engine, tracker, rank: int, world: int, s
                                        v.guidance_scale)
             model.train(training)
             if tracker is not None:
-                tracker.image(grid, f"validation/step-{step:06d}.png")
+                tracker.image(grid, "validation", step)
         dist.barrier()
 
     trainer = Trainer(config, engine, TrainerState(), tracker, on_checkpoint, on_sample,

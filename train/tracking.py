@@ -12,6 +12,9 @@ and timestamps) and the tracker is online again. Registration at the end is part
 run that ends offline registers when the spool is flushed, at the end of a later resume or by hand:
 
     python -m train.tracking --config configs/train/<name>.yaml [--set KEY=VALUE ...] [--wait-s S]
+
+Images (sample generations, attention overlays, validation grids) go through ``log_image(key=, step=)``,
+so the run page's image panel steps through each key's images; :func:`logged_images` lists them back.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ if __name__ == "__main__":  # `python -m train.tracking`: parse (and answer --he
 import argparse
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -43,7 +47,7 @@ from train import cli
 from train.checkpoint import write_atomic
 from train.config import TrainConfig
 
-__all__ = ["RunTracker", "TrackingUnavailable", "flatten", "git_commit", "server_reachable"]
+__all__ = ["RunTracker", "TrackingUnavailable", "flatten", "git_commit", "logged_images", "server_reachable"]
 
 log = logging.getLogger("train")
 
@@ -184,6 +188,11 @@ class RunTracker:
             client.log_artifacts(self.run_id, op["local_dir"], op["artifact_path"])
         elif kind == "artifact":
             client.log_artifact(self.run_id, op["local_file"], op["artifact_path"] or None)
+        elif kind == "image":
+            with Image.open(op["local_file"]) as image:
+                image.load()
+                client.log_image(self.run_id, image, key=op["key"], step=op["step"], timestamp=op["timestamp"],
+                                 synchronous=True)
         elif kind == "status":
             if op["status"] == "RUNNING":
                 client.update_run(self.run_id, status="RUNNING")
@@ -308,12 +317,14 @@ class RunTracker:
         if self.run_id is not None:
             self._record_run()
 
-    def image(self, image: Image.Image, artifact_file: str) -> None:
-        path = Path(artifact_file)
+    def image(self, image: Image.Image, key: str, step: int) -> None:
+        """``image`` as step ``step`` of the image series ``key`` (MLflow's ``log_image(key=, step=)``); the
+        timestamp is taken now, so a spooled image keeps it when it is sent later."""
         with tempfile.TemporaryDirectory() as tmp:
-            image.save(Path(tmp) / path.name)
-            folder = path.parent.as_posix()
-            self._do({"op": "artifact", "local_file": str(Path(tmp) / path.name), "artifact_path": "" if folder == "." else folder})
+            path = Path(tmp) / "image.png"
+            image.save(path)
+            self._do({"op": "image", "local_file": str(path), "key": key, "step": int(step),
+                      "timestamp": mlflow.utils.time.get_current_time_millis()})
 
     def directory(self, local_dir: str | Path, artifact_path: str) -> None:
         self._do({"op": "artifacts", "local_dir": str(local_dir), "artifact_path": artifact_path})
@@ -337,6 +348,21 @@ class RunTracker:
                 return False
             time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
         return True
+
+
+# MLflow's file name for an image logged with a key: images/<key, "/" as "~">+step+<step>+timestamp+<ms>+<uuid>.png
+# (older clients wrote "%" for "+"), beside a "+compressed.webp" thumbnail.
+_IMAGE_FILE = re.compile(r"(?P<key>.+?)[+%]step[+%](?P<step>\d+)[+%]timestamp[+%](?P<timestamp>\d+)[+%][0-9a-f-]+\.png")
+
+
+def logged_images(client: mlflow.MlflowClient, run_id: str, key: str) -> list[tuple[int, str]]:
+    """(step, artifact path) of every full-size image logged under ``key`` in ``run_id``, by step (and time)."""
+    found = []
+    for artifact in client.list_artifacts(run_id, "images"):
+        match = _IMAGE_FILE.fullmatch(Path(artifact.path).name)
+        if match and match["key"].replace("~", "/") == key:
+            found.append((int(match["step"]), int(match["timestamp"]), artifact.path))
+    return [(step, path) for step, _, path in sorted(found)]
 
 
 def run(args: argparse.Namespace) -> int:

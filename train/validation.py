@@ -3,8 +3,8 @@
 Every ``validation.every`` steps the model being trained generates, for each of the first
 ``validation.num_samples`` held-out samples (in key order), its caption with the subject words marked,
 conditioned on the sample's own subject crops, once per seed in ``validation.seeds``. The grid (one row
-per sample: the subject crops, then one image per seed) is logged to MLflow as
-``validation/step-<step>.png``, so runs and steps compare image for image.
+per sample: the subject crops, then one image per seed) is logged to MLflow as the image series
+``validation`` at that step (``log_image(key=, step=)``), so runs and steps compare image for image.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """Write the serving RayService manifest from a Ray Serve config file.
 
     python -m infra.k8s.rayservice --serve-config infra/serving/serve_config.yaml --gpus-per-replica 1 \
-        --out infra/k8s/serve-rayservice.yaml
+        --out infra/k8s/serve/rayservice.yaml
 
 The Serve config (the file `serve build` writes and `serve run`/`serve deploy` take) becomes the
 RayService's ``serveConfigV2`` after validation against Ray's own schema, so what KubeRay deploys is what
 runs locally; ``--gpus-per-replica`` sets every deployment's ``ray_actor_options.num_gpus`` (a config
 tested on CPUs says 0). The worker group gets one pod per replica, sized to that replica, and scales
 between the deployments' autoscaling bounds (KubeRay's in-tree autoscaler adds pods as Serve adds
-replicas).
+replicas). The head waits, in an init container, until every model the deployments serve
+(``user_config.model_uri``) is in the registry (infra/k8s/wait.py), so the Serve application is deployed
+only once training has registered it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,13 @@ def validate_serve_config(serve_config: dict[str, Any], source: str) -> None:
         raise ValueError(f"{source}: not a valid Ray Serve config: {exc}") from exc
 
 
+def model_uris(serve_config: dict[str, Any]) -> list[str]:
+    """The ``user_config.model_uri`` of every deployment, once each, in order."""
+    uris = [(deployment.get("user_config") or {}).get("model_uri") for app in serve_config.get("applications", [])
+            for deployment in app.get("deployments") or []]
+    return list(dict.fromkeys(u for u in uris if u))
+
+
 def _volumes() -> list[dict[str, Any]]:
     return [{"name": "models", "persistentVolumeClaim": {"claimName": "mmdiff-models", "readOnly": True}},
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}}]
@@ -70,7 +79,7 @@ def _container(name: str, resources: dict[str, str], ports: list[dict[str, Any]]
     container = {
         "name": name,
         "image": "mmdiff",
-        # the registered model is read from the team tracking server (infra/mlflow, infra/k8s/mlflow.yaml)
+        # the registered model is read from the team tracking server (infra/mlflow, infra/k8s/mlflow/mlflow.yaml)
         "env": [{"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"}],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True},
@@ -79,6 +88,16 @@ def _container(name: str, resources: dict[str, str], ports: list[dict[str, Any]]
     if ports:
         container["ports"] = ports
     return container
+
+
+def _model_gates(serve_config: dict[str, Any]) -> list[dict[str, Any]]:
+    """One init container per served model: waits until the registry has it (python -m infra.k8s.wait)."""
+    gates = []
+    for i, uri in enumerate(model_uris(serve_config)):
+        gate = _container(f"wait-for-model-{i}", {"cpu": "1", "memory": "1Gi"})
+        del gate["volumeMounts"]
+        gates.append({**gate, "command": ["python", "-m", "infra.k8s.wait", "model", uri]})
+    return gates
 
 
 def rayservice(serve_config: dict[str, Any], name: str = "mmdiff-serve") -> dict:
@@ -107,6 +126,7 @@ def rayservice(serve_config: dict[str, Any], name: str = "mmdiff-serve") -> dict
                     # the head runs the Serve controller and HTTP proxy, no model replicas
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
                     "template": {"spec": {
+                        **({"initContainers": _model_gates(serve_config)} if model_uris(serve_config) else {}),
                         "containers": [_container("ray-head", {"cpu": "4", "memory": "16Gi"}, head_ports)],
                         "volumes": _volumes()}},
                 },
@@ -137,7 +157,7 @@ def render(serve_config_path: str | Path, gpus_per_replica: float | None = None)
 def main(argv: list[str] | None = None) -> int:
     parser = CommandParser("python -m infra.k8s.rayservice", prose(__doc__), examples=[
         ("python -m infra.k8s.rayservice --serve-config infra/serving/serve_config.yaml --gpus-per-replica 1 "
-        "--out infra/k8s/serve-rayservice.yaml")])
+        "--out infra/k8s/serve/rayservice.yaml")])
     parser.add_argument("--serve-config", required=True, metavar="FILE", help="a Ray Serve config YAML (applications: ...)")
     parser.add_argument("--gpus-per-replica", type=float, help="set every deployment's ray_actor_options.num_gpus")
     parser.add_argument("--out", required=True, help="the RayService manifest to write")

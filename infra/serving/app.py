@@ -9,7 +9,8 @@ Routes: ``POST /generate`` with JSON ``{"prompt": "a [cat] on a beach", "subject
 ``image/png`` (headers ``x-model-name``, ``x-model-version``); ``GET /healthz`` (the process answers) and
 ``GET /readyz`` (a model is loaded: name, version, last alias check, load).
 
-- Every request is checked before it is queued: body bytes (413), then the schema and limits of
+- Every request is checked before it is queued: its headers before it may upload (content type 415,
+  declared body bytes 413, an empty body 422), the body's bytes as they arrive (413), then the schema and limits of
   :class:`train.pyfunc_model.ServingLimits` (subjects, image bytes, the image header's decode budget,
   prompt tokens, marks vs images, steps, size), each refusal a 4xx JSON ``{"field", "error"}``. A 5xx
   says only ``internal error`` and a request id; the traceback goes to the replica's log.
@@ -188,10 +189,18 @@ def busy(status: int, field: str, message: str, retry_after_s: float) -> JSONRes
                         headers={"retry-after": str(max(1, math.ceil(retry_after_s)))})
 
 
-def refuse_declared_oversize(request: Request, limit: int) -> None:
-    """A body whose Content-Length is over ``limit`` is refused before anything is read or queued."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+def check_headers(request: Request, limit: int) -> None:
+    """Refuse what the headers alone show to be wrong, before an upload slot is taken: so these faults are
+    named (415 ``content-type``, 413/422 ``body``) even while slow clients hold every slot. What only the
+    body shows needs it read, and so a slot (429 while none is free)."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise RequestError("content-type", f"{media_type or 'none'}: the body must be sent as application/json",
+                           status=415)
+    declared = request.headers.get("content-length")
+    if declared == "0" or (declared is None and "transfer-encoding" not in request.headers):
+        raise RequestError("body", "empty: the request must be a JSON object")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError("body", f"{declared} bytes, at most {limit} bytes", status=413)
 
 
@@ -306,8 +315,8 @@ class MMDiffServer:
                              "load": {"uploads": self.uploads, "generations": self.generations, **self.counts}})
 
     @api.post("/generate", response_class=Response,
-              responses={200: {"content": {"image/png": {}}}, 408: {}, 413: {}, 422: {}, 429: {}, 500: {}, 503: {},
-                         504: {}})
+              responses={200: {"content": {"image/png": {}}}, 408: {}, 413: {}, 415: {}, 422: {}, 429: {}, 500: {},
+                         503: {}, 504: {}})
     async def generate(self, request: Request) -> Response:
         arrived = time.monotonic()
         loaded, config = self.loaded, self.config
@@ -317,7 +326,7 @@ class MMDiffServer:
         job = None
         try:
             timeout = request_timeout(request, config)
-            refuse_declared_oversize(request, config.limits.max_body_bytes)
+            check_headers(request, config.limits.max_body_bytes)
             if self.uploads >= config.max_uploads:
                 self.counts["refused_busy"] += 1
                 return busy(429, "body", f"{self.uploads} uploads in progress, at most {config.max_uploads}; retry",

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mmdiff.extras import require
 from mmdiff.zoo.spec import RANDOM, TINY, ModelSpec
 
 __all__ = ["ModelSpec", "TINY", "RANDOM", "build", "save_tiny", "default_dtype", "FAMILY_MODULES"]
@@ -31,6 +32,13 @@ FAMILY_MODULES = {
     "dino": "mmdiff.zoo.dino",
     "embedding_head": "mmdiff.zoo.embedding_head",
 }
+# The optional packages (import names) a family, or one of its backends (None: every backend), runs on, and
+# the extra that installs them: checked before anything is built.
+OPTIONAL_PACKAGES = {
+    ("insightface", None): ("face", ("insightface", "onnxruntime")),
+    ("grounding_dino", "official"): ("official", ("groundingdino",)),
+    ("sam", "official"): ("official", ("segment_anything",)),
+}
 
 
 def _module(family: str):
@@ -41,6 +49,10 @@ def build(spec: ModelSpec | dict[str, Any]) -> Any:
     """Build the model a spec names; see the family module for the returned object."""
     if isinstance(spec, dict):
         spec = ModelSpec.model_validate(spec)
+    for backend in (None, spec.backend):
+        if (spec.family, backend) in OPTIONAL_PACKAGES:
+            extra, modules = OPTIONAL_PACKAGES[spec.family, backend]
+            require(f"{spec.family} models" + (f" (backend {backend})" if backend else ""), extra, *modules)
     # on "meta", parameters are created there: building on the CPU first would allocate every weight
     with torch.device("meta") if spec.device == "meta" else contextlib.nullcontext():
         return _module(spec.family).build(spec)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmdiff.extras import require
 from mmdiff.zoo.spec import ModelSpec
 
 __all__ = ["build", "save_tiny", "TINY_DET_SIZE"]
@@ -95,6 +96,7 @@ class TinyArcFace(nn.Module):
 
 def save_tiny(path: Path, seed: int = 0) -> Path:
     """Write ``det_tiny.onnx`` and ``rec_tiny.onnx`` into the folder ``path``."""
+    require("the tiny insightface twin (torch.onnx.export)", "dev", "onnx")  # a test model: onnx is a dev package
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

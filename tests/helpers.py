@@ -1,0 +1,31 @@
+"""Helpers several test modules share: a free loopback port, and a page as headless Chromium draws it."""
+
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def screenshot_hsv(page: Path, folder: Path, width: int, height: int = 2400) -> np.ndarray:
+    """``page`` as headless Chromium (Debian's package, .ci/setup-system) draws it at ``width`` x ``height``,
+    as HSV pixels [height, width, 3]; ``folder`` takes the screenshot and the browser's profile."""
+    from PIL import Image
+
+    browser = shutil.which("chromium")
+    assert browser, "chromium is not installed: `make test` installs it through .ci/setup-system"
+    shot = folder / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
+                    f"--user-data-dir={folder / 'profile'}", f"--window-size={width},{height}", f"--screenshot={shot}",
+                    page.as_uri()], check=True, capture_output=True, timeout=120)
+    image = Image.open(shot)
+    assert image.size == (width, height)
+    return np.asarray(image.convert("HSV"))
