@@ -31,6 +31,11 @@ class MMDiffConfig(ConfigModel):
     refiner_heads: int = Field(8, ge=1)
     refiner_dim_head: int = Field(256, ge=1)  # official: 8 heads of 256
     fusion_input_norm: bool = True  # official: LayerNorm on the fusion MLP's input
+    # false = the official form: the fusion MLP's output replaces the word embedding (converted weights)
+    fusion_residual: bool = True
+    # the CLS projection head's hidden width: the text encoder's ("text") or the CLS embedding's ("image",
+    # the official head, whose first layers both encoders share)
+    fusion_projection_hidden: Literal["text", "image"] = "text"
     lora_rank: int = Field(64, ge=0)  # cross-attention: text path (q, k, v, out) and image path (k, v)
     self_attn_lora_rank: int = Field(64, ge=0)
     text_encoder_lora_rank: int = Field(0, ge=0)  # LoRA on every text encoder's q, k, v, out (official: yes)

@@ -68,8 +68,9 @@ class MMDiffModel(nn.Module):
 
         image_dim, patch_dim = self.image_encoder.embed_dim, self.image_encoder.patch_dim
         unet_dim = self.unet.config.cross_attention_dim
-        self.text_fusions = nn.ModuleList(TextFusion(image_dim, enc.config.hidden_size, config.fusion_input_norm)
-                                          for enc in encoders)
+        hidden = image_dim if config.fusion_projection_hidden == "image" else None
+        self.text_fusions = nn.ModuleList(TextFusion(image_dim, enc.config.hidden_size, config.fusion_input_norm,
+                                                     config.fusion_residual, hidden) for enc in encoders)
         for encoder, fusion in zip(encoders, self.text_fusions):
             install_fusion(encoder, fusion)
         self.query_mlp = QueryMLP(config.face_embed_dim if config.portrait else image_dim, unet_dim, config.num_tokens)

@@ -12,23 +12,29 @@ from torch import nn
 
 
 class ProjectionHead(nn.Sequential):
-    """LayerNorm -> Linear -> GELU -> Linear: CLS embedding to a text encoder's width."""
+    """LayerNorm -> Linear -> GELU -> Linear: CLS embedding to a text encoder's width (hidden width
+    ``hidden_dim``, the output width unless given)."""
 
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__(nn.LayerNorm(in_dim), nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int | None = None):
+        hidden_dim = hidden_dim or out_dim
+        super().__init__(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
 
 
 class TextFusion(nn.Module):
     """``word + MLP([word ; project(cls)])`` with the MLP (2d -> d -> d) ending in a zero-initialised layer.
 
     The residual form makes the fused embedding equal the word embedding at initialisation, so the
-    untrained model is exactly the base model (the official code replaces the embedding instead).
-    ``input_norm`` puts a LayerNorm on the MLP's 2d input, as the official fusion MLP has.
+    untrained model is exactly the base model. ``residual=False`` is the official form, where the MLP's
+    output replaces the word embedding (for converted official weights). ``input_norm`` puts a LayerNorm
+    on the MLP's 2d input, as the official fusion MLP has; ``projection_hidden`` is the projection head's
+    hidden width (the official head's is the CLS width).
     """
 
-    def __init__(self, image_dim: int, text_dim: int, input_norm: bool = False):
+    def __init__(self, image_dim: int, text_dim: int, input_norm: bool = False, residual: bool = True,
+                 projection_hidden: int | None = None):
         super().__init__()
-        self.project = ProjectionHead(image_dim, text_dim)
+        self.residual = residual
+        self.project = ProjectionHead(image_dim, text_dim, projection_hidden)
         layers = [nn.LayerNorm(2 * text_dim)] if input_norm else []
         self.fuse = nn.Sequential(*layers, nn.Linear(2 * text_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim))
         nn.init.zeros_(self.fuse[-1].weight)
@@ -37,7 +43,7 @@ class TextFusion(nn.Module):
     def forward(self, word_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         image = self.project(image_embeds.to(self.fuse[-1].weight.dtype))
         fused = self.fuse(torch.cat([word_embeds.to(image.dtype), image], dim=-1))
-        return word_embeds + fused.to(word_embeds.dtype)
+        return word_embeds + fused.to(word_embeds.dtype) if self.residual else fused.to(word_embeds.dtype)
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,10 @@ SHIPPED = "configs/mmdiff/sd15.yaml"
 LOSS_KEYS = ("attention_loss_kind", "attention_loss_tokens", "attention_loss_weight", "subject_null_key",
              "denoise_in_mask_prob")
 SPLITS = {"train": 0, "validation": 99, "test": 123}
-# The check: each supervised map's inside-mask share >= FACTOR[map] x the mask's area (what the shipped
-# setting reaches with margin on the validation split; docs/MODEL.md)
-FACTOR = {"text": 3.0, "subject": 1.3}
+# The check: each supervised map's inside-mask share >= FACTOR[map] x the mask's area. Between what the
+# shipped setting reaches (text 3.2-3.3x on the test split, 3.6x on validation; subject 1.5x) and what the
+# random-box control reaches (text 1.35x, subject 1.02x), with room on both sides (docs/MODEL.md)
+FACTOR = {"text": 2.5, "subject": 1.3}
 
 
 def shipped_loss_settings(path: str = SHIPPED) -> dict:

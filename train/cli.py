@@ -24,7 +24,7 @@ def launch_parser() -> CommandParser:
         examples=[
             "mmdiff-train --config configs/train/demo.yaml --num-gpus 2",
             ("mmdiff-train --config configs/train/demo.yaml --num-gpus 2 --set run_name=demo-lr1e-4 "
-             "output_dir=outputs/train/demo-lr1e-4 optim.lr=1.0e-4"),
+             f"output_dir=outputs/train/demo-lr1e-4 optim.lr=1.0e-4 mlflow.tracking_uri={DEMO_TRACKING_URI}"),
         ])
     parser.add_config("configs/train/<name>.yaml", legacy_overrides=True)
     parser.add_argument("--num-gpus", type=int, default=1, help="ranks per node (CPU ranks without a GPU)")
