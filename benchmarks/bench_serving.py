@@ -237,14 +237,17 @@ class PeakMemory(threading.Thread):
         self.peaks: dict[str, float] = {}
 
     def sample(self) -> dict[str, float]:
+        """This run's Ray only: the processes ray.init started below this one (gcs, raylet, their workers),
+        not other Ray sessions on the machine."""
         import psutil
 
         now: dict[str, float] = {}
-        for process in psutil.process_iter(["cmdline", "memory_info"]):
-            command = " ".join(process.info["cmdline"] or [])
-            if not command.startswith("ray::") and "raylet" not in command and "gcs_server" not in command:
+        for process in psutil.Process().children(recursive=True):
+            try:
+                command = " ".join(process.cmdline())
+                mib = process.memory_info().rss / 2**20
+            except psutil.Error:  # ended between the listing and the read
                 continue
-            mib = process.info["memory_info"].rss / 2**20 if process.info["memory_info"] else 0.0
             now["ray_total"] = now.get("ray_total", 0.0) + mib
             for role, marker in self.ROLES.items():
                 if marker in command:
