@@ -15,7 +15,8 @@ Latency percentiles are those of the good requests in the batched rounds. Writes
 ``--abuse`` serves with the shipped defaults (``ServingConfig``: body deadline, upload and generation bounds,
 request deadline) and sends at once: ``--clients`` good clients (``--requests`` each, retried after a
 429/503 as ``Retry-After`` says, at most 10 times), ``--slow-clients`` that send their body one byte a
-second, ``--oversized`` bodies over ``max_body_bytes``, one bad request of each kind per good client (retried
+second, ``--oversized`` bodies over ``max_body_bytes`` (half declared: 413 at once; half chunked: retried after
+a 429 until read and refused, 413), one bad request of each kind per good client (retried
 the same way until its body is read and refused, 413/422) and one with a wrong Content-Type (415 at once), and a
 ``/healthz`` probe every 0.25 s; then one 100-step request with a 2 s deadline (``x-request-timeout-s``), which
 must answer 504 and be stopped. The peak RSS of Serve's processes (replica, proxy, all of Ray's) is sampled
@@ -305,7 +306,14 @@ def run_abuse(base: str, clients: int, requests: int, slow_clients: int, oversiz
         note("slow", status, 400 <= status < 500)
 
     def oversized_client(index: int) -> None:
-        status = oversized_body(url, max_body_bytes, chunked=index % 2 == 1)
+        """Declared (Content-Length): 413 at once. Chunked: its size shows only as it is read, which takes an
+        upload slot, so it is sent again after a 429 (Retry-After is the body deadline) until it gets 413."""
+        chunked = index % 2 == 1
+        for _ in range(10):
+            status = oversized_body(url, max_body_bytes, chunked)
+            if not (chunked and status == 429):
+                break
+            time.sleep(body_timeout_s)
         note("oversized", status, status == 413)
 
     def probe() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import mlflow
 import pytest
@@ -14,7 +15,7 @@ import torch
 from evaluation.benchmark import write_demo
 from evaluation.compare import compare
 from evaluation.evaluate import load_evaluation_config, log_evaluation, run_evaluation
-from evaluation.promote import GatesConfig, promote
+from evaluation.promote import GatesConfig, LeaseError, promote
 from mmdiff import MMDiffConfig, MMDiffModel
 from mmdiff.configuration import load_config
 from test_train_launch import mlflow_server  # noqa: F401 - the module's server fixture
@@ -179,9 +180,45 @@ def test_promote_cli_exit_codes(evaluated, mlflow_server, capsys, tmp_path):  # 
     assert re.search(rf"promote: {MODEL}@demo -> v[12]", capsys.readouterr().out)
 
 
-def test_concurrent_promotions_against_a_tracking_server_end_as_a_serial_order(mlflow_server, tmp_path):  # noqa: F811
-    """The race of tests/test_promote.py once against the real server: its lease lives in the registry."""
-    from test_promote import NAME, assert_serial, race, register_evaluated_versions
+@pytest.fixture(scope="module")
+def race_registry(mlflow_server, tmp_path_factory):  # noqa: F811
+    """tests/test_promote.py's versions (champion v1, dino 0.5/0.6/0.7) on the real server."""
+    from test_promote import NAME, register_evaluated_versions
 
-    register_evaluated_versions(mlflow_server, NAME, tmp_path)
-    assert_serial(race(mlflow_server, NAME, rounds=1, processes=False))
+    register_evaluated_versions(mlflow_server, NAME, tmp_path_factory.mktemp("race"))
+    return mlflow_server
+
+
+def test_concurrent_promotions_against_a_tracking_server_end_as_a_serial_order(race_registry):
+    """The race of tests/test_promote.py once against the real server: its lease lives in the registry."""
+    from test_promote import NAME, assert_serial, race
+
+    assert_serial(race(race_registry, NAME, rounds=1, processes=False))
+
+
+def test_a_dead_holders_lease_is_outlasted_and_a_live_one_waited_for(race_registry, tmp_path, capsys):
+    from evaluation.promote import main
+    from test_promote import GATES, NAME, reset
+
+    uri = race_registry
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
+    reset(client, NAME)
+    config = GatesConfig.model_validate(GATES)
+    live = json.dumps({"owner": "another", "host": "elsewhere", "pid": 1, "ttl_s": 600})
+    client.set_registered_model_tag(NAME, "promotion.lease.champion", live)
+    with pytest.raises(LeaseError, match="another promotion holds the lease.*elsewhere"):
+        promote(config, NAME, ["3"], uri, lease_wait_s=1)
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    gates = tmp_path / "gates.yaml"
+    gates.write_text(json.dumps(GATES))
+    assert main(["--model-name", NAME, "--versions", "3", "--gates", str(gates), "--tracking-uri", uri,
+                 "--lease-wait-s", "1"]) == 2
+    assert "another promotion holds the lease" in capsys.readouterr().err
+
+    dead = json.dumps({"owner": "crashed", "host": "elsewhere", "pid": 1, "ttl_s": 1})
+    client.set_registered_model_tag(NAME, "promotion.lease.champion", dead)
+    started = time.monotonic()
+    assert promote(config, NAME, ["3"], uri, lease_wait_s=30).promoted == "3"
+    assert time.monotonic() - started >= 1  # it watched the record unchanged for the dead holder's ttl
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "3"
+    assert "promotion.lease.champion" not in client.get_registered_model(NAME).tags

@@ -1,21 +1,19 @@
 """Concurrent promotions of one alias end as some serial order of them would, and none crashes: two processes
-promote at once, ten times, against a SQLite registry (each process its own engine, as two CLI runs); the
-same against a real `mlflow server` is in test_eval_decision.py. A dead holder's lease is outlasted, a live
-one makes a promotion wait and then give up with a message naming the holder."""
+promote at once, ten times, against a SQLite registry (each process its own engine, as two CLI runs). The
+same race once against a real `mlflow server`, and the lease's dead and live holders, are in
+test_eval_decision.py (its server is already running there)."""
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import queue
 import threading
-import time
 import traceback
 
 import mlflow
 import pytest
 
-from evaluation.promote import GatesConfig, LeaseError, main, promote
+from evaluation.promote import GatesConfig, promote
 
 NAME = "mmdiff-promote-race"
 pytestmark = pytest.mark.slow  # spawns two promoting processes
@@ -109,28 +107,3 @@ def sqlite_registry(tmp_path_factory) -> str:
 @pytest.mark.extended
 def test_concurrent_promotions_end_as_a_serial_order(sqlite_registry):
     assert_serial(race(sqlite_registry, NAME, rounds=10))
-
-
-def test_a_dead_holders_lease_is_outlasted_and_a_live_one_waited_for(sqlite_registry, tmp_path, capsys):
-    uri = sqlite_registry
-    client = mlflow.MlflowClient(uri, registry_uri=uri)
-    reset(client, NAME)
-    config = GatesConfig.model_validate(GATES)
-    live = json.dumps({"owner": "another", "host": "elsewhere", "pid": 1, "ttl_s": 600})
-    client.set_registered_model_tag(NAME, "promotion.lease.champion", live)
-    with pytest.raises(LeaseError, match="another promotion holds the lease.*elsewhere"):
-        promote(config, NAME, ["3"], uri, lease_wait_s=1)
-    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
-    gates = tmp_path / "gates.yaml"
-    gates.write_text(json.dumps(GATES))
-    assert main(["--model-name", NAME, "--versions", "3", "--gates", str(gates), "--tracking-uri", uri,
-                 "--lease-wait-s", "1"]) == 2
-    assert "another promotion holds the lease" in capsys.readouterr().err
-
-    dead = json.dumps({"owner": "crashed", "host": "elsewhere", "pid": 1, "ttl_s": 1})
-    client.set_registered_model_tag(NAME, "promotion.lease.champion", dead)
-    started = time.monotonic()
-    assert promote(config, NAME, ["3"], uri, lease_wait_s=30).promoted == "3"
-    assert time.monotonic() - started >= 1  # it watched the record unchanged for the dead holder's ttl
-    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "3"
-    assert "promotion.lease.champion" not in client.get_registered_model(NAME).tags

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from packaging.utils import canonicalize_name
 from PIL import Image
 from skimage import data
 
@@ -29,7 +31,8 @@ from train.export import LOCK
 NAME = "mmdiff-serving"
 REPO = Path(__file__).resolve().parents[1]
 GOOD = {"prompt": "a [cat] on a beach", "num_inference_steps": 2, "seed": 1}
-pytestmark = pytest.mark.slow
+# in-process generations run single-threaded (conftest: two OpenMP threads on a busy 2-core machine are ~20x slower)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]
 
 
 def b64(image: np.ndarray | Image.Image, fmt: str = "JPEG") -> str:
@@ -81,10 +84,11 @@ def test_registered_model_ships_code_pins_and_signature(registry, tmp_path):
 
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1", tracking_uri=registry,
                                                      dst_path=str(tmp_path / "model")))
-    pins = dict(line.split("==") for line in LOCK.read_text().split() if "==" in line)
-    required = (local / "requirements.txt").read_text().split()
-    assert {"torch", "diffusers", "transformers", "mlflow"} <= {r.split("==")[0] for r in required}
-    assert all(pins[r.split("==")[0]] == r.split("==")[1] for r in required)  # pinned as locked
+    # the lock's pins, read here (not with train.export's parser): `name==version \` lines, names canonical
+    pins = {canonicalize_name(n): v for n, v in re.findall(r"^([A-Za-z0-9][\w.-]*)==([^\s;\\]+)", LOCK.read_text(), re.M)}
+    required = [r.split("==") for r in (local / "requirements.txt").read_text().split()]
+    assert {"torch", "diffusers", "transformers", "mlflow"} <= {canonicalize_name(n) for n, _ in required}
+    assert all(pins[canonicalize_name(n)] == v for n, v in required), (required, pins)  # pinned as locked
     signature = yaml.safe_load((local / "MLmodel").read_text())["signature"]
     assert [c["name"] for c in json.loads(signature["inputs"])][:2] == ["prompt", "subjects"]
     assert json.loads(signature["outputs"]) == [{"type": "string", "name": "image", "required": True}]
@@ -129,7 +133,8 @@ def test_mlflow_models_serve_answers_outside_the_repository(registry, tmp_path):
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{NAME}@champion",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "--workers", "1"],
-        cwd=tmp_path, env=outside_env(registry, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=tmp_path, env={**outside_env(registry, tmp_path), "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -7,7 +7,6 @@ import itertools
 import json
 import math
 import os
-import socket
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
 
 from mmdiff.configuration import load_config  # noqa: E402
 from test_train_data import write_shards  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import BatchBuilder, ShardStream  # noqa: E402
 from train.engine import NonFiniteLossError, SkippableAdamW, Trainer, TrainerState  # noqa: E402
@@ -29,12 +29,9 @@ def single_rank():
     import deepspeed
     import torch.distributed as dist
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     with pytest.MonkeyPatch.context() as patch:
         for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                            "MASTER_PORT": str(port)}.items():
+                            "MASTER_PORT": str(free_port())}.items():
             patch.setenv(name, value)
         deepspeed.init_distributed(dist_backend="gloo")
         yield

@@ -207,7 +207,7 @@ class Trainer:
         names = sorted(self._window[0])
         window = torch.stack([torch.stack([m[k] for k in names]) for m in self._window]).to(torch.float32)
         finite = torch.isfinite(window)
-        rejected = torch.tensor([float(self.state.rejected_total)], dtype=torch.float32).to(device, non_blocking=True)
+        rejected = torch.full((1,), float(self.state.rejected_total), dtype=torch.float32, device=device)  # no copy
         values = torch.cat([torch.where(finite, window, 0.0).sum(0), finite.sum(0).to(torch.float32), rejected,
                             torch.stack(self._nonfinite).to(torch.float32)])
         micro_batches = len(self._nonfinite)
