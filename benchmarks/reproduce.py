@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None) -> dict:
             for seed in range(sizes.seeds):
                 model, history = train_adapter(base_state, condition, shards[condition["random_masks"]], sizes, seed,
                                                work / f"{name}-{seed}")
-                losses[f"{name}/{seed}"] = history[-1] if history else {}
+                losses[f"{name}/{seed}"] = {k: float(v) for k, v in history[-1].items()} if history else {}
                 pipe = MMDiffPipeline(model)
                 per_seed.append(evaluate(pipe, judge, sizes, held_out, seed))
                 if name == "both":  # baselines with the same model, references and noise
