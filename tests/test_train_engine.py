@@ -16,7 +16,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
 
 from mmdiff.configuration import load_config  # noqa: E402
 from test_train_data import write_shards  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.data import BatchBuilder, ShardStream  # noqa: E402
 from train.engine import NonFiniteLossError, SkippableAdamW, Trainer, TrainerState  # noqa: E402
@@ -25,17 +24,12 @@ from train.run import build_model, make_engine  # noqa: E402
 
 @pytest.fixture(scope="module")
 def single_rank():
-    """One gloo process group for the module (DeepSpeed keeps its groups for the process's lifetime)."""
-    import deepspeed
-    import torch.distributed as dist
+    """One gloo process group for the module, torn down through DeepSpeed so that it forgets its cached
+    groups too (a later engine in the same process would otherwise use the destroyed ones)."""
+    from benchmarks.reproduce import single_rank as one_rank_group
 
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                            "MASTER_PORT": str(free_port())}.items():
-            patch.setenv(name, value)
-        deepspeed.init_distributed(dist_backend="gloo")
+    with one_rank_group():
         yield
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
