@@ -13,15 +13,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import tomllib
-import urllib.request
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 
 from mmdiff.cli import COMMANDS
+from tests.helpers import serves
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
@@ -271,16 +270,8 @@ def serve_answers(argv: list[str], work: Path, env: dict) -> None:
     with log.open("w") as sink:
         server = subprocess.Popen(argv, cwd=work, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            assert server.poll() is None, log.read_text()[-4000:]
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).status == 200:
-                    break
-            except OSError:
-                time.sleep(2)
-        else:
-            raise AssertionError(f"mmdiff-serve did not answer:\n{log.read_text()[-4000:]}")
+        assert serves(f"http://127.0.0.1:{port}/readyz", 600, server, poll_s=2), \
+            f"mmdiff-serve did not answer:\n{log.read_text()[-4000:]}"
     finally:
         os.killpg(server.pid, signal.SIGINT)
         try:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -22,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 from test_train_data import write_shards
-from tests.helpers import free_port
+from tests.helpers import free_port, serves
 
 from train.tracking import logged_images
 
@@ -90,13 +89,7 @@ def mlflow_server(tmp_path_factory):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
+        if not serves(f"{uri}/health", 120):
             raise RuntimeError("mlflow server did not start")
         yield uri
     finally:
