@@ -24,26 +24,19 @@ def single_thread():
 
 
 @pytest.fixture(scope="module")
-def ray_session(request):
+def ray_session():
     """An embedded Ray (2 CPUs) for the module's jobs; modules that start their own cluster do not ask for it.
 
-    One Ray serves every module that asks for it, up to the last of them, so its idle worker processes
-    (which have imported torch and the pipeline) run the next job's tasks and actors: starting a fresh
-    worker costs seconds of CPU, and a job over a handful of photos started a dozen of them. Ray keeps as
-    many idle workers as it has CPUs (2) and ends the others a second after their task; a job's fractional
-    stages run up to 8 at once, so the test Ray keeps 8. It shuts down after the last module that uses it,
-    so later modules that start a Ray of their own (Ray Serve) find none running."""
+    Ray keeps as many idle worker processes as it has CPUs (2) and ends the others a second after their
+    task, but a job's fractional stages run up to 8 at once: each job then started fresh workers, each
+    importing torch and the pipeline (seconds of CPU each; a dozen per job over a handful of photos). The
+    test Ray keeps 8, so the module's next job runs on warm ones. It is not shared across modules: a job
+    whose workers crashed can leave actors holding CPUs behind, which would starve the next module's jobs."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _system_config={"num_workers_soft_limit": 8})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config={"num_workers_soft_limit": 8})
     yield ray
-    module = request.node.nodeid
-    items = request.session.items
-    last = max((i for i, item in enumerate(items) if item.nodeid.startswith(module + "::")), default=len(items))
-    if not any("ray_session" in item.fixturenames for item in items[last + 1:]):
-        ray.shutdown()
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module", autouse=True)
