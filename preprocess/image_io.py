@@ -156,8 +156,11 @@ def resize_bicubic(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     import torch
 
     pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None]
+    # A one-image batch in channels-last strides is ambiguous to torch, which then allocates the output
+    # channels-first and repacks it; a batch stride past the data says channels-last (as torchvision does).
+    pixels = pixels.as_strided(pixels.shape, (pixels.numel() + 1, *pixels.stride()[1:]))
     resized = torch.nn.functional.interpolate(pixels, size=(size[1], size[0]), mode="bicubic", antialias=True)
-    return Image.fromarray(resized[0].permute(1, 2, 0).contiguous().numpy(), "RGB")
+    return Image.fromarray(resized[0].permute(1, 2, 0).contiguous().numpy(), "RGB")  # contiguous: no copy now
 
 
 def as_rgb(image: Image.Image) -> Image.Image:
