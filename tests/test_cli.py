@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -233,34 +234,51 @@ def test_the_examples_that_need_no_server_run(probe, tmp_path, monkeypatch):
 
 
 # The extended run: every example of every help, as written, in a scratch copy of the repository's configs,
-# in the order of COMMANDS (the demo's order: photos, shards, training, generation, evaluation,
-# comparison, promotion, the RayService manifest, serving). About as long as `make demo`.
+# one test per command in the order of COMMANDS (the demo's order: photos, shards, training, generation,
+# evaluation, comparison, promotion, the RayService manifest, serving); each command's examples run on what
+# the ones before it wrote. About as long as `make demo`. To run it in pieces (`-k train.launch`, ...),
+# point MMDIFF_EXAMPLES_DIR at one folder for every piece: each piece runs on what the earlier ones left there.
+EXAMPLES_FAILED: list[str] = []  # the commands whose examples failed in this session: later ones would build on them
+
+
+@pytest.fixture(scope="module")
+def example_work(tmp_path_factory) -> Path:
+    work = Path(os.environ.get("MMDIFF_EXAMPLES_DIR") or tmp_path_factory.mktemp("examples"))
+    if not (work / "configs").exists():
+        shutil.copytree(REPO / "configs", work / "configs")
+        shutil.copytree(REPO / "infra", work / "infra", ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    return work
+
+
 @pytest.mark.extended
-def test_every_help_example_runs(probe, tmp_path):
-    work = tmp_path / "work"
-    shutil.copytree(REPO / "configs", work / "configs")
-    shutil.copytree(REPO / "infra", work / "infra", ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+@pytest.mark.parametrize("module", list(COMMANDS))
+def test_every_help_example_runs(probe, example_work, module):
+    examples = probe[f"python -m {module}"]["examples"]
+    if not examples:
+        pytest.skip(f"{module}'s help has no examples")
+    if EXAMPLES_FAILED:
+        pytest.skip(f"the examples of {', '.join(EXAMPLES_FAILED)} failed; {module}'s would run on their outputs")
+    script = COMMANDS[module]
     bindir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                 "PATH": f"{bindir}{os.pathsep}{env['PATH']}"})
-    seen: set[str] = set()
-    for module, script in COMMANDS.items():
-        for example in probe[f"python -m {module}"]["examples"]:
-            seen.add(example["line"])
-            argv = shlex.split(example["line"], comments=True)
-            if argv[0] == script:  # the console script's target, as its installed wrapper runs it
-                target, attr = SCRIPTS[script].split(":")
-                argv = [sys.executable, "-c", f"import sys; from {target} import {attr}; sys.exit({attr}())", *argv[1:]]
-            else:
-                argv = [sys.executable, *argv[1:]]
-            if script == "mmdiff-serve":
-                serve_answers(argv, work, env)
-                continue
-            result = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=1800)
+    EXAMPLES_FAILED.append(module)  # until every example below has passed
+    for example in examples:
+        argv = shlex.split(example["line"], comments=True)
+        if argv[0] == script:  # the console script's target, as its installed wrapper runs it
+            target, attr = SCRIPTS[script].split(":")
+            argv = [sys.executable, "-c", f"import sys; from {target} import {attr}; sys.exit({attr}())", *argv[1:]]
+        else:
+            argv = [sys.executable, *argv[1:]]
+        started = time.monotonic()
+        if script == "mmdiff-serve":
+            serve_answers(argv, example_work, env)
+        else:
+            result = subprocess.run(argv, cwd=example_work, env=env, capture_output=True, text=True, timeout=1800)
             assert result.returncode == 0, (example["line"], result.stdout[-3000:], result.stderr[-5000:])
-    missing = {e["line"] for answers in probe.values() for e in answers["examples"]} - seen
-    assert not missing, missing
+        print(f"example ran in {time.monotonic() - started:.1f} s: {example['line']}")
+    EXAMPLES_FAILED.remove(module)
 
 
 def serve_answers(argv: list[str], work: Path, env: dict) -> None:
