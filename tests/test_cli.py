@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from mmdiff.cli import COMMANDS
-from tests.helpers import serves
+from tests.helpers import free_port, serves
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
@@ -282,8 +283,10 @@ def test_every_help_example_runs(probe, example_work, module):
 
 
 def serve_answers(argv: list[str], work: Path, env: dict) -> None:
-    """Start the serving example, wait until it has loaded the model (/readyz), stop it with Ctrl-C."""
-    port = argv[argv.index("--port") + 1]
+    """Start the serving example, wait until it has loaded the model (/readyz), stop it with Ctrl-C. On a free
+    port rather than the example's (8000 is often taken on a shared machine, as on CI's)."""
+    argv = [*argv]
+    port = argv[argv.index("--port") + 1] = str(free_port())
     log = work / "serve.log"
     with log.open("w") as sink:
         server = subprocess.Popen(argv, cwd=work, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
@@ -297,3 +300,23 @@ def serve_answers(argv: list[str], work: Path, env: dict) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def test_training_on_one_node_rendezvous_on_a_free_port(monkeypatch, tmp_path):
+    """Without --master-port, a one-node run must not take DeepSpeed's fixed 29500 (busy whenever another run is
+    on the machine); across nodes every node names the same port, so the default stays DeepSpeed's there."""
+    import train.launch
+
+    launched = []
+    monkeypatch.setattr(train.launch, "tracking_preflight", lambda config: None)
+    monkeypatch.setattr(train.launch.os, "execvpe", lambda exe, argv, env: launched.append(argv))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "shard-000000.tar").touch()  # the launcher checks that shards are there, not what they hold
+    base = ["--config", "configs/train/demo.yaml", "--num-gpus", "2", "--set", f"data.shards={tmp_path}"]
+    for argv in (base, base, [*base, "--master-port", "29611"],
+                 [*base, "--num-nodes", "2", "--node-rank", "1", "--master-addr", "node-0"]):
+        train.launch.run(train.cli.launch_parser().parse_args(argv))
+    ports = [argv[argv.index("--master_port") + 1] if "--master_port" in argv else None for argv in launched]
+    assert ports[0] and ports[1] and "29500" not in ports[:2] and ports[2] == "29611" and ports[3] is None, ports
+    with socket.socket() as sock:  # the port picked was free
+        sock.bind(("", int(ports[0])))
