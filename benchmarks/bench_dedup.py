@@ -11,9 +11,10 @@
    each; the goal is a flat driver (large / small <= 1.2); the job's ``duplicate_of`` rejects scored
    against the planted truth (precision and recall of the whole pass, band misses included).
 
-    python -m benchmarks.bench_dedup [--small 10000] [--large 100000] [--copies 0.2]
+    python -m benchmarks.bench_dedup [--small 10000] [--large 100000] [--copies 0.2] [--label X]
 
-Writes benchmarks/results/bench_dedup.json.
+Writes benchmarks/results/bench_dedup.json (``--label X``: bench_dedup_X.json); each run's record has the
+curation pass's own seconds (the job's ``curation:`` line) beside the job's wall time.
 """
 
 from __future__ import annotations
@@ -106,14 +107,17 @@ def run_job(images: Path, count: int, out: Path, dedup: bool, time_limit: float)
     path.write_text(yaml.safe_dump(config))
     run = run_measured([sys.executable, "-m", "pipeline.preprocess", "--config", str(path)],
                        {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DEDUP_LOGS": "0"}, time_limit)
-    line = next((x for x in run.pop("output").splitlines() if x.startswith("preprocess: ")), "")
+    output = run.pop("output").splitlines()
+    line = next((x for x in output if x.startswith("preprocess: ")), "")
+    curation = next((x for x in output if x.startswith("curation: ")), None)
     rejects = [json.loads(line) for part in sorted((out / "rejects").glob("*.jsonl"))
                for line in part.read_text().splitlines()]
     shutil.rmtree(out)
     print(f"  {count} inputs, dedup {'on' if dedup else 'off'}: {run['wall_seconds']:.1f} s, driver peak RSS "
           f"{run['driver_peak_rss_mib']:.0f} MiB, Ray processes {run['ray_processes_peak_rss_mib']:.0f} MiB; {line}",
           flush=True)
-    return {**run, "job_line": line}, rejects
+    seconds = float(curation.rsplit(" in ", 1)[1].removesuffix(" s")) if curation else None
+    return {**run, "job_line": line, "curation_pass_seconds": seconds}, rejects
 
 
 def job_precision_recall(rejects: list[dict], truth: dict[str, str]) -> dict:
@@ -134,6 +138,7 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=100_000)
     parser.add_argument("--copies", type=float, default=0.2, help="share of inputs that are planted copies")
     parser.add_argument("--time-limit", type=float, default=3600.0)
+    parser.add_argument("--label", default="", help="write bench_dedup_<label>.json (keeps another run's figures)")
     args = parser.parse_args()
     dedup = DedupConfig()
     corpus = corpus_precision_recall(dedup.hash_threshold, dedup.hash_crops)
@@ -157,7 +162,7 @@ def main() -> None:
               "goal": "driver_peak_rss_ratio_large_over_small <= 1.2", "revision": revision(),
               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
               "command": "python -m benchmarks.bench_dedup " + " ".join(sys.argv[1:])}
-    write_result("bench_dedup", result)
+    write_result(f"bench_dedup_{args.label}" if args.label else "bench_dedup", result)
     print(f"bench_dedup: {args.small} -> {args.large} inputs with dedup: driver peak RSS "
           f"{small['driver_peak_rss_mib']:.0f} -> {large['driver_peak_rss_mib']:.0f} MiB (ratio {ratio:.2f}); at "
           f"{args.large}: wall {large['wall_seconds']:.0f} s with dedup vs {plain['wall_seconds']:.0f} s without "

@@ -1,6 +1,6 @@
 """The curation pass: near-duplicates and benchmark overlap found over the whole job, before any model runs.
 
-    listing -> hash (tasks) -> [embed (actor pool)] -> band rows -> groupby(bucket) -> pair edges
+    listing -> hash (tasks) -> [embed (actor pool)] -> bucket codes -> groupby(shard) -> pair edges
             -> clusters (one Ray task) -> decisions per partition (groupby(partition), one file each)
 
 It runs once per output folder, after the listing and before the main pass, so a duplicate costs no GPU
@@ -14,9 +14,15 @@ partition's listing rejects (``duplicate_of``, ``benchmark_overlap``) and end in
 - ``embed`` (with ``dedup.embedding``): one actor pool; each actor builds the model once and embeds the
   benchmark references once; each group's images in micro-batches of ``stages.embed.batch_size`` in input
   order (the same batches in every run), L2-normalised; overlap with a reference is rejected here too.
-- candidate pairs: every image becomes one row per distinct band value of its hashes (and of its
-  embedding's random-hyperplane signatures); Ray Data groups rows by band value and each group compares its
-  members exactly. Nothing of the tables passes through the driver: it holds object references only.
+- candidate pairs (multi-index hashing, :func:`hash_buckets`): per image, bucket codes: its variants' band
+  values (index) and its whole hash's band values and their one-bit neighbours (probes), and with
+  embeddings its random-hyperplane signature bands. Codes are hashed to shards (about one per 8,192
+  inputs); each image becomes one row per shard it has codes in, and Ray Data groups the rows by shard.
+  A shard task collapses exact copies (identical hashes) onto their smallest key, finds the pairs that
+  share a bucket with sorted arrays (no per-bucket Python), and compares them exactly, vectorised. With
+  16-bit bands a bucket holds about N / 65,536 unrelated images per variant, so the work per image stays
+  small as N grows, where 8-bit bands made it grow as N / 256. Nothing of the tables passes through the
+  driver: it holds object references only.
 - clusters: the edges go to one Ray task, a union-find over the images that have a duplicate at all (the
   rest never appear: its memory follows the duplicates, not the job); each cluster keeps the largest original resolution, then the largest file (of equal
   resolutions, the least compressed: web copies are usually re-encoded smaller), then the smallest key.
@@ -34,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from collections import Counter
 from typing import Any
 
@@ -246,73 +253,183 @@ def _open_rgb(data: bytes) -> Any:
 
 
 # -- candidate pairs ------------------------------------------------------------------------------------------
-_BAND_COLUMNS = ["bucket", "key", "partition", "pixels", "bytes", "source", "hashes", "embedding"]
+# A bucket code: bit 63 the kind (0 hash, 1 embedding), bits 32-62 the band, bits 0-31 the band's value.
+_EMBEDDING_KIND = np.uint64(1 << 63)
+_INDEX, _PROBE = np.uint8(0), np.uint8(1)
+_ROW_COLUMNS = ["shard", "key", "partition", "pixels", "bytes", "source", "hashes", "embedding", "codes", "roles"]
 
 
 def _hyperplanes(dim: int, bands: int, bits: int) -> np.ndarray:
     return np.random.default_rng(20231).standard_normal((dim, bands * bits)).astype(np.float32)
 
 
-def band_rows(batch: pd.DataFrame, dedup: DedupConfig) -> pd.DataFrame:
-    """Per input still in play, one row per distinct band value of its hashes (the canonical orientation
-    of each variant: the smaller of hash and mirrored hash; the exact comparison looks at both) and, with
-    embeddings, per signature band; per input that is rejected, nothing (its decision is already made)."""
+def hash_buckets(variants: np.ndarray, band_bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Multi-index hashing of images' variant hashes ([N, V, 2]): bucket codes, roles (index or probe) and
+    owners (the image's row), each image's codes distinct.
+
+    Each hash is cut into ``64 / band_bits`` bands. Index entries: every band value of every variant in both
+    orientations (what a whole image may be compared to). Probe entries: every band value of the whole
+    image's own hash (what is compared) and each value one bit away. A probe meets an index entry of the
+    same code exactly when the whole image's band is within one bit of the other's variant's band, so two
+    images whose compared hashes differ in at most ``2 * bands - 1`` bits always meet (some band then differs
+    in at most one bit)."""
+    count = len(variants)
+    bands = np.arange(64 // band_bits, dtype=np.uint64)
+    shifts, mask, tags = bands * np.uint64(band_bits), np.uint64((1 << band_bits) - 1), bands << np.uint64(32)
+    index = ((variants.reshape(count, -1, 1) >> shifts) & mask | tags).reshape(count, -1)
+    whole = (variants[:, 0, 0, None] >> shifts) & mask  # [N, bands]
+    flips = np.concatenate([[0], np.uint64(1) << np.arange(band_bits, dtype=np.uint64)]).astype(np.uint64)
+    probes = ((whole[:, :, None] ^ flips) | tags[:, None]).reshape(count, -1)
+    codes, roles, owners = [], [], []
+    for entries, role in ((index, _INDEX), (probes, _PROBE)):
+        entries = np.sort(entries, axis=1)
+        first = np.ones(entries.shape, bool)
+        first[:, 1:] = entries[:, 1:] != entries[:, :-1]  # an image's repeated code once
+        codes.append(entries[first])
+        roles.append(np.full(int(first.sum()), role))
+        owners.append(np.nonzero(first)[0])
+    return np.concatenate(codes), np.concatenate(roles), np.concatenate(owners)
+
+
+def embedding_buckets(vectors: np.ndarray, planes: np.ndarray, bands: int, bits: int) -> np.ndarray:
+    """Random-hyperplane signatures of embeddings ([N, D]), [N, bands] codes (index entries: pairs sharing
+    one are compared)."""
+    signs = (vectors @ planes > 0).reshape(len(vectors), bands, bits).astype(np.uint64)
+    values = signs @ (np.uint64(1) << np.arange(bits, dtype=np.uint64))
+    return values | (np.arange(bands, dtype=np.uint64) << np.uint64(32)) | _EMBEDDING_KIND
+
+
+def shard_of(codes: np.ndarray, shards: int) -> np.ndarray:
+    """The shard (Ray task of the pair step) of each bucket code: a multiplicative hash, the same in every run."""
+    mixed = (codes * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(33)
+    return (mixed % np.uint64(shards)).astype(np.int64)
+
+
+def band_rows(batch: pd.DataFrame, dedup: DedupConfig, shards: int) -> pd.DataFrame:
+    """Per input still in play, one row per shard its bucket codes fall in (the codes and roles of that shard
+    packed in the row, with the input's hashes and, for embedding codes, its embedding); per input that is
+    rejected, nothing (its decision is already made)."""
+    ok = [(state, hashes, embedding) for row in batch.to_dict("records")
+          for state, hashes, embedding in zip(json.loads(row["inputs"]), row["hashes"], row["embeddings"])
+          if state["status"] == "ok"]
+    states, packed, embeddings = (list(column) for column in zip(*ok)) if ok else ([], [], [])
+    if not states:
+        return pd.DataFrame([], columns=_ROW_COLUMNS)
+    variants = np.frombuffer(b"".join(packed), dtype=np.uint64).reshape(len(states), 1 + len(dedup.hash_crops), 2)
+    codes, roles, owners = hash_buckets(variants, dedup.hash_band_bits)
+    embedded = [i for i, e in enumerate(embeddings) if e]
+    if embedded:
+        vectors = np.stack([np.frombuffer(embeddings[i], dtype=np.float32) for i in embedded])
+        planes = _hyperplanes(vectors.shape[1], dedup.embedding_bands, dedup.embedding_band_bits)
+        extra = embedding_buckets(vectors, planes, dedup.embedding_bands, dedup.embedding_band_bits)
+        codes = np.concatenate([codes, extra.reshape(-1)])
+        roles = np.concatenate([roles, np.full(extra.size, _INDEX)])
+        owners = np.concatenate([owners, np.repeat(embedded, dedup.embedding_bands)])
+    where = shard_of(codes, shards)
+    order = np.lexsort((where, owners))
+    codes, roles, owners, where = codes[order], roles[order], owners[order], where[order]
+    starts = np.flatnonzero(np.concatenate([[True], (owners[1:] != owners[:-1]) | (where[1:] != where[:-1])]))
     out = []
-    variants = 1 + len(dedup.hash_crops)
-    bits, per_hash = dedup.hash_band_bits, 64 // dedup.hash_band_bits
-    mask = np.uint64((1 << bits) - 1)
-    planes = None
-    for row in batch.to_dict("records"):
-        for state, packed, embedding in zip(json.loads(row["inputs"]), row["hashes"], row["embeddings"]):
-            if state["status"] != "ok":
-                continue
-            base = {k: state[k] for k in ("key", "partition", "pixels", "bytes", "source")}
-            hashes = _unpack_hashes(packed, variants)
-            canonical = hashes.min(axis=1)
-            buckets = {f"h{band}:{int((value >> np.uint64(band * bits)) & mask):x}"
-                       for value in canonical for band in range(per_hash)}
-            out += [{**base, "bucket": b, "hashes": packed, "embedding": _EMPTY} for b in sorted(buckets)]
-            if embedding:
-                vector = np.frombuffer(embedding, dtype=np.float32)
-                if planes is None:
-                    planes = _hyperplanes(len(vector), dedup.embedding_bands, dedup.embedding_band_bits)
-                signs = (vector @ planes > 0).reshape(dedup.embedding_bands, dedup.embedding_band_bits)
-                values = signs.astype(np.uint64) @ (np.uint64(1) << np.arange(dedup.embedding_band_bits, dtype=np.uint64))
-                out += [{**base, "bucket": f"e{band}:{int(value):x}", "hashes": _EMPTY, "embedding": embedding}
-                        for band, value in enumerate(values)]
-    return pd.DataFrame(out, columns=_BAND_COLUMNS)
+    for start, end in zip(starts, np.append(starts[1:], len(codes))):
+        state, mine = states[owners[start]], codes[start:end]
+        has_embedding = bool((mine & _EMBEDDING_KIND).any())
+        out.append({"shard": int(where[start]), **{k: state[k] for k in ("key", "partition", "pixels", "bytes", "source")},
+                    "hashes": packed[owners[start]], "embedding": embeddings[owners[start]] if has_embedding else _EMPTY,
+                    "codes": _pack(mine), "roles": _pack(roles[start:end])})
+    return pd.DataFrame(out, columns=_ROW_COLUMNS)
 
 
-def bucket_pairs(group: pd.DataFrame, dedup: DedupConfig) -> pd.DataFrame:
-    """The pairs of one bucket that are near-duplicates, each once (a < b by key)."""
-    group = group.sort_values("key", kind="stable").drop_duplicates("key")
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenation of ``arange(s, s + c)`` for each start and count."""
+    offsets = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.arange(counts.sum()) - offsets + np.repeat(starts, counts)
+
+
+def candidate_pairs(codes: np.ndarray, roles: np.ndarray, owners: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs of owners (a < b, each pair once per kind) that share a bucket: a hash probe and a hash index
+    entry of the same code, or two embedding entries of the same code. Returns (a, b, is_embedding)."""
+    hash_kind = (codes & _EMBEDDING_KIND) == 0
+    found = []
+    index = hash_kind & (roles == _INDEX)
+    order = np.argsort(codes[index], kind="stable")
+    index_codes, index_owners = codes[index][order], owners[index][order]
+    probe = hash_kind & (roles == _PROBE)
+    low = np.searchsorted(index_codes, codes[probe], "left")
+    counts = np.searchsorted(index_codes, codes[probe], "right") - low
+    found.append((np.repeat(owners[probe], counts), index_owners[_ranges(low, counts)], False))
+    order = np.argsort(codes[~hash_kind], kind="stable")
+    shared_codes, shared_owners = codes[~hash_kind][order], owners[~hash_kind][order]
+    later = np.arange(1, len(shared_codes) + 1)
+    counts = np.searchsorted(shared_codes, shared_codes, "right") - later
+    found.append((np.repeat(shared_owners, counts), shared_owners[_ranges(later, counts)], True))
+    pairs, span = [], np.int64(owners.max(initial=0)) + 1
+    for a, b, embedding in found:
+        keep = a != b
+        unique = np.sort(np.minimum(a, b)[keep].astype(np.int64) * span + np.maximum(a, b)[keep])
+        unique = unique[np.concatenate([unique[:1] >= 0, unique[1:] != unique[:-1]])]  # sorted, each once
+        pairs.append((unique // span, unique % span, np.full(len(unique), embedding)))
+    return tuple(np.concatenate(parts) for parts in zip(*pairs))
+
+
+_CHUNK = 1 << 18  # candidate pairs compared at once: bounds a shard's working memory
+
+
+def pair_distances(hashes: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """:func:`hash_distances` of many pairs at once: images ``a[i]`` and ``b[i]`` of ``hashes`` [N, V, 2]."""
+    whole, values = hashes[:, 0, 0], hashes.reshape(len(hashes), -1)
+    return np.minimum(hamming(whole[a, None], values[b]).min(axis=1), hamming(whole[b, None], values[a]).min(axis=1))
+
+
+def _embedding_dim(group: pd.DataFrame) -> int:
+    return max(len(e) for e in group["embedding"]) // 4
+
+
+def shard_pairs(group: pd.DataFrame, dedup: DedupConfig) -> pd.DataFrame:
+    """The near-duplicate pairs among one shard's buckets, each once per kind (a < b by key).
+
+    Exact copies first: images with the same hashes (every variant) are at distance 0, duplicates of the
+    smallest key among them, which stands in for all of them in the hash buckets (so a photo repeated a
+    thousand times costs one image's pairs, not a million). Then the candidate pairs are compared exactly,
+    vectorised: the job's rule on the hashes (:func:`hash_distances`), the cosine on the embeddings."""
+    group = group.sort_values("key", kind="stable").reset_index(drop=True)  # row order = key order
     if len(group) < 2:
         return pd.DataFrame([], columns=_EDGE_COLUMNS)
-    rows = group.to_dict("records")
-    if group["bucket"].iloc[0].startswith("h"):
-        variants = 1 + len(dedup.hash_crops)
-        table = np.stack([_unpack_hashes(r["hashes"], variants) for r in rows])
-        kind = "hash"
-
-        def scores(i: int) -> tuple[np.ndarray, np.ndarray]:
-            distances = hash_distances(table[i], table[i + 1:])
-            return distances, distances <= dedup.hash_threshold
-    else:
-        vectors = np.stack([np.frombuffer(r["embedding"], dtype=np.float32) for r in rows])
-        kind = "embedding"
-
-        def scores(i: int) -> tuple[np.ndarray, np.ndarray]:
-            similarities = vectors[i + 1:] @ vectors[i]
-            return similarities, similarities >= dedup.embedding_threshold
-    edges = []
-    for i in range(len(rows) - 1):
-        values, near = scores(i)
-        for j in np.flatnonzero(near):
-            a, b = rows[i], rows[i + 1 + j]
-            edges.append({**{f"{side}_{name}": row[name] for side, row in (("a", a), ("b", b))
-                             for name in ("pixels", "bytes", "partition", "source")},
-                          "a": a["key"], "b": b["key"], "kind": kind, "score": float(values[j])})
-    return pd.DataFrame(edges, columns=_EDGE_COLUMNS)
+    variants = 1 + len(dedup.hash_crops)
+    hashes = np.frombuffer(b"".join(group["hashes"]), dtype=np.uint64).reshape(len(group), variants, 2)
+    same = np.unique(hashes.reshape(len(group), -1), axis=0, return_inverse=True)[1].reshape(-1)
+    first = np.full(same.max() + 1, len(group))
+    np.minimum.at(first, same, np.arange(len(group)))
+    stand_in = first[same]
+    codes = [np.frombuffer(c, dtype=np.uint64) for c in group["codes"]]
+    owners = np.repeat(np.arange(len(group)), [len(c) for c in codes])
+    codes = np.concatenate(codes)
+    roles = np.frombuffer(b"".join(group["roles"]), dtype=np.uint8)
+    hash_kind = (codes & _EMBEDDING_KIND) == 0
+    owners = np.where(hash_kind, stand_in[owners], owners)
+    a, b, embedding = candidate_pairs(codes, roles, owners)
+    copies = np.flatnonzero(stand_in != np.arange(len(group)))
+    ha, hb = a[~embedding], b[~embedding]
+    distances = np.concatenate([pair_distances(hashes, ha[s:s + _CHUNK], hb[s:s + _CHUNK])
+                                for s in range(0, len(ha), _CHUNK)] or [np.zeros(0, np.uint8)])
+    near = distances <= dedup.hash_threshold
+    parts = [(stand_in[copies], copies, "hash", np.zeros(len(copies))), (ha[near], hb[near], "hash", distances[near])]
+    if embedding.any():
+        ea, eb = a[embedding], b[embedding]
+        vectors = np.zeros((len(group), _embedding_dim(group)), np.float32)
+        for i in np.unique(np.concatenate([ea, eb])):
+            vectors[i] = np.frombuffer(group["embedding"].iloc[i], dtype=np.float32)
+        cosines = np.concatenate([np.einsum("ij,ij->i", vectors[ea[s:s + _CHUNK]], vectors[eb[s:s + _CHUNK]])
+                                  for s in range(0, len(ea), _CHUNK)])
+        near = cosines >= dedup.embedding_threshold
+        parts.append((ea[near], eb[near], "embedding", cosines[near]))
+    columns = {name: group[name].to_numpy() for name in ("key", "pixels", "bytes", "partition", "source")}
+    frames = []
+    for left, right, kind, scores in parts:
+        frame = {f"{side}_{name}": columns[name][rows] for side, rows in (("a", left), ("b", right))
+                 for name in ("pixels", "bytes", "partition", "source")}
+        frames.append(pd.DataFrame({"a": columns["key"][left], "b": columns["key"][right], **frame, "kind": kind,
+                                    "score": scores.astype(float)}, columns=_EDGE_COLUMNS))
+    return pd.concat(frames, ignore_index=True)
 
 
 # -- clusters --------------------------------------------------------------------------------------------
@@ -333,19 +450,21 @@ def resolve_clusters(*edge_frames: pd.DataFrame, examples: int = 24) -> tuple[pd
             parent[key], key = root, parent[key]
         return root
 
-    for frame in edge_frames:
-        for edge in frame.itertuples(index=False):
-            for key, pixels, size, partition, source in (
-                    (edge.a, edge.a_pixels, edge.a_bytes, edge.a_partition, edge.a_source),
-                    (edge.b, edge.b_pixels, edge.b_bytes, edge.b_partition, edge.b_source)):
-                parent.setdefault(key, key)
-                info[key] = (int(pixels), int(size), int(partition), source)
-            root_a, root_b = find(edge.a), find(edge.b)
-            if root_a != root_b:
-                parent[max(root_a, root_b)] = min(root_a, root_b)
-            text = f"{edge.kind} {'distance' if edge.kind == 'hash' else 'cosine'} {edge.score:.4g}"
-            for key, other in ((edge.a, edge.b), (edge.b, edge.a)):
-                evidence[f"{key}\t{other}"] = min(evidence.get(f"{key}\t{other}", text), text)
+    frames = [f for f in edge_frames if len(f)]
+    edges = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame([], columns=_EDGE_COLUMNS)
+    # a pair shares buckets in several shards: once per kind is enough
+    for edge in edges.drop_duplicates(["a", "b", "kind"]).itertuples(index=False):
+        for key, pixels, size, partition, source in (
+                (edge.a, edge.a_pixels, edge.a_bytes, edge.a_partition, edge.a_source),
+                (edge.b, edge.b_pixels, edge.b_bytes, edge.b_partition, edge.b_source)):
+            parent.setdefault(key, key)
+            info[key] = (int(pixels), int(size), int(partition), source)
+        root_a, root_b = find(edge.a), find(edge.b)
+        if root_a != root_b:
+            parent[max(root_a, root_b)] = min(root_a, root_b)
+        text = f"{edge.kind} {'distance' if edge.kind == 'hash' else 'cosine'} {edge.score:.4g}"
+        for key, other in ((edge.a, edge.b), (edge.b, edge.a)):
+            evidence[f"{key}\t{other}"] = min(evidence.get(f"{key}\t{other}", text), text)
     members: dict[str, list[str]] = {}
     for key in sorted(parent):
         members.setdefault(find(key), []).append(key)
@@ -414,16 +533,16 @@ def _decide(config: Any, layout: ShardLayout, partitions: int) -> dict[str, Any]
                             compute=ray.data.ActorPoolStrategy(size=stages.embed.concurrency),
                             num_cpus=stages.embed.num_cpus, num_gpus=stages.embed.num_gpus, max_restarts=-1,
                             max_task_retries=stages.embed.crash_retries)
-    # shuffle partitions: one per listing partition up to 1000 (Ray Data's default of 200 reducers each
-    # start a task: on a small job that is all the time spent)
-    shuffle = max(1, min(partitions, 1000))
+    # pair shards: bucket codes hashed to ~1 shard per 32 listing partitions (8,192 inputs at the default
+    # shard size), so a task's buckets stay a bounded share of the job; the pairs found do not depend on it
+    shards = max(1, min(256, -(-partitions // 32)))
     groups = ds.materialize()  # read twice below (rejected inputs, band rows): computed once
     rejected = groups.map_batches(_rejected_frame, batch_format="pandas").to_pandas_refs()
     edges = []
     if dedup.enabled:
-        edges = (groups.map_batches(band_rows, fn_kwargs={"dedup": dedup}, batch_format="pandas")
-                 .groupby("bucket", num_partitions=shuffle)
-                 .map_groups(bucket_pairs, fn_kwargs={"dedup": dedup}, batch_format="pandas").to_pandas_refs())
+        edges = (groups.map_batches(band_rows, fn_kwargs={"dedup": dedup, "shards": shards}, batch_format="pandas")
+                 .groupby("shard", num_partitions=shards)
+                 .map_groups(shard_pairs, fn_kwargs={"dedup": dedup}, batch_format="pandas").to_pandas_refs())
     decide = ray.remote(num_cpus=stages.load.num_cpus, max_retries=config.output.finalize_retries)(write_decisions)
     summary = ray.get(decide.remote(files.root, len(rejected), *rejected, *edges))
     if summary["dedup"] is not None:
@@ -451,7 +570,11 @@ def run_curation(config: Any, layout: ShardLayout, partitions: int, todo: dict[i
 
     files = CurationFiles(layout)
     if not files.summary.is_file():
-        _decide(config, layout, partitions)
+        started = time.perf_counter()
+        summary = _decide(config, layout, partitions)
+        rejected = ", ".join(f"{k}={v}" for k, v in summary["rejected"].items()) or "none"
+        print(f"curation: {partitions} partitions -> rejected {rejected} in {time.perf_counter() - started:.1f} s",
+              flush=True)
     for partition in todo:
         path = files.decisions(partition)
         if not path.is_file():

@@ -25,10 +25,16 @@ def single_thread():
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """An embedded Ray (2 CPUs) for the module's jobs; modules that start their own cluster do not ask for it."""
+    """An embedded Ray (2 CPUs) for the module's jobs; modules that start their own cluster do not ask for it.
+
+    Ray keeps as many idle worker processes as it has CPUs (2) and ends the others a second after their
+    task, but a job's fractional stages run up to 8 at once: each job then started fresh workers, each
+    importing torch and the pipeline (seconds of CPU each; a dozen per job over a handful of photos). The
+    test Ray keeps 8, so the module's next job runs on warm ones. It is not shared across modules: a job
+    whose workers crashed can leave actors holding CPUs behind, which would starve the next module's jobs."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config={"num_workers_soft_limit": 8})
     yield ray
     ray.shutdown()
 

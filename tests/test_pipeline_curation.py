@@ -10,12 +10,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import ImageFilter
 
 from mmdiff.configuration import load_config, parse_overrides
 from pipeline.config import PreprocessConfig
-from pipeline.dedup import bucket_pairs, resolve_clusters
+from pipeline.curation_config import DedupConfig
+from pipeline.dedup import band_rows, candidate_pairs, hash_buckets, resolve_clusters, shard_pairs
 from pipeline.duplicate_corpus import COPIES, write_corpus
 from pipeline.example_inputs import photo
 from pipeline.inputs import make_key
@@ -124,8 +126,6 @@ def test_curation_is_the_same_at_concurrency_1_and_2_and_its_settings_are_hashed
 
 
 def test_clusters_keep_the_largest_then_the_smallest_key_whatever_the_edge_order():
-    import pandas as pd
-
     def edge(a, b, pa, pb):
         return {"a": a, "b": b, "a_pixels": pa, "b_pixels": pb, "a_bytes": 1, "b_bytes": 1, "a_partition": 0, "b_partition": 1,
                 "a_source": a + ".jpg", "b_source": b + ".jpg", "kind": "hash", "score": 2.0}
@@ -138,24 +138,52 @@ def test_clusters_keep_the_largest_then_the_smallest_key_whatever_the_edge_order
         assert summary["clusters"] == 2 and summary["duplicates"] == 3
 
 
-def test_a_bucket_pairs_each_near_pair_once(corpus):
-    import pandas as pd
+def _curation_batch(variants: np.ndarray) -> pd.DataFrame:
+    """The hash stage's output for images with these variant hashes ([N, V, 2]), one fixed group."""
+    states = [{"key": f"k{i:06d}", "partition": i % 3, "source": f"{i}.jpg", "pixels": 64 * 64, "bytes": 100,
+               "status": "ok", "reason": "", "detail": ""} for i in range(len(variants))]
+    return pd.DataFrame([{"batch": 0, "inputs": json.dumps(states), "hashes": [v.tobytes() for v in variants],
+                          "images": [b""] * len(states), "embeddings": [b""] * len(states)}])
 
-    from pipeline.config import PreprocessConfig as _  # noqa: F401 - the config module loads the dedup settings
-    from pipeline.curation_config import DedupConfig
-    from pipeline.dedup import variant_hashes
 
-    dedup = DedupConfig(enabled=True)
-    inputs, _bench, _truth = corpus
-    from PIL import Image
+def test_candidates_find_every_pair_within_the_guarantee_with_small_buckets_and_exact_copies_once():
+    """Multi-index hashing (pipeline.dedup.hash_buckets): every planted copy whose compared hash is within
+    7 bits (the guarantee of four 16-bit bands probed at radius 1), whichever variant and orientation it
+    matches, is a candidate; unrelated images meet few others; 40 exact copies of one image are 39 edges at
+    distance 0 and do not multiply the candidates; the edges do not depend on how buckets are sharded."""
+    rng = np.random.default_rng(7)
+    dedup = DedupConfig(enabled=True, hash_threshold=7)
+    count, copies = 2000, 200
+    variants = rng.integers(0, 2**63, (count, 1 + len(dedup.hash_crops), 2), dtype=np.uint64)
+    originals = rng.choice(count, copies, replace=False)
+    planted = variants[originals].copy()
+    for copy, original in zip(planted, originals):
+        target = variants[original].reshape(-1)[rng.integers(8)]  # any variant, either orientation
+        bits = rng.choice(64, rng.integers(0, 8), replace=False)
+        copy[0, 0] = target ^ np.bitwise_or.reduce(np.uint64(1) << bits.astype(np.uint64), initial=np.uint64(0))
+    exact = np.repeat(variants[:1], 40, axis=0)
+    table = np.concatenate([variants, planted, exact])
+    codes, roles, owners = hash_buckets(table, dedup.hash_band_bits)
+    a, b, _ = candidate_pairs(codes, roles, owners)
+    found = set(zip(a.tolist(), b.tolist()))
+    assert all((int(o), count + i) in found for i, o in enumerate(originals))
+    index_codes = np.unique(codes[roles == 0], return_counts=True)[1]
+    assert index_codes.max() <= 45 and len(a) / len(table) < 40  # random hashes: ~0.8 per code beside the copies
 
-    names = ["coffee.jpg", "coffee_flipped.jpg", "rocket.jpg"]
-    rows = [{"bucket": "h0:1", "key": n, "partition": 0, "pixels": 1, "bytes": 1, "source": n, "embedding": b"",
-             "hashes": variant_hashes(Image.open(inputs / n).convert("RGB"), dedup.hash_crops).tobytes()}
-            for n in names]
-    pairs = bucket_pairs(pd.DataFrame(rows * 2), dedup)  # a key twice in a bucket (two of its variants) counts once
-    assert list(zip(pairs["a"], pairs["b"])) == [("coffee.jpg", "coffee_flipped.jpg")]
-    assert np.all(pairs["score"] <= dedup.hash_threshold)
+    edges = {}
+    for shards in (1, 5):
+        rows = band_rows(_curation_batch(table), dedup, shards)
+        frames = [shard_pairs(group, dedup) for _, group in rows.groupby("shard")]
+        edges[shards] = resolve_clusters(*frames)[0].sort_values("key").to_dict("records")
+    assert edges[1] == edges[5]
+    rejected = {r["key"]: r["detail"] for r in edges[1]}
+    assert all(f"k{count + i:06d}" in rejected or f"k{o:06d}" in rejected for i, o in enumerate(originals))
+    copies_of_first = [f"k{i:06d}" for i in range(count + copies, len(table))]
+    assert all("duplicate of k000000" in rejected[k] and "hash distance 0" in rejected[k] for k in copies_of_first)
+    frame = shard_pairs(band_rows(_curation_batch(table), dedup, 1), dedup)
+    assert frame[frame["a"] == "k000000"]["b"].isin(copies_of_first).sum() == 40
+    assert not frame["a"].isin(copies_of_first).any()  # the copies stand behind k000000: no pairs of their own
+    assert (frame["score"] <= dedup.hash_threshold).all() and not frame.duplicated(["a", "b", "kind"]).any()
 
 
 @pytest.mark.slow

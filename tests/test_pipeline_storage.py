@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -343,11 +345,75 @@ def local_run(ray_session, inputs, tmp_path_factory) -> Path:
     return out
 
 
-def test_job_reads_and_writes_the_object_store_exactly_once(ray_session, object_store, uploaded, local_run):
+@dataclass
+class Watched:
+    """What was seen of the object store while the folder job wrote to it (:func:`watched_store_run`)."""
+
+    out: Location
+    summary: Any = None  # the job's JobSummary, or the exception it raised
+    seen: set[str] = field(default_factory=set)  # result files listed while the job ran
+    early: list[str] = field(default_factory=list)  # what was listed before it was whole, or out of order
+    refusal: str | None = None  # what a second job on the same output raised while the first held it
+    finished: bool = False
+
+
+@pytest.fixture(scope="module")
+def watched_store_run(ray_session, object_store, uploaded, local_run) -> Watched:
+    """The folder job from the object store to it, watched while it runs: every result file that can be
+    listed is compared with its final bytes (the local run's), an index must come after its shard and
+    rejects, and a second job on the same output is started once the lease is there. One job serves the
+    tests of its result and of what it let be seen."""
+    import threading
+
+    import s3fs
+
     from pipeline.preprocess import run_job
 
-    out = Location(object_store.url("job/out"), object_store.options)
-    summary = run_job(job_config(f"{uploaded}/photos", out.url, object_store.options))
+    fs = s3fs.S3FileSystem(**object_store.options, use_listings_cache=False)
+    watched = Watched(Location(object_store.url("job/out"), object_store.options))
+    out = watched.out
+    final = {f"{out.path}/{name}": data for name, data in result_files(Location(local_run)).items()}
+    config = job_config(f"{uploaded}/photos", out.url, object_store.options)
+
+    def job() -> None:
+        try:
+            watched.summary = run_job(config)
+        except BaseException as exc:  # noqa: BLE001 - handed to the tests, which fail on it
+            watched.summary = exc
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    deadline = time.monotonic() + 600  # the job alone takes ~10 s idle; the loaded 2-core machine is slower
+    while thread.is_alive() and time.monotonic() < deadline:
+        listed = set(fs.find(out.path))
+        for path in listed & final.keys():
+            if fs.cat_file(path) != final[path]:
+                watched.early.append(f"{path} was visible before it was whole")
+            if path.endswith(".index.json"):
+                shard = path.removesuffix(".index.json")
+                rejects = shard.replace("/shards/shard-", "/rejects/part-")
+                if not {f"{shard}.tar", f"{rejects}.jsonl"} <= listed:
+                    watched.early.append(f"{path} came before its shard or rejects")
+        watched.seen |= listed & final.keys()
+        if watched.refusal is None and f"{out.path}/lock.json" in listed:
+            try:
+                run_job(config)
+                watched.refusal = "a second job ran on the output the first one held"
+            except OutputLocked as exc:
+                watched.refusal = f"OutputLocked: {exc}"
+        time.sleep(0.02)
+    thread.join(timeout=60)
+    watched.finished = not thread.is_alive()
+    return watched
+
+
+def test_job_reads_and_writes_the_object_store_exactly_once(ray_session, object_store, uploaded, local_run,
+                                                            watched_store_run):
+    from pipeline.preprocess import run_job
+
+    assert watched_store_run.finished, "the job did not finish in 600 s"
+    out, summary = watched_store_run.out, watched_store_run.summary
+    assert not isinstance(summary, BaseException), repr(summary)
     assert (summary.written, summary.rejected, summary.shards) == (10, {"not_an_image": 1}, 4)
     assert result_files(out) == result_files(Location(local_run))
     manifest = json.loads((out / "manifest.json").read_bytes())
@@ -402,42 +468,15 @@ def test_interrupted_object_store_job_resumes_to_the_same_shards(ray_session, ob
     assert not layout.staging.exists() and not layout.lock.exists()
 
 
-def test_no_partial_object_is_visible_in_the_object_store(ray_session, object_store, uploaded, local_run):
+def test_no_partial_object_is_visible_in_the_object_store(watched_store_run, local_run):
     """While the job runs, every shard, rejects file and index that can be listed already holds its final
     bytes, an index appears only once its shard and rejects are there, and a second job is refused."""
-    import threading
-
-    import s3fs
-
-    from pipeline.preprocess import run_job
-
-    fs = s3fs.S3FileSystem(**object_store.options, use_listings_cache=False)
-    out = Location(object_store.url("watched/out"), object_store.options)
-    final = {f"{out.path}/{name}": data for name, data in result_files(Location(local_run)).items()}
-    config = job_config(f"{uploaded}/photos", out.url, object_store.options)
-    job = threading.Thread(target=run_job, args=(config,))
-    job.start()
-    seen: set[str] = set()
-    refused = False
-    deadline = time.monotonic() + 600  # the job alone takes ~10 s idle; the loaded 2-core machine is slower
-    while job.is_alive() and time.monotonic() < deadline:
-        listed = set(fs.find(out.path))
-        for path in listed & final.keys():
-            assert fs.cat_file(path) == final[path], f"{path} was visible before it was whole"
-            if path.endswith(".index.json"):
-                shard = path.removesuffix(".index.json")
-                rejects = shard.replace("/shards/shard-", "/rejects/part-")
-                assert {f"{shard}.tar", f"{rejects}.jsonl"} <= listed, f"{path} came before its shard or rejects"
-        seen |= listed & final.keys()
-        if not refused and f"{out.path}/lock.json" in listed:
-            with pytest.raises(OutputLocked, match="in use by job"):
-                run_job(config)
-            refused = True
-        time.sleep(0.02)
-    job.join(timeout=60)
-    assert not job.is_alive(), "the job did not finish in 600 s"
-    assert refused and seen, "nothing was watched while the job ran"
-    assert result_files(out) == result_files(Location(local_run))
+    watched = watched_store_run
+    assert watched.finished, "the job did not finish in 600 s"
+    assert not watched.early, watched.early
+    assert watched.refusal is not None and watched.seen, "nothing was watched while the job ran"
+    assert watched.refusal.startswith("OutputLocked: ") and "in use by job" in watched.refusal, watched.refusal
+    assert result_files(watched.out) == result_files(Location(local_run))
 
 
 def test_what_object_storage_cannot_do_is_refused_before_anything_is_written(object_store, uploaded, inputs,
