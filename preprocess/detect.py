@@ -20,7 +20,7 @@ from torchvision.ops import box_convert, nms
 from mmdiff import zoo
 from mmdiff.configuration import ConfigModel
 from mmdiff.zoo.spec import ModelSpec
-from preprocess.image_io import as_rgb, device_pixels
+from preprocess.image_io import as_rgb, processor_pixels
 
 __all__ = ["DetectConfig", "Detection", "Detector", "build_prompt"]
 
@@ -110,32 +110,8 @@ class Detector:
         return outputs.logits, outputs.pred_boxes
 
     def _image_inputs(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``pixel_values`` float32 [n, 3, H, W] and ``pixel_mask`` bool [n, H, W] on the model's device, the
-        values Grounding DINO's image processor makes (its resize; rescale and normalise fused as it fuses
-        them; zero padding to the largest image), written straight into the batch. The processor's own batch
-        path stacks the images channels-first, where torch's uint8 antialiased resize is about 4x slower,
-        and allocates the float batch three times over (convert, pad, stack)."""
-        processor = self.model.processor.image_processor
-        resized = [processor.resize(pixels, size=processor.size, resample=processor.resample) if processor.do_resize
-                   else pixels for pixels in device_pixels(images, self.device)]
-        pad = getattr(processor, "pad_size", None)
-        height, width = ((pad.height, pad.width) if pad else
-                         (max(r.shape[-2] for r in resized), max(r.shape[-1] for r in resized)))
-        pixel_values = torch.empty((len(resized), 3, height, width), dtype=torch.float32, device=self.device)
-        pixel_mask = torch.zeros((len(resized), height, width), dtype=torch.bool, device=self.device)
-        scale = 1.0 / processor.rescale_factor if processor.do_rescale else 1.0
-        mean = torch.tensor(processor.image_mean, device=self.device).view(-1, 1, 1) * scale
-        std = torch.tensor(processor.image_std, device=self.device).view(-1, 1, 1) * scale
-        for i, image in enumerate(resized):
-            h, w = image.shape[-2:]
-            target = pixel_values[i, :, :h, :w].copy_(image)
-            if processor.do_normalize:
-                target.sub_(mean).div_(std)
-            elif processor.do_rescale:
-                target.mul_(processor.rescale_factor)
-            pixel_values[i, :, h:].zero_()
-            pixel_values[i, :, :h, w:].zero_()
-            pixel_mask[i, :h, :w] = True
+        """``pixel_values`` and ``pixel_mask`` on the model's device, as Grounding DINO's processor makes them."""
+        pixel_values, pixel_mask, _ = processor_pixels(self.model.processor.image_processor, images, self.device)
         return pixel_values, pixel_mask
 
     def _forward_official(self, images, prompts):
