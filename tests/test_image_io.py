@@ -139,14 +139,18 @@ def test_large_jpegs_decode_in_draft_close_to_a_full_decode_and_keep_their_true_
 
 def test_resize_reads_pillow_memory_in_place_or_copied_with_the_same_result():
     """resize_bicubic reads an RGB image in Pillow's own memory (4 bytes a pixel) when its rows lie in one
-    block and a packed copy when they do not (an image above the 16 MB block): both give torch's bicubic of
-    the packed pixels."""
+    block and a packed copy when they do not (an image above Pillow's block, 16 MB; here the block is made
+    small instead): both give torch's bicubic of the packed pixels."""
     import torch
 
-    rng = np.random.default_rng(0)
-    for width, height in ((333, 517), (2600, 2100)):  # one block; 21.8 MB in Pillow, several blocks
-        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-        packed = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].contiguous()
-        expected = torch.nn.functional.interpolate(packed, size=(height // 3, width // 3), mode="bicubic", antialias=True)
-        resized = resize_bicubic(image, (width // 3, height // 3))
+    pixels = np.random.default_rng(0).integers(0, 256, (517, 333, 3), dtype=np.uint8)
+    packed = torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous()
+    expected = torch.nn.functional.interpolate(packed, size=(172, 111), mode="bicubic", antialias=True)
+    block = Image.core.get_block_size()
+    for block_size in (block, 64 * 1024):  # one block; many
+        Image.core.set_block_size(block_size)
+        try:
+            resized = resize_bicubic(Image.fromarray(pixels), (111, 172))
+        finally:
+            Image.core.set_block_size(block)
         assert resized.mode == "RGB" and np.array_equal(np.asarray(resized), expected[0].permute(1, 2, 0).numpy())
