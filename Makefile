@@ -37,7 +37,7 @@ test: system $(STAMP)
 # The long runs left out of `make test` to keep it within CI's time (tests marked `extended`): killed-and-
 # resumed trainings, full disks (training and preprocessing), tracking outages, training from object storage
 # with a kill, mixtures, the learning check, the reproduction's --quick run, the curation jobs, the killed
-# worker node, the GPU suite's --smoke run, the promotion race and the serving abuse test (tens of minutes).
+# worker node, the promotion race and the serving abuse test (tens of minutes).
 test-extended: system $(STAMP)
 	$(RUN) -m pytest -q -m extended $(PYTEST_ARGS)
 

@@ -20,7 +20,7 @@ from torchvision.ops import box_convert, nms
 from mmdiff import zoo
 from mmdiff.configuration import ConfigModel
 from mmdiff.zoo.spec import ModelSpec
-from preprocess.image_io import as_rgb, device_pixels
+from preprocess.image_io import as_rgb, processor_pixels
 
 __all__ = ["DetectConfig", "Detection", "Detector", "build_prompt"]
 
@@ -101,15 +101,18 @@ class Detector:
         return results
 
     def _forward_transformers(self, images, prompts):
-        processor = self.model.processor
-        # The processor resizes, rescales, normalises and pads with torch on the device it is given.
         # Prompts longer than the model's text length are cut, as the official code does.
-        inputs = processor(images=device_pixels(images, self.device), device=self.device, text=prompts,
-                           padding="longest", truncation=True, max_length=self.model.model.config.max_text_len,
-                           return_tensors="pt").to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        outputs = self.model.model(**inputs)
+        inputs = self.model.processor.tokenizer(
+            prompts, padding="longest", truncation=True, max_length=self.model.model.config.max_text_len,
+            return_token_type_ids=True, return_tensors="pt").to(self.device)
+        pixel_values, pixel_mask = self._image_inputs(images)
+        outputs = self.model.model(**inputs, pixel_values=pixel_values.to(self.dtype), pixel_mask=pixel_mask)
         return outputs.logits, outputs.pred_boxes
+
+    def _image_inputs(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixel_values`` and ``pixel_mask`` on the model's device, as Grounding DINO's processor makes them."""
+        pixel_values, pixel_mask, _ = processor_pixels(self.model.processor.image_processor, images, self.device)
+        return pixel_values, pixel_mask
 
     def _forward_official(self, images, prompts):
         from groundingdino.util.misc import nested_tensor_from_tensor_list

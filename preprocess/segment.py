@@ -15,7 +15,7 @@ from PIL import Image
 from mmdiff import zoo
 from mmdiff.configuration import ConfigModel
 from mmdiff.zoo.spec import ModelSpec
-from preprocess.image_io import as_rgb
+from preprocess.image_io import as_rgb, processor_pixels
 
 __all__ = ["SegmentConfig", "Segmenter"]
 
@@ -61,17 +61,17 @@ class Segmenter:
 
     def _transformers(self, images, boxes):
         model, processor = self.model
-        inputs = processor(images=images, return_tensors="pt")
-        embeddings = model.get_image_embeddings(inputs["pixel_values"].to(self.device, self.dtype))
+        pixel_values, _, resized = processor_pixels(processor.image_processor, images, self.device)
+        embeddings = model.get_image_embeddings(pixel_values.to(self.dtype))
         out = []
-        for i, image_boxes in enumerate(boxes):
-            (h, w), (new_h, new_w) = inputs["original_sizes"][i].tolist(), inputs["reshaped_input_sizes"][i].tolist()
+        for i, (image, image_boxes) in enumerate(zip(images, boxes)):
+            (h, w), (new_h, new_w) = (image.height, image.width), resized[i]
             scaled = torch.from_numpy(image_boxes) * torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h])
             outputs = model(image_embeddings=embeddings[i : i + 1], input_boxes=scaled[None].to(self.device, self.dtype),
                             multimask_output=False)
-            masks = processor.post_process_masks(outputs.pred_masks.float().cpu(), inputs["original_sizes"][i : i + 1],
-                                                 inputs["reshaped_input_sizes"][i : i + 1])[0]
-            out.append(masks[:, 0].numpy().astype(bool))
+            # upsampled to the image and thresholded on the device: only the boolean masks come back
+            masks = processor.post_process_masks(outputs.pred_masks.float(), [(h, w)], [resized[i]])[0]
+            out.append(masks[:, 0].cpu().numpy())
         return out
 
     def _official(self, images, boxes):

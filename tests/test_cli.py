@@ -11,8 +11,10 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from mmdiff.cli import COMMANDS
-from tests.helpers import serves
+from tests.helpers import free_port, serves
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
@@ -233,39 +235,58 @@ def test_the_examples_that_need_no_server_run(probe, tmp_path, monkeypatch):
 
 
 # The extended run: every example of every help, as written, in a scratch copy of the repository's configs,
-# in the order of COMMANDS (the demo's order: photos, shards, training, generation, evaluation,
-# comparison, promotion, the RayService manifest, serving). About as long as `make demo`.
+# one test per command in the order of COMMANDS (the demo's order: photos, shards, training, generation,
+# evaluation, comparison, promotion, the RayService manifest, serving); each command's examples run on what
+# the ones before it wrote. About as long as `make demo`. To run it in pieces (`-k train.launch`, ...),
+# point MMDIFF_EXAMPLES_DIR at one folder for every piece: each piece runs on what the earlier ones left there.
+EXAMPLES_FAILED: list[str] = []  # the commands whose examples failed in this session: later ones would build on them
+
+
+@pytest.fixture(scope="module")
+def example_work(tmp_path_factory) -> Path:
+    work = Path(os.environ.get("MMDIFF_EXAMPLES_DIR") or tmp_path_factory.mktemp("examples"))
+    if not (work / "configs").exists():
+        shutil.copytree(REPO / "configs", work / "configs")
+        shutil.copytree(REPO / "infra", work / "infra", ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    return work
+
+
 @pytest.mark.extended
-def test_every_help_example_runs(probe, tmp_path):
-    work = tmp_path / "work"
-    shutil.copytree(REPO / "configs", work / "configs")
-    shutil.copytree(REPO / "infra", work / "infra", ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+@pytest.mark.parametrize("module", list(COMMANDS))
+def test_every_help_example_runs(probe, example_work, module):
+    examples = probe[f"python -m {module}"]["examples"]
+    if not examples:
+        pytest.skip(f"{module}'s help has no examples")
+    if EXAMPLES_FAILED:
+        pytest.skip(f"the examples of {', '.join(EXAMPLES_FAILED)} failed; {module}'s would run on their outputs")
+    script = COMMANDS[module]
     bindir = Path(sys.executable).parent
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update({"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
                 "PATH": f"{bindir}{os.pathsep}{env['PATH']}"})
-    seen: set[str] = set()
-    for module, script in COMMANDS.items():
-        for example in probe[f"python -m {module}"]["examples"]:
-            seen.add(example["line"])
-            argv = shlex.split(example["line"], comments=True)
-            if argv[0] == script:  # the console script's target, as its installed wrapper runs it
-                target, attr = SCRIPTS[script].split(":")
-                argv = [sys.executable, "-c", f"import sys; from {target} import {attr}; sys.exit({attr}())", *argv[1:]]
-            else:
-                argv = [sys.executable, *argv[1:]]
-            if script == "mmdiff-serve":
-                serve_answers(argv, work, env)
-                continue
-            result = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=1800)
+    EXAMPLES_FAILED.append(module)  # until every example below has passed
+    for example in examples:
+        argv = shlex.split(example["line"], comments=True)
+        if argv[0] == script:  # the console script's target, as its installed wrapper runs it
+            target, attr = SCRIPTS[script].split(":")
+            argv = [sys.executable, "-c", f"import sys; from {target} import {attr}; sys.exit({attr}())", *argv[1:]]
+        else:
+            argv = [sys.executable, *argv[1:]]
+        started = time.monotonic()
+        if script == "mmdiff-serve":
+            serve_answers(argv, example_work, env)
+        else:
+            result = subprocess.run(argv, cwd=example_work, env=env, capture_output=True, text=True, timeout=1800)
             assert result.returncode == 0, (example["line"], result.stdout[-3000:], result.stderr[-5000:])
-    missing = {e["line"] for answers in probe.values() for e in answers["examples"]} - seen
-    assert not missing, missing
+        print(f"example ran in {time.monotonic() - started:.1f} s: {example['line']}")
+    EXAMPLES_FAILED.remove(module)
 
 
 def serve_answers(argv: list[str], work: Path, env: dict) -> None:
-    """Start the serving example, wait until it has loaded the model (/readyz), stop it with Ctrl-C."""
-    port = argv[argv.index("--port") + 1]
+    """Start the serving example, wait until it has loaded the model (/readyz), stop it with Ctrl-C. On a free
+    port rather than the example's (8000 is often taken on a shared machine, as on CI's)."""
+    argv = [*argv]
+    port = argv[argv.index("--port") + 1] = str(free_port())
     log = work / "serve.log"
     with log.open("w") as sink:
         server = subprocess.Popen(argv, cwd=work, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
@@ -279,3 +300,23 @@ def serve_answers(argv: list[str], work: Path, env: dict) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def test_training_on_one_node_rendezvous_on_a_free_port(monkeypatch, tmp_path):
+    """Without --master-port, a one-node run must not take DeepSpeed's fixed 29500 (busy whenever another run is
+    on the machine); across nodes every node names the same port, so the default stays DeepSpeed's there."""
+    import train.launch
+
+    launched = []
+    monkeypatch.setattr(train.launch, "tracking_preflight", lambda config: None)
+    monkeypatch.setattr(train.launch.os, "execvpe", lambda exe, argv, env: launched.append(argv))
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "shard-000000.tar").touch()  # the launcher checks that shards are there, not what they hold
+    base = ["--config", "configs/train/demo.yaml", "--num-gpus", "2", "--set", f"data.shards={tmp_path}"]
+    for argv in (base, base, [*base, "--master-port", "29611"],
+                 [*base, "--num-nodes", "2", "--node-rank", "1", "--master-addr", "node-0"]):
+        train.launch.run(train.cli.launch_parser().parse_args(argv))
+    ports = [argv[argv.index("--master_port") + 1] if "--master_port" in argv else None for argv in launched]
+    assert ports[0] and ports[1] and "29500" not in ports[:2] and ports[2] == "29611" and ports[3] is None, ports
+    with socket.socket() as sock:  # the port picked was free
+        sock.bind(("", int(ports[0])))

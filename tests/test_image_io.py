@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from pipeline.example_inputs import photo
-from preprocess.image_io import ImageConfig, ImageLoader, ImageRejected, load_image, to_rgb
+from preprocess.image_io import ImageConfig, ImageLoader, ImageRejected, load_image, resize_bicubic, to_rgb
 
 CONFIG = ImageConfig(max_pixels=4_000_000, min_side=16, max_aspect_ratio=4.0, max_side=256)
 
@@ -135,3 +135,22 @@ def test_large_jpegs_decode_in_draft_close_to_a_full_decode_and_keep_their_true_
         assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 6
     strip = encode(Image.new("RGB", (2000, 450)), "JPEG")
     assert rejected(strip, config).reason == "bad_aspect_ratio"
+
+
+def test_resize_reads_pillow_memory_in_place_or_copied_with_the_same_result():
+    """resize_bicubic reads an RGB image in Pillow's own memory (4 bytes a pixel) when its rows lie in one
+    block and a packed copy when they do not (an image above Pillow's block, 16 MB; here the block is made
+    small instead): both give torch's bicubic of the packed pixels."""
+    import torch
+
+    pixels = np.random.default_rng(0).integers(0, 256, (517, 333, 3), dtype=np.uint8)
+    packed = torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous()
+    expected = torch.nn.functional.interpolate(packed, size=(172, 111), mode="bicubic", antialias=True)
+    block = Image.core.get_block_size()
+    for block_size in (block, 64 * 1024):  # one block; many
+        Image.core.set_block_size(block_size)
+        try:
+            resized = resize_bicubic(Image.fromarray(pixels), (111, 172))
+        finally:
+            Image.core.set_block_size(block)
+        assert resized.mode == "RGB" and np.array_equal(np.asarray(resized), expected[0].permute(1, 2, 0).numpy())

@@ -205,11 +205,34 @@ def test_detector_preprocesses_on_the_model_device_as_the_processor_does_from_pi
         seen.update(inputs)
         return model_call(model, **inputs)
 
-    with torch.inference_mode(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(type(bundle.model), "__call__", recording)
-        logits, boxes = detector._forward_transformers(photos, prompts)
-        expected = bundle.model(**reference)
-    for key in ("pixel_values", "pixel_mask", "input_ids", "attention_mask"):
+    with torch.inference_mode():
+        expected = bundle.model(**reference)  # before recording: seen holds only what the detector passed
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(type(bundle.model), "__call__", recording)
+            logits, boxes = detector._forward_transformers(photos, prompts)
+    for key in ("pixel_values", "input_ids", "attention_mask", "token_type_ids"):
         torch.testing.assert_close(seen[key], reference[key], atol=1e-5, rtol=0)
+    # the padding mask as bool (the model reads it as float): an eighth of the processor's int64
+    assert seen["pixel_mask"].dtype == torch.bool and torch.equal(seen["pixel_mask"].long(), reference["pixel_mask"])
     torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(boxes, expected.pred_boxes, atol=1e-4, rtol=1e-4)
+
+
+def test_segmenter_preprocesses_and_upsamples_on_the_model_device_as_the_processor_does_from_pil(photos):
+    """The segmenter hands SAM's processor uint8 tensors and its device, and upsamples the masks there:
+    the same boolean masks as the processor's PIL path with masks post-processed on the host."""
+    segmenter = Segmenter(load_config(CONFIGS / "sam_tiny.yaml", SegmentConfig))
+    model, processor = segmenter.model
+    boxes = [np.array([[100, 20, 300, 250], [0, 0, 60, 80]], np.float32), np.array([[50, 50, 400, 300]], np.float32)]
+    inputs = processor(images=photos, return_tensors="pt")
+    expected = []
+    with torch.inference_mode():
+        embeddings = model.get_image_embeddings(inputs["pixel_values"])
+        for i, image_boxes in enumerate(boxes):
+            (h, w), (new_h, new_w) = inputs["original_sizes"][i].tolist(), inputs["reshaped_input_sizes"][i].tolist()
+            scaled = torch.from_numpy(image_boxes) * torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h])
+            out = model(image_embeddings=embeddings[i : i + 1], input_boxes=scaled[None], multimask_output=False)
+            expected.append(processor.post_process_masks(out.pred_masks.cpu(), inputs["original_sizes"][i : i + 1],
+                                                         inputs["reshaped_input_sizes"][i : i + 1])[0][:, 0].numpy())
+    for mask, reference in zip(segmenter(photos, boxes), expected):
+        np.testing.assert_array_equal(mask, reference)

@@ -240,8 +240,11 @@ def team_server(postgres, tmp_path_factory):
 def demo_shards(venv, env, workdir) -> Path:
     photos, shards = workdir / "photos", workdir / "shards"
     run([venv / "bin" / "python", "-m", "pipeline.example_inputs", photos], cwd=workdir, env=env)
+    # fused: the four models in one actor instead of four actor pools, so this venv's fresh Ray starts three
+    # worker processes fewer (each imports torch and transformers); both write the same bytes
+    # (tests/test_pipeline_stages_job.py), and what is under test here is the installed package
     run([venv / "bin" / "mmdiff-preprocess", "--config", "configs/preprocess/demo.yaml", "--set",
-         f"input.path={photos}", f"output.path={shards}", "progress=false"], cwd=workdir, env=env)
+         f"input.path={photos}", f"output.path={shards}", "progress=false", "stages.mode=fused"], cwd=workdir, env=env)
     return shards
 
 

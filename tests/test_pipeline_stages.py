@@ -76,15 +76,18 @@ def test_groups_carry_the_jpeg_the_shard_stores(photos_rows, tmp_path):
     assert list(groups.columns) == GROUP_COLUMNS and len(groups) == 2
     inputs = [fields for row in groups["inputs"] for fields in json.loads(row)]
     images = [bytes(b) for row in groups["images"] for b in row]
+    pixels = [bytes(b) for row in groups["pixels"] for b in row]
     assert [f["key"] for f in inputs] == sorted([*PHOTOS, "broken"])
-    for fields, jpeg in zip(inputs, images):
+    for fields, jpeg, rgb in zip(inputs, images, pixels):
         if fields["key"] == "broken":
-            assert fields["status"] == "rejected" and fields["reason"] == "not_an_image" and jpeg == b""
+            assert fields["status"] == "rejected" and fields["reason"] == "not_an_image" and jpeg == rgb == b""
             continue
         loaded = load_image(Path(fields["path"]).read_bytes(), fields["source"], config.image).image
-        # exactly the bytes Sample.to_wds stores for the loaded image; no raw RGB between stages
+        # exactly the bytes Sample.to_wds stores for the loaded image
         assert jpeg == encode_jpeg(loaded) and len(jpeg) < 3 * loaded.width * loaded.height / 4
-        assert Image.open(io.BytesIO(jpeg)).size == (fields["width"], fields["height"])
+        # and that JPEG decoded once, for every later stage: the pixels the shard stores
+        decoded = Image.open(io.BytesIO(jpeg))
+        assert decoded.size == (fields["width"], fields["height"]) and rgb == decoded.convert("RGB").tobytes()
     results = per_model(config, photos_rows)
     shard_jpgs = {}
     for path in (tmp_path / "out").rglob("*.tar"):

@@ -29,7 +29,9 @@ def launch_parser() -> CommandParser:
     parser.add_config("configs/train/<name>.yaml", legacy_overrides=True)
     parser.add_argument("--num-gpus", type=int, default=1, help="ranks per node (CPU ranks without a GPU)")
     parser.add_argument("--hostfile", help="multi-node over ssh: see infra/deepspeed/README.md")
-    parser.add_argument("--master-port", type=int)
+    parser.add_argument("--master-port", type=int,
+                        help="the rendezvous port on node 0 (default: a free port when training on this node alone, "
+                        "so runs side by side do not collide; DeepSpeed's 29500 across nodes)")
     parser.add_argument("--num-nodes", type=int, help="without ssh: the number of nodes, each running this command")
     parser.add_argument("--node-rank", type=int, help="without ssh: this node's rank, 0 .. num-nodes - 1")
     parser.add_argument("--master-addr", help="without ssh: the address of node 0, reachable from every node")

@@ -13,6 +13,7 @@ if __name__ == "__main__":  # `python -m train.launch`: parse (and answer --help
 
 import argparse
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -53,6 +54,13 @@ def command(config: str, num_gpus: int, overrides: list[str], hostfile: str | No
     return cmd + ["--module", "train.main", "--config", config] + (["--set", *overrides] if overrides else [])
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (the rendezvous of a one-node run binds it moments later)."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
 def tracking_preflight(config: TrainConfig) -> str | None:
     """None when the run can start tracking; else why not. A server that does not answer within
     ``mlflow.preflight_wait_s`` is an error, unless ``mlflow.on_unreachable`` is ``spool``."""
@@ -91,8 +99,11 @@ def run(args: argparse.Namespace) -> int:
     env.setdefault("TORCH_EXTENSIONS_DIR", str(MAIN.parent.parent / ".cache" / "torch_extensions"))
     no_ssh = args.node_rank is not None
     hostfile = node_hostfile(args.num_nodes, args.num_gpus) if no_ssh else args.hostfile
-    os.execvpe(sys.executable, command(args.config, args.num_gpus, args.set, hostfile, args.master_port,
-                                       args.node_rank, args.master_addr), env)
+    # one node: DeepSpeed's fixed default (29500) would collide with any other run on the machine; across
+    # nodes every node must name the same port, so the default stays DeepSpeed's there
+    port = args.master_port or (None if no_ssh or hostfile else free_port())
+    os.execvpe(sys.executable, command(args.config, args.num_gpus, args.set, hostfile, port, args.node_rank,
+                                       args.master_addr), env)
 
 
 main = cli.launch  # the command itself (parsed in train/cli.py)
