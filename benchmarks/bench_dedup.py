@@ -2,7 +2,7 @@
 
 1. Precision and recall of the detector on the test corpus (``pipeline.duplicate_corpus``: scikit-image
    photos and their resized, re-encoded, centre-cropped, mirrored and colour-jittered copies): every pair
-   of images, near-duplicate when the job's rule says so (``pipeline.dedup.hash_distances`` <=
+   of images, near-duplicate when the job's candidate step pairs them and its rule says so (distance <=
    ``dedup.hash_threshold``), against the truth (same original); recall per kind of copy.
 2. The real job (``python -m pipeline.preprocess`` in a subprocess, the cheap operator of
    ``benchmarks.bench_pipeline_scale``) on generated small images, a share of them planted copies
@@ -37,22 +37,28 @@ from PIL import Image, ImageEnhance
 from benchmarks.bench_pipeline_scale import job_config, revision, run_measured
 from benchmarks.report import write_result
 from pipeline.curation_config import DedupConfig
-from pipeline.dedup import hash_distances, variant_hashes
+from pipeline.dedup import candidate_pairs, hash_buckets, pair_distances, variant_hashes
 from pipeline.duplicate_corpus import DISTINCT, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def corpus_precision_recall(threshold: int, crops: tuple[float, ...]) -> dict:
-    """Pairwise decisions of the detector on the test corpus against its truth."""
+def corpus_precision_recall(dedup: DedupConfig) -> dict:
+    """Pairwise decisions of the detector on the test corpus against its truth: a pair is near when the
+    job's candidate step (``pipeline.dedup.hash_buckets``, ``candidate_pairs``) brings it together and its
+    distance (``pipeline.dedup.pair_distances``) is within ``dedup.hash_threshold``, so band misses count."""
     with tempfile.TemporaryDirectory() as tmp:
         truth = write_corpus(tmp, DISTINCT)
-        hashes = {name: variant_hashes(Image.open(Path(tmp) / name).convert("RGB"), crops) for name in truth}
+        names = sorted(truth)
+        table = np.stack([variant_hashes(Image.open(Path(tmp) / name).convert("RGB"), dedup.hash_crops) for name in names])
+    left, right, _ = candidate_pairs(*hash_buckets(table, dedup.hash_band_bits))
+    near_pairs = {(names[i], names[j]) for i, j, d in zip(left, right, pair_distances(table, left, right))
+                  if d <= dedup.hash_threshold}
     origin = {name: original or name for name, original in truth.items()}
     found = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
     by_kind: dict[str, list[int]] = {}
-    for a, b in itertools.combinations(sorted(truth), 2):
-        near = int(hash_distances(hashes[a], hashes[b][None])[0]) <= threshold
+    for a, b in itertools.combinations(names, 2):
+        near = (a, b) in near_pairs
         same = origin[a] == origin[b]
         found[("tp" if same else "fp") if near else ("fn" if same else "tn")] += 1
         copy = a if truth[a] == b else b if truth[b] == a else None  # a copy against its own original
@@ -60,7 +66,7 @@ def corpus_precision_recall(threshold: int, crops: tuple[float, ...]) -> dict:
             by_kind.setdefault(copy.rsplit("_", 1)[1].removesuffix(".jpg"), []).append(int(near))
     precision = found["tp"] / max(1, found["tp"] + found["fp"])
     recall = found["tp"] / max(1, found["tp"] + found["fn"])
-    return {"images": len(truth), "pairs": found, "precision": round(precision, 4), "recall": round(recall, 4),
+    return {"images": len(truth), "candidate_pairs": len(left), "pairs": found, "precision": round(precision, 4), "recall": round(recall, 4),
             "recall_by_copy": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_kind.items())}}
 
 
@@ -141,7 +147,7 @@ def main() -> None:
     parser.add_argument("--label", default="", help="write bench_dedup_<label>.json (keeps another run's figures)")
     args = parser.parse_args()
     dedup = DedupConfig()
-    corpus = corpus_precision_recall(dedup.hash_threshold, dedup.hash_crops)
+    corpus = corpus_precision_recall(dedup)
     print(f"bench_dedup: test corpus ({corpus['images']} images): precision {corpus['precision']:.3f}, recall "
           f"{corpus['recall']:.3f}; recall by copy {corpus['recall_by_copy']}", flush=True)
     runs = {}

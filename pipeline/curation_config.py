@@ -32,7 +32,7 @@ class DedupConfig(ConfigModel):
     image's variants (both orientations). Two images within ``2 * 64 / hash_band_bits - 1`` bits (7) always
     meet in a bucket, farther pairs up to the threshold usually do. A band value is shared by about
     ``N / 2 ** hash_band_bits`` unrelated images per variant, so an image meets about ``N / 130`` unrelated
-    candidates with 16-bit bands (each compared in well under a microsecond; 8-bit bands made it ``N / 5``);
+    candidates with 16-bit bands (each found and compared in ~1.4 us; 8-bit bands made it ``N / 5``);
     past ~10 million inputs, 32-bit bands keep it near zero at a guarantee of 3 bits. Exact copies
     (identical hashes) count once. Embeddings are banded by ``embedding_bands`` random-hyperplane
     signatures of ``embedding_band_bits`` bits each (seeded: the same hyperplanes in every run).
