@@ -7,16 +7,21 @@ leaking into each other. The design and the metrics are fixed here, before any r
 * Data: 32 px scenes on grey with exact masks. Three shape classes with single-token words (square "dog",
   disc "cat", triangle "car"). An identity is a colour and a pattern (8 x 7 = 56): 40 for training, 16
   held out. A reference is the same identity rendered alone, at another size and place, cropped.
-* Models: a tiny SD1.5-layout base (VAE fitted as an autoencoder on scenes, UNet trained from scratch on
-  class-only captions, then frozen; the tiny text encoder stays at its random initialisation, frozen);
+* Models: a tiny SD1.5-layout base (VAE fitted as an autoencoder on scenes; UNet and tiny text encoder
+  trained from scratch together on class-only captions; then all frozen);
   a tiny CLIP tower pretrained to classify the 40 training identities only; MM-Diff adapters trained
   through the real ``MMDiffModel``, shards in the real format (``Sample.to_wds``) read by the real
   ``ShardStream``/``BatchBuilder``, stepped by the real ``Trainer`` on a DeepSpeed engine (1 CPU rank).
 * Conditions: no constraint (weight 0), text map only, both maps (the shipped setting); a control with
   random boxes as masks; each at ``--seeds`` seeds. References and noise are paired across conditions.
-* Metrics: a separate judge (a small CNN trained on fresh single-object renders of all 56 identities;
-  it must reach >= 95 % on fresh renders or the identity figures are marked invalid) gives identity and
-  class of generated objects; dominant colour cross-checks identity. Fidelity = the judged identity of a
+* Metrics: a separate judge (a small CNN trained on fresh single-object renders of all 56 identities at
+  random slight blur, shown the object's pixels and its silhouette; it must reach >= 95 % on fresh sharp
+  renders in identity and in class, or its figures are marked invalid) gives identity and class of
+  generated objects; dominant colour cross-checks identity. The judge's reading of the VAE's own
+  reconstructions of held-out renders is reported as the ceiling any generation through the base can
+  reach. (Revised after the first full run: its judge was scored on identity only and, measured
+  afterwards, told the class of fresh renders in only ~72 % of cases, so that run's quality gate measured
+  the judge as much as the base; the thresholds did not change.) Fidelity = the judged identity of a
   held-out single-subject generation equals its reference's, against no-adapter (subject scale 0) and
   shuffled-reference (another held-out identity's reference, scored against the intended one) baselines.
   Two-subject prompts, same class ("a dog and a dog") and cross class ("a dog and a car"): objects found as
@@ -62,16 +67,17 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 220), 
 PATTERNS = ["solid", "hstripes", "vstripes", "checker", "dots", "ring", "diagonal"]
 IDENTITIES = [(c, p) for c in COLOURS for p in PATTERNS]  # 56
 RESULTS = Path("benchmarks/results")
+JUDGE_MAX_SIGMA = 0.5  # pixels
 
 
 @dataclass(frozen=True)
 class Sizes:
     """Every step count and sample count of a run (``--quick`` or full)."""
 
-    vae_steps: int = 600
+    vae_steps: int = 1000
     base_steps: int = 3000
     encoder_steps: int = 600
-    judge_steps: int = 800
+    judge_steps: int = 1200
     judge_eval: int = 512  # fresh renders the judge is scored on
     adapter_steps: int = 600
     train_scenes: int = 2000
@@ -159,12 +165,14 @@ def caption(classes: list[str]) -> tuple[str, list[tuple[int, int]]]:
 
 # -- models --------------------------------------------------------------------------------------
 class Judge(torch.nn.Module):
-    """The separate identity-and-class classifier of generated objects (object crops on grey, 32 px)."""
+    """The separate identity-and-class classifier of generated objects (object crops on grey, 32 px). It sees
+    the object's silhouette (the foreground test that finds objects) beside its pixels: from colour alone a
+    CNN of this size tells the shapes apart in only ~70 % of fresh renders."""
 
     def __init__(self):
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(4, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
             torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
             torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
         self.identity = torch.nn.Linear(64, len(IDENTITIES))
@@ -179,34 +187,62 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
+def foreground(image: np.ndarray) -> np.ndarray:
+    """Pixels that differ from the background [..., H, W] (how objects are found in generated images)."""
+    return np.abs(image.astype(np.int16) - np.array(BACKGROUND)).max(-1) > 40
+
+
+def judge_input(images: np.ndarray) -> torch.Tensor:
+    """The judge's input [B, 4, H, W]: pixels in [-1, 1] and the foreground silhouette in {-1, 1}."""
+    silhouette = torch.from_numpy(foreground(images)).float()[:, None] * 2 - 1
+    return torch.cat([to_tensor(images), silhouette], 1)
+
+
 def single_objects(rng: np.random.Generator, n: int, identities: list[int]):
     labels = [(int(rng.integers(len(CLASSES))), int(rng.choice(identities))) for _ in range(n)]
     images = np.stack([render([(CLASSES[c], i)], rng)[0] for c, i in labels])
     return images, torch.tensor([i for _, i in labels]), torch.tensor([c for c, _ in labels])
 
 
-def train_judge(sizes: Sizes, rng: np.random.Generator) -> tuple[Judge, float]:
+def soften(images: np.ndarray, rng: np.random.Generator, max_sigma: float) -> np.ndarray:
+    """Each image blurred at its own random sigma in [0, max_sigma] (the softness of a generated object)."""
+    sigmas = rng.uniform(0, max_sigma, len(images))
+    return np.stack([ndimage.gaussian_filter(im.astype(np.float32), (s, s, 0)) for im, s in zip(images, sigmas)]
+                    ).round().astype(np.uint8)
+
+
+def train_judge(sizes: Sizes, rng: np.random.Generator) -> tuple[Judge, dict[str, float]]:
+    """The judge, trained on renders of all identities at random slight blur (generated objects are soft;
+    a judge of sharp renders only calls many of them by the wrong class); scored on fresh sharp renders."""
     judge = Judge()
     optimizer = torch.optim.Adam(judge.parameters(), lr=2e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=sizes.judge_steps, pct_start=0.1)
     every = list(range(len(IDENTITIES)))
     for _ in range(sizes.judge_steps):
         images, ids, classes = single_objects(rng, sizes.batch * 4, every)
-        logits_id, logits_cls = judge(to_tensor(images))
+        images = soften(images, rng, JUDGE_MAX_SIGMA)
+        logits_id, logits_cls = judge(judge_input(images))
         loss = F.cross_entropy(logits_id, ids) + F.cross_entropy(logits_cls, classes)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    images, ids, _ = single_objects(np.random.default_rng(10_000), sizes.judge_eval, every)  # fresh renders
+        schedule.step()
+    images, ids, classes = single_objects(np.random.default_rng(10_000), sizes.judge_eval, every)  # fresh renders
     with torch.no_grad():
-        accuracy = float((judge(to_tensor(images))[0].argmax(1) == ids).float().mean())
+        logits_id, logits_cls = judge(judge_input(images))
+    accuracy = {"identity": float((logits_id.argmax(1) == ids).float().mean()),
+                "class": float((logits_cls.argmax(1) == classes).float().mean())}
     return judge.eval(), accuracy
 
 
-def fit_autoencoder(vae, images, steps: int) -> float:
+def fit_autoencoder(vae, images, steps: int, one_cycle: bool = False) -> float:
     """Fits ``vae`` as an autoencoder on batches from ``images()`` [B, 3, H, W] in [-1, 1] and freezes it;
-    returns the scaling factor that gives its latents unit variance (as real bases ship it)."""
+    returns the scaling factor that gives its latents unit variance (as real bases ship it). ``one_cycle``
+    warms the learning rate up and anneals it (reconstruction MSE about half the constant rate's)."""
     vae.requires_grad_(True)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3 if not one_cycle else 2e-3)
+    schedule = (torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=steps, pct_start=0.05) if one_cycle
+                else None)
     for _ in range(steps):
         pixels = images()
         posterior = vae.encode(pixels).latent_dist
@@ -214,6 +250,8 @@ def fit_autoencoder(vae, images, steps: int) -> float:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if schedule is not None:
+            schedule.step()
     vae.requires_grad_(False).eval()
     with torch.no_grad():
         return 1 / vae.encode(images()).latent_dist.mean.std().item()
@@ -221,9 +259,28 @@ def fit_autoencoder(vae, images, steps: int) -> float:
 
 def fit_vae(pipe, sizes: Sizes, rng: np.random.Generator, train_ids: list[int]) -> None:
     def images() -> torch.Tensor:
-        return to_tensor(np.stack([scene(rng, train_ids)[0] for _ in range(sizes.batch)]))
+        return to_tensor(np.stack([scene(rng, train_ids)[0] for _ in range(2 * sizes.batch)]))
 
-    pipe.vae.register_to_config(scaling_factor=fit_autoencoder(pipe.vae, images, sizes.vae_steps))
+    pipe.vae.register_to_config(scaling_factor=fit_autoencoder(pipe.vae, images, sizes.vae_steps, one_cycle=True))
+
+
+def autoencoder_ceiling(vae, judge: Judge, held_out: list[int], n: int) -> dict[str, float]:
+    """What the judge reads from the VAE's reconstructions of fresh single-object renders of held-out
+    identities: the most any generation through this base can score (its 8x8 latent cannot keep every
+    2-pixel pattern, so identity is capped well below the judge's own accuracy)."""
+    images, ids, classes = single_objects(np.random.default_rng(20_000), n, held_out)
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(to_tensor(images)).latent_dist.mean).sample
+    decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    scores = {"identity": 0, "class": 0, "colour": 0}
+    for image, identity, klass in zip(decoded, ids.tolist(), classes.tolist()):
+        regions = objects_in(image)
+        if regions:
+            judged_id, judged_cls, colour = judge_region(judge, image, regions[0])
+            scores["identity"] += judged_id == identity
+            scores["class"] += judged_cls == klass
+            scores["colour"] += colour == IDENTITIES[identity][0]
+    return {k: v / n for k, v in scores.items()}
 
 
 def scene(rng: np.random.Generator, identities: list[int]):
@@ -235,10 +292,13 @@ def scene(rng: np.random.Generator, identities: list[int]):
 
 
 def train_base(pipe, sizes: Sizes, rng: np.random.Generator, train_ids: list[int]) -> None:
-    """The UNet from scratch on class-only captions (the identities appear, their names never do)."""
+    """The UNet and the text encoder from scratch on class-only captions (the identities appear, their names
+    never do), then both frozen."""
     unet, tokenizer, text_encoder = pipe.unet.requires_grad_(True), pipe.tokenizer, pipe.text_encoder
+    text_encoder.requires_grad_(True).train()
     scheduler = pipe.scheduler
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=1e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=sizes.base_steps, pct_start=0.05)
     for _ in range(sizes.base_steps):
         scenes = [scene(rng, train_ids) for _ in range(sizes.batch)]
         ids = tokenizer([caption([c for c, _ in s[2]])[0] for s in scenes], padding="max_length",
@@ -249,14 +309,15 @@ def train_base(pipe, sizes: Sizes, rng: np.random.Generator, train_ids: list[int
         with torch.no_grad():
             latents = pipe.vae.encode(to_tensor(np.stack([s[0] for s in scenes]))).latent_dist.sample()
             latents = latents * pipe.vae.config.scaling_factor
-            text = text_encoder(ids)[0]
         noise = torch.randn_like(latents)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(scenes),))
-        loss = F.mse_loss(unet(scheduler.add_noise(latents, noise, t), t, text).sample, noise)
+        loss = F.mse_loss(unet(scheduler.add_noise(latents, noise, t), t, text_encoder(ids)[0]).sample, noise)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     unet.requires_grad_(False).eval()
+    text_encoder.requires_grad_(False).eval()
 
 
 def train_encoder(vision, processor, sizes: Sizes, rng: np.random.Generator, train_ids: list[int]) -> None:
@@ -385,6 +446,7 @@ def build_base(state: dict):
         pipe.vae.load_state_dict(state["vae"])
         pipe.vae.register_to_config(scaling_factor=state["scaling_factor"])
         pipe.unet.load_state_dict(state["unet"])
+        pipe.text_encoder.load_state_dict(state["text_encoder"])
         vision.model.load_state_dict(state["vision"])
     return pipe, vision
 
@@ -392,8 +454,7 @@ def build_base(state: dict):
 # -- evaluation ----------------------------------------------------------------------------------
 def objects_in(image: np.ndarray) -> list[np.ndarray]:
     """Connected regions that differ from the background, largest first, each at least 12 pixels."""
-    differs = np.abs(image.astype(np.int16) - np.array(BACKGROUND)).max(-1) > 40
-    labels, n = ndimage.label(differs)
+    labels, n = ndimage.label(foreground(image))
     regions = [labels == i for i in range(1, n + 1)]
     return sorted((r for r in regions if r.sum() >= 12), key=lambda r: -r.sum())
 
@@ -402,7 +463,7 @@ def judge_region(judge: Judge, image: np.ndarray, region: np.ndarray) -> tuple[i
     """(identity, class, dominant colour name) of one object, shown to the judge alone on grey."""
     alone = np.where(region[..., None], image, np.array(BACKGROUND, np.uint8))
     with torch.no_grad():
-        logits_id, logits_cls = judge(to_tensor(alone[None]))
+        logits_id, logits_cls = judge(judge_input(alone[None]))
     pixels = image[region].astype(np.float32)
     bright = pixels[pixels.sum(1) >= np.percentile(pixels.sum(1), 50)]  # the base colour, not the darker pattern
     names = list(COLOURS)
@@ -573,16 +634,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(0)
     judge, judge_accuracy = train_judge(sizes, rng)
-    stage(f"judge: {judge_accuracy:.3f} on fresh renders")
+    stage(f"judge on fresh renders: identity {judge_accuracy['identity']:.3f}, class {judge_accuracy['class']:.3f}")
     pipe, vision = build_base({})
     fit_vae(pipe, sizes, rng, train_ids)
-    stage("vae")
+    ceiling = autoencoder_ceiling(pipe.vae, judge, held_out, sizes.judge_eval)
+    stage("vae: the judge on its reconstructions: " + ", ".join(f"{k} {v:.3f}" for k, v in ceiling.items()))
     train_base(pipe, sizes, rng, train_ids)
     stage("base unet")
     train_encoder(vision.model, vision.processor, sizes, rng, train_ids)
     stage("image encoder")
     base_state = {"vae": pipe.vae.state_dict(), "scaling_factor": pipe.vae.config.scaling_factor,
-                  "unet": pipe.unet.state_dict(), "vision": vision.model.state_dict()}
+                  "unet": pipe.unet.state_dict(),
+                  "text_encoder": pipe.text_encoder.state_dict(), "vision": vision.model.state_dict()}
     from mmdiff import MMDiffPipeline
 
     summaries, results, grids, losses = {}, {}, {}, {}
@@ -615,7 +678,8 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "sizes": asdict(sizes), "quick": args.quick, "smoke": args.smoke, "seconds": timings,
         "identities": {"train": train_ids, "held_out": held_out},
-        "judge_accuracy_fresh_renders": judge_accuracy, "judge_valid": judge_accuracy >= 0.95,
+        "judge_accuracy_fresh_renders": judge_accuracy, "judge_valid": min(judge_accuracy.values()) >= 0.95,
+        "vae_reconstruction_ceiling": ceiling,
         "base_quality_gate": {"class_ok_without_adapter": base_quality, "passed": base_quality >= 0.6},
         "final_training_losses": losses, "conditions": conditions, "summary": summaries,
     }
