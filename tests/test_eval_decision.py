@@ -251,7 +251,7 @@ def test_models_are_registered_and_read_in_the_configured_registry_whatever_the_
             run_id = runs.create_run(experiment.experiment_id if experiment else runs.create_experiment(
                 name, artifact_location=str(tmp_path / "artifacts") if tracking == local else None)).info.run_id
             version = register_model(config, root / "run-a" / "adapter", run_id, "elsewhere-data")
-            registered[version.version] = (tracking, run_id)
+            registered[str(version.version)] = (tracking, run_id)
             assert version.tags["run_id"] == run_id and version.tags["data.manifest_hash"] == "elsewhere-data"
     finally:
         mlflow.set_registry_uri(None)

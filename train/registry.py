@@ -19,11 +19,11 @@ __all__ = ["registry_client", "parse_model_uri", "model_version", "download_mode
 
 def registry_client(tracking_uri: str | None, registry_uri: str | None = None) -> Any:
     """An ``mlflow.MlflowClient`` on ``tracking_uri`` whose registry is ``registry_uri``, else the tracking
-    store itself. ``tracking_uri`` None: MLflow's own default (``$MLFLOW_TRACKING_URI``, else ./mlruns)."""
+    store itself. ``tracking_uri`` None: ``mlflow.get_tracking_uri()`` (``$MLFLOW_TRACKING_URI`` in a process
+    that set none), and the registry then defaults to that."""
     import mlflow
-    from mlflow.tracking._tracking_service.utils import _resolve_tracking_uri
 
-    tracking_uri = _resolve_tracking_uri(tracking_uri)
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
     return mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
 
 
