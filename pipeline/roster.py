@@ -52,8 +52,10 @@ _ROSTER_TIMEOUT_S = 60.0
 
 
 def enroll(roster: Any) -> None:
-    """In a stage actor's constructor: put this actor on the pass's ``roster`` (None: not run by a job)."""
+    """In a stage actor's constructor: put this actor on the pass's ``roster`` (None: not run by a job). Not
+    waited for: the roster's worker starts while the stage builds its model. An actor is one entry whatever
+    its restarts, so a call lost with an incarnation that died at once is made again by the next one."""
     if roster is not None:
         import ray
 
-        ray.get(roster.enroll.remote(ray.get_runtime_context().current_actor), timeout=_ROSTER_TIMEOUT_S)
+        roster.enroll.remote(ray.get_runtime_context().current_actor)
