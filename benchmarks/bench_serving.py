@@ -53,18 +53,16 @@ NAME = "mmdiff-bench-serving"
 
 def register_tiny_versions(root: Path, name: str, seeds: tuple[int, ...] = (1,)) -> str:
     """Register one tiny model version per seed (LoRA perturbed, so subjects matter); returns the tracking URI."""
-    import mlflow
-
     from mmdiff import MMDiffConfig, MMDiffModel
     from mmdiff.configuration import load_config
     from train.config import TrainConfig
     from train.export import register_model
+    from train.registry import registry_client
 
     config = load_config(REPO / "configs/train/tiny_test.yaml", TrainConfig,
                          {"output_dir": str(root), "mlflow.registered_model": name})
-    client = mlflow.MlflowClient(config.tracking_uri)
+    client = registry_client(config.tracking_uri, config.registry_uri)
     experiment = client.create_experiment(name, artifact_location=str(root / "artifacts"))
-    mlflow.set_tracking_uri(config.tracking_uri)
     for seed in seeds:
         model = MMDiffModel.from_specs(config.model.base, config.model.image_encoder,
                                        load_config(REPO / config.model.mmdiff, MMDiffConfig))

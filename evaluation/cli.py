@@ -28,6 +28,8 @@ def evaluate_parser() -> CommandParser:
     parser.add_argument("--model-uri", required=True, help="models:/<name>/<version>, models:/<name>@<alias>, "
                         "runs:/<run_id>/adapter or an adapter folder")
     parser.add_argument("--tracking-uri", help="default: the config's tracking_uri, else MLFLOW_TRACKING_URI")
+    parser.add_argument("--registry-uri", help="the model registry for models:/ URIs and the version's tags "
+                        "(default: the config's registry_uri, else the tracking store's)")
     parser.add_argument("--runner", choices=("ray", "loop"), default="ray")
     return parser
 
@@ -100,6 +102,8 @@ def promote_parser() -> CommandParser:
     parser.add_overrides()
     parser.add_argument("--alias", help="default: the gates file's alias (champion)")
     parser.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI")
+    parser.add_argument("--registry-uri", help="the model registry holding the versions and the alias "
+                        "(default: the tracking store's)")
     parser.add_argument("--lease-wait-s", type=float, default=600.0,
                         help="how long to wait while another promotion of the alias holds its lease")
     return parser

@@ -51,6 +51,7 @@ from mmdiff.configuration import ConfigModel, load_config, parse_overrides
 from mmdiff.zoo.spec import ModelSpec
 from pipeline.config import RayConfig, StageConfig
 from preprocess.detect import DetectConfig
+from train.registry import download_model, model_version, registry_client
 
 __all__ = [
     "EvaluationConfig",
@@ -103,6 +104,9 @@ class EvaluationConfig(ConfigModel):
     ray: RayConfig = RayConfig()
     output_dir: str
     tracking_uri: str | None = None  # None: --tracking-uri or MLFLOW_TRACKING_URI
+    # where models:/ URIs are looked up and the version's eval.* tags go; None: --registry-uri, else the
+    # tracking store's registry (train/registry.py)
+    registry_uri: str | None = None
     progress: bool = True
     # the model's training manifest must record a decontamination check covering this benchmark's reference
     # photos (evaluation.decontamination); False: a loud warning instead of a refusal
@@ -138,24 +142,13 @@ class ModelSource:
     version: str | None = None
 
 
-def resolve_source(uri: str, tracking_uri: str | None) -> ModelSource:
+def resolve_source(uri: str, tracking_uri: str | None, registry_uri: str | None = None) -> ModelSource:
     """Which run and registry version ``uri`` names (no download)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri)
     if uri.startswith("models:/"):
-        name, sep, ref = uri.removeprefix("models:/").partition("@")
-        if sep:
-            version = client.get_model_version_by_alias(name, ref)
-        else:
-            name, _, number = name.partition("/")
-            if number in ("", "latest"):
-                versions = client.search_model_versions(f"name='{name}'")
-                if not versions:
-                    raise ValueError(f"--model-uri {uri}: registered model {name!r} has no versions")
-                version = max(versions, key=lambda v: int(v.version))
-            else:
-                version = client.get_model_version(name, number)
+        try:
+            version = model_version(registry_client(tracking_uri, registry_uri), uri)
+        except ValueError as exc:
+            raise ValueError(f"--model-uri {exc}") from None
         return ModelSource(uri, version.run_id, version.name, str(version.version))
     if uri.startswith("runs:/"):
         return ModelSource(uri, uri.removeprefix("runs:/").split("/", 1)[0])
@@ -165,15 +158,13 @@ def resolve_source(uri: str, tracking_uri: str | None) -> ModelSource:
 
 
 def load_pipeline(uri: str, tracking_uri: str | None, device: str | None = None, dtype: str | None = None,
-                  reserved_gpus: float = 0):
+                  reserved_gpus: float = 0, registry_uri: str | None = None):
     """The MMDiffPipeline of a registered version, a run's adapter or an adapter folder.
 
     ``device`` / ``dtype`` override the model's recorded placement rule (a registered model's
     ``model_config``; ``auto`` otherwise), resolved by :func:`mmdiff.placement.resolve_placement`, which
     refuses the CPU when ``reserved_gpus`` > 0. The training spec's device and dtype are never used.
     """
-    import mlflow
-
     from mmdiff import MMDiffModel, MMDiffPipeline
     from mmdiff.integrity import read_json, verify_artifacts
     from mmdiff.placement import resolve_placement
@@ -181,10 +172,7 @@ def load_pipeline(uri: str, tracking_uri: str | None, device: str | None = None,
     with tempfile.TemporaryDirectory() as tmp:
         base, recorded = None, {}
         if uri.startswith(("models:/", "runs:/")):
-            if tracking_uri:  # models:/ resolution reads the process-wide registry URI
-                mlflow.set_tracking_uri(tracking_uri)
-                mlflow.set_registry_uri(tracking_uri)
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            local = download_model(registry_client(tracking_uri, registry_uri), uri, tmp)
         else:
             local = Path(uri)
         if (local / "MLmodel").is_file():  # a pyfunc model: its artifacts are the adapter and the base spec
@@ -231,10 +219,12 @@ class GenerateStage:
     """Actor: loads the model once; generates each case's image into ``image_dir``."""
 
     def __init__(self, model_uri: str, tracking_uri: str | None, generation: dict, image_dir: str,
-                 face: dict | None = None, threads: int | None = None, reserved_gpus: float = 0):
+                 face: dict | None = None, threads: int | None = None, reserved_gpus: float = 0,
+                 registry_uri: str | None = None):
         _set_threads(threads)
         self.settings = GenerationSettings.model_validate(generation)
-        self.pipe = load_pipeline(model_uri, tracking_uri, self.settings.device, self.settings.dtype, reserved_gpus)
+        self.pipe = load_pipeline(model_uri, tracking_uri, self.settings.device, self.settings.dtype, reserved_gpus,
+                                  registry_uri)
         self.image_dir = Path(image_dir)
         self.image_dir.mkdir(parents=True, exist_ok=True)
         self.face = None
@@ -467,7 +457,7 @@ def _stream(config: EvaluationConfig, rows: list[dict], model_uri: str, tracking
     ds = ds.map_batches(GenerateStage, fn_constructor_kwargs={
         "model_uri": model_uri, "tracking_uri": tracking_uri, "generation": config.generation.model_dump(),
         "image_dir": str(image_dir), "face": config.metrics.face.model_dump() if config.metrics.face else None,
-        "threads": _threads(gen), "reserved_gpus": gen.num_gpus,
+        "threads": _threads(gen), "reserved_gpus": gen.num_gpus, "registry_uri": config.registry_uri,
     }, batch_format="pandas", batch_size=gen.batch_size, compute=ray.data.ActorPoolStrategy(size=gen.concurrency),
         num_cpus=gen.num_cpus, num_gpus=gen.num_gpus)
     ds = ds.map_batches(ScoreStage, fn_constructor_kwargs={"metrics": config.metrics.model_dump(mode="json"),
@@ -486,7 +476,7 @@ def _run_loop(config: EvaluationConfig, rows: list[dict], model_uri: str, tracki
               bar) -> list[dict]:
     generate = GenerateStage(model_uri, tracking_uri, config.generation.model_dump(), str(image_dir),
                              config.metrics.face.model_dump() if config.metrics.face else None, _threads(config.generate),
-                             config.generate.num_gpus)
+                             config.generate.num_gpus, config.registry_uri)
     score = ScoreStage(config.metrics.model_dump(mode="json"), _threads(config.score))
     out = []
     for start in range(0, len(rows), config.score.batch_size):
@@ -498,11 +488,12 @@ def _run_loop(config: EvaluationConfig, rows: list[dict], model_uri: str, tracki
 
 def run_evaluation(config: EvaluationConfig, model_uri: str, tracking_uri: str | None = None,
                    runner: str = "ray") -> EvaluationResult:
-    """Generate and score every case of ``config.benchmark`` with the model ``model_uri``."""
+    """Generate and score every case of ``config.benchmark`` with the model ``model_uri`` (``models:/`` URIs
+    from ``config.registry_uri``, else the tracking store's registry)."""
     from tqdm import tqdm
 
     started = time.perf_counter()
-    source = resolve_source(model_uri, tracking_uri)
+    source = resolve_source(model_uri, tracking_uri, config.registry_uri)
     cases = list_cases(config.benchmark)
     if not cases:
         raise ValueError(f"benchmark {config.benchmark.name}: no cases")
@@ -545,11 +536,12 @@ def _summary_document(result: EvaluationResult) -> dict:
             "failed": result.table.loc[result.table["status"] != "ok", ["case_id", "reason", "detail"]].to_dict("records")}
 
 
-def log_evaluation(result: EvaluationResult, tracking_uri: str | None) -> str:
-    """Record the evaluation in MLflow (see the module docstring); returns the run id it went to."""
+def log_evaluation(result: EvaluationResult, tracking_uri: str | None, registry_uri: str | None = None) -> str:
+    """Record the evaluation in MLflow (see the module docstring; a registered version's tags in
+    ``registry_uri``, else the tracking store's registry); returns the run id it went to."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri)
+    client = registry_client(tracking_uri, registry_uri)
     run_id = result.source.run_id
     if run_id is None:
         experiment = client.get_experiment_by_name(EVAL_EXPERIMENT)
@@ -577,9 +569,11 @@ def log_evaluation(result: EvaluationResult, tracking_uri: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     """``mmdiff-evaluate``'s parsed arguments (evaluation/cli.py) -> the evaluation, logged."""
     config = load_evaluation_config(args.config, parse_overrides(args.set))
+    if args.registry_uri:
+        config = config.model_copy(update={"registry_uri": args.registry_uri})
     tracking_uri = args.tracking_uri or config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     result = run_evaluation(config, args.model_uri, tracking_uri, args.runner)
-    run_id = log_evaluation(result, tracking_uri)
+    run_id = log_evaluation(result, tracking_uri, config.registry_uri)
     print(result.line(), flush=True)
     print(f"results: {result.output_dir}/table.json, summary.json, images/; MLflow run {run_id} "
           f"(artifacts eval/{result.benchmark}/)", flush=True)

@@ -44,6 +44,7 @@ from pydantic import Field
 
 from evaluation import cli
 from mmdiff.configuration import ConfigError, ConfigModel, load_config, parse_overrides
+from train.registry import registry_client
 
 __all__ = ["AliasLease", "Decision", "Gate", "GatesConfig", "LeaseError", "Outcome", "PromotionError", "check",
            "main", "promote"]
@@ -303,12 +304,12 @@ def _decide(client, config: GatesConfig, name: str, versions: list[str], alias: 
 
 
 def promote(config: GatesConfig, name: str, versions: list[str], tracking_uri: str | None = None,
-            alias: str | None = None, lease_wait_s: float = 600.0) -> Outcome:
+            alias: str | None = None, lease_wait_s: float = 600.0, registry_uri: str | None = None) -> Outcome:
     """Judge ``versions`` against the alias's holder and move the alias to the best that passes, all under
-    the alias's lease: concurrent promotions of one alias end as if they had run one after the other."""
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    the alias's lease: concurrent promotions of one alias end as if they had run one after the other. The
+    versions and the alias live in ``registry_uri``, else the tracking store's registry (train/registry.py);
+    their runs' figures in ``tracking_uri``."""
+    client = registry_client(tracking_uri, registry_uri)
     alias = alias or config.alias
     with AliasLease(client, name, alias, wait_s=lease_wait_s) as lease:
         outcome = _decide(client, config, name, versions, alias)  # read under the lease: nobody moves it now
@@ -334,7 +335,8 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.gates, GatesConfig, parse_overrides(args.set))
     try:
         outcome = promote(config, args.model_name, args.versions,
-                          args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), args.alias, args.lease_wait_s)
+                          args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), args.alias, args.lease_wait_s,
+                          args.registry_uri)
     except PromotionError as exc:
         print(f"promote: {exc}", file=sys.stderr)
         return 2

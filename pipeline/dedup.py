@@ -211,8 +211,12 @@ class EmbedStage:
     """Actor: the embedding model built once; each group's images embedded in fixed micro-batches."""
 
     def __init__(self, dedup: DedupConfig, quality: QualityConfig, batch_size: int, threshold: float,
-                 reference_urls: list[str], reference_names: list[str], storage_options: dict[str, Any]) -> None:
+                 reference_urls: list[str], reference_names: list[str], storage_options: dict[str, Any],
+                 roster: Any = None) -> None:
+        from pipeline.roster import enroll
         from preprocess.embedding import ImageEmbedder
+
+        enroll(roster)
 
         self.embedder = ImageEmbedder(dedup.embedding, batch_size)
         self.heads = QualityHeads(quality) if quality.heads else None
@@ -505,7 +509,8 @@ def write_decisions(root: Location, rejected: int, *frames: pd.DataFrame) -> dic
 
 
 # -- the pass ---------------------------------------------------------------------------------------------
-def _decide(config: Any, layout: ShardLayout, partitions: int) -> dict[str, Any]:
+def _decide(config: Any, layout: ShardLayout, partitions: int, roster: Any) -> dict[str, Any]:
+    """The pass; its embedding actors enroll in ``roster`` (pipeline.stages.actor_roster)."""
     import ray
 
     from pipeline.preprocess import _listing_source
@@ -529,7 +534,7 @@ def _decide(config: Any, layout: ShardLayout, partitions: int) -> dict[str, Any]
                                                    "threshold": decon.embedding_threshold,
                                                    "reference_urls": references.urls,
                                                    "reference_names": references.names,
-                                                   "storage_options": decon.storage_options},
+                                                   "storage_options": decon.storage_options, "roster": roster},
                             compute=ray.data.ActorPoolStrategy(size=stages.embed.concurrency),
                             num_cpus=stages.embed.num_cpus, num_gpus=stages.embed.num_gpus, max_restarts=-1,
                             max_task_retries=stages.embed.crash_retries)
@@ -567,11 +572,13 @@ def run_curation(config: Any, layout: ShardLayout, partitions: int, todo: dict[i
     """The pass (unless this folder's is complete), then each pending partition's listing rewritten without
     the inputs it rejected; ``todo`` (partition -> inputs the main pass processes) is updated."""
     from pipeline.preprocess import fixed_batches
+    from pipeline.roster import actor_roster
 
     files = CurationFiles(layout)
     if not files.summary.is_file():
         started = time.perf_counter()
-        summary = _decide(config, layout, partitions)
+        with actor_roster() as roster:
+            summary = _decide(config, layout, partitions, roster)
         rejected = ", ".join(f"{k}={v}" for k, v in summary["rejected"].items()) or "none"
         print(f"curation: {partitions} partitions -> rejected {rejected} in {time.perf_counter() - started:.1f} s",
               flush=True)

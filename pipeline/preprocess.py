@@ -51,6 +51,7 @@ from pipeline.inputs import InputRecord, Skip, iter_listing, iter_partitions
 from pipeline.lock import OutputLock, OutputLocked
 from pipeline.report import write_report
 from pipeline.shards import JsonlStream, ShardLayout, finalize_partition, write_json_atomic
+from pipeline.roster import actor_roster
 from pipeline.stages import RECORD_FIELDS, UNWRITTEN, content_batching, sample_stages
 from pipeline.storage import Location, OutputUnwritable, UnsupportedStorage
 
@@ -251,9 +252,25 @@ class _Finalizer:
         while self._in_flight:
             self._collect()
 
+    def cancel(self) -> None:
+        """The job failed: stop the finalize tasks still in flight and wait (bounded) until they have ended, so
+        none writes into the output once its lease is released (another job may own it then) nor holds CPUs
+        into the session's next job. A partition cut short has no index yet: the rerun redoes it."""
+        import ray
+
+        for ref in self._in_flight:
+            ray.cancel(ref)
+        ray.wait(self._in_flight, num_returns=len(self._in_flight), timeout=_CANCEL_WAIT_S)
+        self._in_flight = []
+
+
+_CANCEL_WAIT_S = 60.0
+
 
 def run_job(config: PreprocessConfig) -> JobSummary:
-    """Run (or resume) the job ``config`` describes; returns the summary also written to manifest.json."""
+    """Run (or resume) the job ``config`` describes; returns the summary also written to manifest.json.
+    However it ends, the Ray actors it started have been killed and its tasks have ended (or been cancelled)
+    when it returns: their CPUs come back to the Ray session at once (pipeline.roster)."""
     layout = ShardLayout(config.output.path, config.output.storage_options)
     with OutputLock(layout.lock, config.output.lease_seconds) as lock:
         return _run_locked(config, layout, lock)
@@ -326,45 +343,51 @@ def _process(config: PreprocessConfig, layout: ShardLayout, lock: OutputLock, ch
                file=sys.stderr)
 
     def collect(source: Any, alone: bool = False) -> None:
-        results = sample_stages(source, config, chash, alone)
-        for batch in results.iter_batches(batch_size=None, batch_format="pandas"):
-            for row in batch.to_dict("records"):
-                partition = int(row["partition"])
-                if row["status"] == UNWRITTEN:
-                    raise OutputUnwritable(f"{json.loads(row['outcome'])['detail']}; the job stopped and "
-                                           "recorded nothing against the inputs of that group")
-                if partition not in remaining or row["key"] in outcomes.get(partition, {}):
-                    continue  # a retried batch reported again: already counted
-                rows = outcomes.setdefault(partition, {})
-                rows[row["key"]] = {**row, **json.loads(row["outcome"])}
-                bar.update(1)
-                if len(rows) == remaining[partition]:
-                    del remaining[partition]
-                    finalizer.submit(partition, list(outcomes.pop(partition).values()))
+        with actor_roster() as roster:  # the pass's actors end with it, however it ends
+            results = sample_stages(source, config, chash, alone, roster)
+            for batch in results.iter_batches(batch_size=None, batch_format="pandas"):
+                for row in batch.to_dict("records"):
+                    partition = int(row["partition"])
+                    if row["status"] == UNWRITTEN:
+                        raise OutputUnwritable(f"{json.loads(row['outcome'])['detail']}; the job stopped and "
+                                               "recorded nothing against the inputs of that group")
+                    if partition not in remaining or row["key"] in outcomes.get(partition, {}):
+                        continue  # a retried batch reported again: already counted
+                    rows = outcomes.setdefault(partition, {})
+                    rows[row["key"]] = {**row, **json.loads(row["outcome"])}
+                    bar.update(1)
+                    if len(rows) == remaining[partition]:
+                        del remaining[partition]
+                        finalizer.submit(partition, list(outcomes.pop(partition).values()))
 
-    if remaining:
-        collect(_listing_source([layout.listing_file(k) for k in sorted(remaining)], config.stages.load.num_cpus))
-    if remaining:  # what a dying worker took down: again, one input per batch
-        missing = [InputRecord(**fields) for k in sorted(remaining) for row in layout.read_listing(k)
-                   for fields in json.loads(row["inputs"]) if fields["key"] not in outcomes.get(k, {})]
-        collect(ray.data.from_items(fixed_batches(missing, 1), override_num_blocks=max(1, min(len(missing), 1000))),
-                alone=True)
-        crashed = [r for r in missing if r.partition in remaining and r.key not in outcomes.get(r.partition, {})]
-        if crashed:
-            # A worker that died on an input alone blames the input only if the output takes a write now:
-            # a full or lost output can kill workers too, and that is never an input's fault.
-            layout.staging.check_writable(_WRITABLE_PROBE_BYTES)
-        for record in crashed:
-            retries = config.stages.annotate.crash_retries
-            outcomes.setdefault(record.partition, {})[record.key] = {
-                **_reject_row(record, "worker_crash", f"{record.source}: a worker process died on this input "
-                              f"alone {retries + 1} time(s) after dying on its batch; see the Ray worker logs "
-                              "for the signal"), "status": "rejected"}
-            bar.update(1)
-        for partition in sorted(remaining):
-            finalizer.submit(partition, list(outcomes.pop(partition, {}).values()))
-    finalizer.drain()
-    bar.close()
+    try:
+        if remaining:
+            collect(_listing_source([layout.listing_file(k) for k in sorted(remaining)], config.stages.load.num_cpus))
+        if remaining:  # what a dying worker took down: again, one input per batch
+            missing = [InputRecord(**fields) for k in sorted(remaining) for row in layout.read_listing(k)
+                       for fields in json.loads(row["inputs"]) if fields["key"] not in outcomes.get(k, {})]
+            collect(ray.data.from_items(fixed_batches(missing, 1), override_num_blocks=max(1, min(len(missing), 1000))),
+                    alone=True)
+            crashed = [r for r in missing if r.partition in remaining and r.key not in outcomes.get(r.partition, {})]
+            if crashed:
+                # A worker that died on an input alone blames the input only if the output takes a write now:
+                # a full or lost output can kill workers too, and that is never an input's fault.
+                layout.staging.check_writable(_WRITABLE_PROBE_BYTES)
+            for record in crashed:
+                retries = config.stages.annotate.crash_retries
+                outcomes.setdefault(record.partition, {})[record.key] = {
+                    **_reject_row(record, "worker_crash", f"{record.source}: a worker process died on this input "
+                                  f"alone {retries + 1} time(s) after dying on its batch; see the Ray worker logs "
+                                  "for the signal"), "status": "rejected"}
+                bar.update(1)
+            for partition in sorted(remaining):
+                finalizer.submit(partition, list(outcomes.pop(partition, {}).values()))
+        finalizer.drain()
+    except BaseException:
+        finalizer.cancel()
+        raise
+    finally:
+        bar.close()
 
 
 _WRITABLE_PROBE_BYTES = 1 << 20

@@ -39,6 +39,7 @@ from PIL import Image
 from pipeline.config import PreprocessConfig, StageConfig
 from pipeline.importer import AnnotationImporter
 from pipeline.inputs import InputRecord, NotAFileError, read_bytes
+from pipeline.roster import enroll
 from pipeline.shards import ShardLayout, stage_samples
 from preprocess.annotate import STEPS, Annotation, Annotator, Rejection, SampleBuilder, build_steps, run_step
 from preprocess.faces import EMBEDDING_DIM
@@ -187,7 +188,8 @@ def _annotate_error(sources: dict[str, str]) -> Callable[[Annotation, str, Excep
 class ModelStage:
     """Actor: builds one model step once, runs it over each group in its micro-batches."""
 
-    def __init__(self, config: PreprocessConfig, name: str) -> None:
+    def __init__(self, config: PreprocessConfig, name: str, roster: Any = None) -> None:
+        enroll(roster)
         (self.step,) = build_steps(config.annotate, [name]).values()
         self.batch_size = getattr(config.stages, name).batch_size
 
@@ -272,7 +274,8 @@ class SampleStage:
     (:class:`Annotator`, ``stages.mode: fused``; same steps, micro-batches and failure handling as the
     per-model stages) or a custom operator / the importer, built once and run over the whole group."""
 
-    def __init__(self, config: PreprocessConfig, content_hash: str) -> None:
+    def __init__(self, config: PreprocessConfig, content_hash: str, roster: Any = None) -> None:
+        enroll(roster)
         self.annotated = config.input.annotated
         self.writer = _Writer(config, content_hash)
         if config.stages.annotate.operator or config.input.annotated:
@@ -326,10 +329,12 @@ class SampleStage:
 
 
 # -- the chain ------------------------------------------------------------------------------------
-def sample_stages(ds: Any, config: PreprocessConfig, content_hash: str, alone: bool = False) -> Any:
+def sample_stages(ds: Any, config: PreprocessConfig, content_hash: str, alone: bool = False,
+                  roster: Any = None) -> Any:
     """The Ray Data stages from fixed-group rows (``batch``, ``partition``, ``inputs``) to one
     :data:`RESULT_COLUMNS` row per input. ``alone``: every stage holds one group at a time, so a worker
-    that dies takes no other input's group with it (Ray Data otherwise queues several per actor)."""
+    that dies takes no other input's group with it (Ray Data otherwise queues several per actor). The
+    stage actors enroll in ``roster`` (:func:`actor_roster`)."""
     import ray
 
     stages = config.stages
@@ -347,9 +352,9 @@ def sample_stages(ds: Any, config: PreprocessConfig, content_hash: str, alone: b
             num_cpus=stage.num_cpus, num_gpus=stage.num_gpus, max_restarts=-1, max_task_retries=stage.crash_retries)
 
     if stages.mode == "fused" or stages.annotate.operator or config.input.annotated:
-        return actors(ds, SampleStage, stages.annotate, config=config, content_hash=content_hash)
+        return actors(ds, SampleStage, stages.annotate, config=config, content_hash=content_hash, roster=roster)
     for name in model_steps(config):
-        ds = actors(ds, ModelStage, getattr(stages, name), config=config, name=name)
+        ds = actors(ds, ModelStage, getattr(stages, name), config=config, name=name, roster=roster)
     return ds.map_batches(write_batch, fn_kwargs={"config": config, "content_hash": content_hash},
                           batch_format="pandas", batch_size=1,
                           compute=ray.data.TaskPoolStrategy(size=stages.annotate.concurrency),

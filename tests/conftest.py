@@ -31,7 +31,8 @@ def ray_session():
     task, but a job's fractional stages run up to 8 at once: each job then started fresh workers, each
     importing torch and the pipeline (seconds of CPU each; a dozen per job over a handful of photos). The
     test Ray keeps 8, so the module's next job runs on warm ones. It is not shared across modules: a job
-    whose workers crashed can leave actors holding CPUs behind, which would starve the next module's jobs."""
+    whose workers crashed used to leave actors holding CPUs behind, starving the next module's jobs (jobs
+    now end their actors, pipeline/roster.py; sharing one Ray across modules has not been tried since)."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config={"num_workers_soft_limit": 8})

@@ -1,7 +1,8 @@
 """Fault injection for the pipeline tests: an importer that fails on chosen inputs, the way real operators
 fail, and one that is slow and says where it works, so a test can take a node down under it. Ray workers
 import them by name (``stages.annotate.operator: tests.faults:FaultyImporter``). And a killer of a stage's
-worker process mid-job. And a real small filesystem to fill up."""
+worker process mid-job. A finalize task that fails while others are in flight. And a real small filesystem to
+fill up."""
 
 from __future__ import annotations
 
@@ -38,6 +39,20 @@ class FaultyImporter(AnnotationImporter):
             if "segv" in name:
                 os.kill(os.getpid(), signal.SIGSEGV)
         return super().__call__(keys, images, annotations, original_sizes)
+
+
+def failing_finalize(root, partition: int, written: list[str], rejects: list[dict[str, Any]]) -> dict[str, Any]:
+    """pipeline.preprocess's finalize task, except that partition 0 fails at once and the others take
+    ``SLOW_FINALIZE_S`` first, so a job fails while finalize tasks are still in flight."""
+    from pipeline.preprocess import _finalize_task
+
+    if partition == 0:
+        raise RuntimeError("injected finalize failure")
+    time.sleep(SLOW_FINALIZE_S)
+    return _finalize_task(root, partition, written, rejects)
+
+
+SLOW_FINALIZE_S = 20.0
 
 
 class SlowImporter(AnnotationImporter):

@@ -222,3 +222,47 @@ def test_a_dead_holders_lease_is_outlasted_and_a_live_one_waited_for(race_regist
     assert time.monotonic() - started >= 1  # it watched the record unchanged for the dead holder's ttl
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "3"
     assert "promotion.lease.champion" not in client.get_registered_model(NAME).tags
+
+
+def test_models_are_registered_and_read_in_the_configured_registry_whatever_the_process_set(
+        evaluated, mlflow_server, tmp_path, monkeypatch):  # noqa: F811
+    """The process's registry points at the server (as an evaluation in the same process, a library, or
+    $MLFLOW_REGISTRY_URI leaves it): a job tracked in a SQLite store registers there (the registry defaults to
+    the tracking store), a job tracked on the server whose config names the SQLite registry registers there;
+    the server's registry gets neither, and evaluation, the serving gate and generation read them back."""
+    from evaluation.evaluate import resolve_source
+    from infra.k8s.wait import model_ready
+    from train.registry import download_model, registry_client
+
+    _, _, root = evaluated
+    local = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    name = "mmdiff-elsewhere"
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server)
+    before = mlflow.get_tracking_uri()
+    mlflow.set_registry_uri(mlflow_server)
+    try:
+        registered = {}
+        for tracking, registry in ((local, None), (mlflow_server, local)):
+            config = load_config("configs/train/tiny_test.yaml", TrainConfig, {
+                "output_dir": str(tmp_path), "mlflow.tracking_uri": tracking, "mlflow.registry_uri": registry,
+                "mlflow.registered_model": name})
+            runs = mlflow.MlflowClient(tracking)
+            experiment = runs.get_experiment_by_name(name)
+            run_id = runs.create_run(experiment.experiment_id if experiment else runs.create_experiment(
+                name, artifact_location=str(tmp_path / "artifacts") if tracking == local else None)).info.run_id
+            version = register_model(config, root / "run-a" / "adapter", run_id, "elsewhere-data")
+            registered[str(version.version)] = (tracking, run_id)
+            assert version.tags["run_id"] == run_id and version.tags["data.manifest_hash"] == "elsewhere-data"
+    finally:
+        mlflow.set_registry_uri(None)
+        mlflow.set_tracking_uri(before)
+    assert sorted(registered) == ["1", "2"]
+    assert not mlflow.MlflowClient(mlflow_server, registry_uri=mlflow_server).search_registered_models(f"name='{name}'")
+    for number, (tracking, run_id) in registered.items():
+        # still with $MLFLOW_REGISTRY_URI pointing at the server
+        registry = None if tracking == local else local
+        assert resolve_source(f"models:/{name}/{number}", tracking, registry).run_id == run_id
+        assert model_ready(f"models:/{name}/{number}", tracking, registry) is None
+        files = download_model(registry_client(tracking, registry), f"models:/{name}/{number}", tmp_path / number)
+        assert (files / "MLmodel").is_file() and (files / "artifacts" / "adapter").is_dir()
+    assert "not in the registry" in model_ready(f"models:/{name}/1", mlflow_server)

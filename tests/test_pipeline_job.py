@@ -4,6 +4,7 @@ End to end with tiny models on real photos, every kind of bad input, resume afte
 determinism, and a model actor killed mid-job: every input ends in exactly one shard or rejects line.
 """
 
+import gc
 import io
 import json
 import os
@@ -261,14 +262,50 @@ def test_a_different_job_cannot_reuse_an_output_folder(ray_session, annotated_in
         run_job(import_config(annotated_inputs, uninterrupted, **{"output.shard_size": 5}))
 
 
+def assert_ray_released(ray, timeout_s: float = 60.0) -> None:
+    """Every CPU of the session is free again once run_job has returned: its actors ended, its tasks done
+    (actors die and hand their CPUs back asynchronously, hence the bounded wait)."""
+    deadline = time.monotonic() + timeout_s
+    total = ray.cluster_resources()["CPU"]
+    while (free := ray.available_resources().get("CPU", 0.0)) < total:
+        assert time.monotonic() < deadline, f"{free:g} of {total:g} CPUs free {timeout_s:g} s after the job"
+        time.sleep(0.2)
+
+
 def test_killed_model_actor_still_accounts_every_input_once(ray_session, annotated_inputs, uninterrupted, tmp_path):
-    """Also checks determinism: other batch sizes and concurrency than the uninterrupted run, same bytes."""
+    """Also checks determinism: other batch sizes and concurrency than the uninterrupted run, same bytes; and
+    that the job ends every actor it started, the restarted one too."""
     cfg = import_config(annotated_inputs, tmp_path, **{"stages.annotate.batch_size": 1, "stages.load.batch_size": 1,
                                                        "stages.annotate.concurrency": 2, "stages.load.concurrency": 2})
     summary, killed = run_killing_a_worker(lambda: run_job(cfg), tmp_path, "SampleStage", 120)
     assert killed, "the job finished before an actor could be killed"
+    assert_ray_released(ray_session)
     assert summary.inputs == INPUTS and summary.written == 12 + len(GOOD_ODD)
     assert output_files(tmp_path) == output_files(uninterrupted)
+
+
+@pytest.mark.extended
+def test_a_failed_job_ends_its_actors_and_finalize_tasks_before_it_returns(ray_session, annotated_inputs, tmp_path,
+                                                                            monkeypatch):
+    """A job that fails with actors running and finalize tasks in flight (one finalize fails, the others are
+    slow): when run_job raises, every CPU of the session is free again (cyclic GC off: run_job's doing) and
+    no cut-short task writes into the output afterwards (its lease is released by then); a rerun finishes."""
+    from tests import faults
+
+    monkeypatch.setattr("pipeline.preprocess._finalize_task", faults.failing_finalize)
+    cfg = import_config(annotated_inputs, tmp_path, **{"output.shard_size": 2, "output.finalize_in_flight": 4})
+    gc.disable()
+    try:
+        with pytest.raises(Exception, match="injected finalize failure"):
+            run_job(cfg)
+        assert_ray_released(ray_session, timeout_s=faults.SLOW_FINALIZE_S / 2)
+    finally:
+        gc.enable()
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    time.sleep(faults.SLOW_FINALIZE_S + 5)  # what a slow finalize left running would have written by now
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == written
+    monkeypatch.undo()
+    assert run_job(cfg).inputs == INPUTS
 
 
 # -- a full or read-only output disk -------------------------------------------------------------
@@ -388,7 +425,10 @@ def outcome_by_source(root: Path) -> dict[str, str]:
 
 def test_dirty_corpus_as_folder_and_list_jobs_with_injected_failures(ray_session, tmp_path):
     """Over 25 kinds of awkward input, an operator that raises on one input and kills its own worker on two
-    others, a second job refused while the first holds the folder, and a dead driver's lease taken over."""
+    others, a second job refused while the first holds the folder, and a dead driver's lease taken over.
+    The job whose workers died leaves none of its actors holding CPUs: Python's cyclic GC is off while it
+    runs, so it is run_job that ends them, not a collection that happens to run (they would otherwise wait
+    for one, starving the session's next job)."""
     import socket
 
     from pipeline.lock import OutputLocked
@@ -403,15 +443,20 @@ def test_dirty_corpus_as_folder_and_list_jobs_with_injected_failures(ray_session
     job = threading.Thread(target=lambda: codes.append(main(
         [*args, f"input.path={tmp_path / 'corpus'}", f"output.path={folder_out}"])))
     started = time.monotonic()
-    job.start()
-    deadline = time.monotonic() + 60
-    while not (folder_out / "lock.json").exists() and time.monotonic() < deadline and job.is_alive():
-        time.sleep(0.05)
-    with pytest.raises(OutputLocked, match="in use by job"):
-        run_job(import_config(tmp_path / "corpus", folder_out, **{"input.kind": "folder"}))
-    job.join(timeout=900)
-    assert not job.is_alive() and codes == [0], "the folder job did not finish in 900 s"
-    folder_seconds = time.monotonic() - started
+    gc.disable()
+    try:
+        job.start()
+        deadline = time.monotonic() + 60
+        while not (folder_out / "lock.json").exists() and time.monotonic() < deadline and job.is_alive():
+            time.sleep(0.05)
+        with pytest.raises(OutputLocked, match="in use by job"):
+            run_job(import_config(tmp_path / "corpus", folder_out, **{"input.kind": "folder"}))
+        job.join(timeout=900)
+        assert not job.is_alive() and codes == [0], "the folder job did not finish in 900 s"
+        folder_seconds = time.monotonic() - started
+        assert_ray_released(ray_session)
+    finally:
+        gc.enable()
     manifest = json.loads((folder_out / "manifest.json").read_text())
     assert outcome_by_source(folder_out) == expected
     got_skips = {r["source"]: r["reason"] for r in map(json.loads, (folder_out / "skipped.jsonl").read_text().splitlines())}

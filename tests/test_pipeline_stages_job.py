@@ -15,7 +15,7 @@ from pipeline.example_inputs import write_photos
 from pipeline.preprocess import run_job
 from pipeline.stages import sample_stages
 from tests.faults import run_killing_a_worker
-from tests.test_pipeline_job import CONFIGS, output_files
+from tests.test_pipeline_job import CONFIGS, assert_ray_released, output_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
 
@@ -93,12 +93,14 @@ def test_per_model_job_writes_the_same_shards_as_the_fused_actor(inputs, fused_r
     assert manifest["config_hash"] == json.loads((fused_run / "manifest.json").read_text())["config_hash"]
 
 
-def test_killed_model_actor_with_more_actors_writes_the_same_shards(inputs, fused_run, tmp_path):
+def test_killed_model_actor_with_more_actors_writes_the_same_shards(ray_session, inputs, fused_run, tmp_path):
     """Two detect actors, and a model actor SIGKILLed once the first group is staged: the driver's retry
-    (rerun of the missing inputs one per group) gives the same shards as the clean fused run."""
+    (rerun of the missing inputs one per group) gives the same shards as the clean fused run, and every
+    actor of the job has ended when it returns."""
     cfg = demo_config(inputs, tmp_path, **{"stages.detect.concurrency": 2})
     # the job takes about a minute on a loaded 2-core machine; 300 s leaves room for a slower one
     summary, killed = run_killing_a_worker(lambda: run_job(cfg), tmp_path, "ModelStage", 300)
     assert killed, "the job finished before a model actor could be killed"
+    assert_ray_released(ray_session)
     assert summary.inputs == 15
     assert output_files(tmp_path) == output_files(fused_run)

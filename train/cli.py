@@ -69,6 +69,8 @@ def generate_parser() -> CommandParser:
                       required=False, legacy_overrides=True)
     parser.add_argument("--tracking-uri", help="the MLflow tracking URI for models:/ and runs:/ URIs (default: "
                         "--config's, else MLFLOW_TRACKING_URI)")
+    parser.add_argument("--registry-uri", help="the model registry for models:/ URIs (default: --config's "
+                        "mlflow.registry_uri, else the tracking store's)")
     parser.add_argument("--prompt", required=True, help='the subjects\' words marked as [word], e.g. "a [cat] on a beach"')
     parser.add_argument("--subject", action="append", required=True, metavar="IMAGE",
                         help="an image path or skimage:<name>; one per [word], in order")

@@ -114,6 +114,9 @@ class ScheduleSection(ConfigModel):
 
 class MLflowSection(ConfigModel):
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a local sqlite store under output_dir
+    # the model registry the adapter is registered in; None: the tracking store's (never $MLFLOW_REGISTRY_URI
+    # nor what the process set earlier: train/registry.py)
+    registry_uri: str | None = None
     experiment: str = "mmdiff"
     registered_model: str | None = None  # register the exported adapter under this name
     # an image generated from the exported adapter is logged at the end: the prompt marks subject words
@@ -181,6 +184,11 @@ class TrainConfig(ConfigModel):
         """The config's URI, else ``MLFLOW_TRACKING_URI`` (as MLflow itself reads it), else a local store."""
         return (self.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
                 or f"sqlite:///{Path(self.output_dir).resolve() / 'mlflow.db'}")
+
+    @property
+    def registry_uri(self) -> str:
+        """The config's registry URI, else the tracking URI (train/registry.py)."""
+        return self.mlflow.registry_uri or self.tracking_uri
 
 
 def load_train_config(path: str | Path, overrides: dict | None = None, check_data: bool = True) -> TrainConfig:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from mmdiff.integrity import write_manifest
 from mmdiff.provenance import source_commit
 from train.config import TrainConfig
+from train.registry import registry_client
 
 __all__ = ["save_adapter", "register_model", "inference_requirements", "locked_versions", "model_signature"]
 
@@ -110,17 +111,23 @@ def save_adapter(engine: Any, out_dir: str | Path) -> Path | None:
 
 
 def register_model(config: TrainConfig, adapter_dir: str | Path, run_id: str, data_manifest_hash: str) -> Any:
-    """Log the adapter as a pyfunc model in ``run_id`` and register it; returns the ModelVersion."""
+    """Log the adapter as a pyfunc model in ``run_id`` (``config.tracking_uri``) and register it in
+    ``config.registry_uri`` (the tracking store's registry unless the config names another; never the
+    process's or the environment's registry: train/registry.py); returns the ModelVersion."""
+    from mlflow.exceptions import MlflowException
+
     name = config.mlflow.registered_model
     if not name:
         raise ValueError("mlflow.registered_model is not set")
-    mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_tracking_uri(config.tracking_uri)  # the fluent start_run / log_model log through it
     with tempfile.TemporaryDirectory() as tmp:
         base_spec = Path(tmp) / "base_model.json"
         # which base; the device and dtype training loaded it in are not the inference rule (model_config)
         base_spec.write_text(config.model.base.model_dump_json(exclude={"device", "dtype"}))
         checksums = write_manifest(tmp, [base_spec.name])  # the adapter carries its own; both checked at load
         with mlflow.start_run(run_id=run_id):
+            # registered below through an explicit client: log_model's registered_model_name would register
+            # wherever the process's registry URI points
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_MODEL),
                 artifacts={"adapter": str(adapter_dir), "base_model": str(base_spec), "checksums": str(checksums)},
@@ -128,12 +135,20 @@ def register_model(config: TrainConfig, adapter_dir: str | Path, run_id: str, da
                 # the inference placement rule (mmdiff.placement) and the keys load_model(model_config=...)
                 # may override (pyfunc_model.py)
                 model_config={"device": "auto", "dtype": "auto", "reserved_gpus": 0, "limits": {}},
-                pip_requirements=inference_requirements(), registered_model_name=name,
+                pip_requirements=inference_requirements(),
             )
-    client = mlflow.MlflowClient(config.tracking_uri)
-    version = client.get_model_version(name, info.registered_model_version)
+    client = registry_client(config.tracking_uri, config.registry_uri)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
     tags = {"run_id": run_id, "data.manifest_hash": data_manifest_hash, "mmdiff_commit": source_commit(),
             "base_model": config.model.base.source, "base_model.spec": json.dumps(config.model.base.model_dump(mode="json", exclude={"device", "dtype"}))}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version.version, key, value)
+    # the files' own location, not models:/<model_id>: a registry store resolves that through the process's
+    # tracking URI, and a registry apart from the tracking store does not hold the logged model at all
+    source = client.get_logged_model(info.model_id).artifact_location
+    same_store = config.registry_uri == config.tracking_uri
+    version = client.create_model_version(name, source, run_id=run_id, tags=tags,
+                                          model_id=info.model_id if same_store else None)
     return client.get_model_version(name, version.version)

@@ -15,6 +15,7 @@ import argparse
 import base64
 import io
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -25,6 +26,7 @@ from PIL import Image
 from mmdiff.configuration import ConfigError, load_config, parse_overrides
 from train import cli
 from train.config import TrainConfig
+from train.registry import download_model, registry_client
 
 
 def load_subject(ref: str) -> Image.Image:
@@ -42,16 +44,22 @@ def load_subject(ref: str) -> Image.Image:
 
 
 def generate(model_uri: str, prompt: str, subjects: list[Image.Image], seed: int = 0, steps: int = 25,
-             guidance_scale: float = 5.0, device: str | None = None, dtype: str | None = None) -> Image.Image:
+             guidance_scale: float = 5.0, device: str | None = None, dtype: str | None = None,
+             tracking_uri: str | None = None, registry_uri: str | None = None) -> Image.Image:
     """One image from a registered model, on ``device`` in ``dtype`` (None: the model's rule, auto: the
-    GPU in bf16 when there is one, else the CPU in fp32)."""
+    GPU in bf16 when there is one, else the CPU in fp32). ``models:/`` URIs are read from ``registry_uri``
+    (else the tracking store's registry), ``runs:/`` URIs from ``tracking_uri`` (None: MLFLOW_TRACKING_URI)."""
     from train.pyfunc_model import encode_image
 
     placement = {k: v for k, v in (("device", device), ("dtype", dtype)) if v}
-    model = mlflow.pyfunc.load_model(model_uri, model_config=placement or None)
-    frame = pd.DataFrame([{"prompt": prompt, "subjects": [encode_image(s) for s in subjects], "seed": seed,
-                           "num_inference_steps": steps, "guidance_scale": guidance_scale}])
-    return Image.open(io.BytesIO(base64.b64decode(model.predict(frame)["image"][0])))
+    with tempfile.TemporaryDirectory() as tmp:
+        local = model_uri
+        if model_uri.startswith(("models:/", "runs:/")):
+            local = str(download_model(registry_client(tracking_uri, registry_uri), model_uri, tmp))
+        model = mlflow.pyfunc.load_model(local, model_config=placement or None)
+        frame = pd.DataFrame([{"prompt": prompt, "subjects": [encode_image(s) for s in subjects], "seed": seed,
+                               "num_inference_steps": steps, "guidance_scale": guidance_scale}])
+        return Image.open(io.BytesIO(base64.b64decode(model.predict(frame)["image"][0])))
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -70,7 +78,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         subjects = [load_subject(s) for s in args.subject]
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    uri, tracking_uri = args.model_uri, args.tracking_uri
+    uri, tracking_uri, registry_uri = args.model_uri, args.tracking_uri, args.registry_uri
     if args.config:
         try:
             config = load_config(args.config, TrainConfig, parse_overrides(args.set))
@@ -79,9 +87,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             return 2
         uri = uri or f"models:/{config.mlflow.registered_model}/latest"
         tracking_uri = tracking_uri or config.tracking_uri
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    image = generate(uri, args.prompt, subjects, args.seed, args.steps, args.guidance_scale, args.device, args.dtype)
+        registry_uri = registry_uri or config.mlflow.registry_uri
+    image = generate(uri, args.prompt, subjects, args.seed, args.steps, args.guidance_scale, args.device, args.dtype,
+                     tracking_uri, registry_uri)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     image.save(args.out)
     print(f"{uri} -> {args.out} ({image.size[0]}x{image.size[1]})")

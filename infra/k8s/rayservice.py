@@ -63,11 +63,16 @@ def validate_serve_config(serve_config: dict[str, Any], source: str) -> None:
         raise ValueError(f"{source}: not a valid Ray Serve config: {exc}") from exc
 
 
+def model_sources(serve_config: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """``(user_config.model_uri, user_config.registry_uri)`` of every deployment, once each, in order."""
+    configs = [deployment.get("user_config") or {} for app in serve_config.get("applications", [])
+               for deployment in app.get("deployments") or []]
+    return list(dict.fromkeys((c["model_uri"], c.get("registry_uri")) for c in configs if c.get("model_uri")))
+
+
 def model_uris(serve_config: dict[str, Any]) -> list[str]:
     """The ``user_config.model_uri`` of every deployment, once each, in order."""
-    uris = [(deployment.get("user_config") or {}).get("model_uri") for app in serve_config.get("applications", [])
-            for deployment in app.get("deployments") or []]
-    return list(dict.fromkeys(u for u in uris if u))
+    return list(dict.fromkeys(uri for uri, _ in model_sources(serve_config)))
 
 
 def _volumes() -> list[dict[str, Any]]:
@@ -91,12 +96,14 @@ def _container(name: str, resources: dict[str, str], ports: list[dict[str, Any]]
 
 
 def _model_gates(serve_config: dict[str, Any]) -> list[dict[str, Any]]:
-    """One init container per served model: waits until the registry has it (python -m infra.k8s.wait)."""
+    """One init container per served model: waits until the registry the replicas load it from (the
+    deployment's ``registry_uri``, else the tracking server's) has it (python -m infra.k8s.wait)."""
     gates = []
-    for i, uri in enumerate(model_uris(serve_config)):
+    for i, (uri, registry) in enumerate(model_sources(serve_config)):
         gate = _container(f"wait-for-model-{i}", {"cpu": "1", "memory": "1Gi"})
         del gate["volumeMounts"]
-        gates.append({**gate, "command": ["python", "-m", "infra.k8s.wait", "model", uri]})
+        command = ["python", "-m", "infra.k8s.wait", "model", uri, *(["--registry-uri", registry] if registry else [])]
+        gates.append({**gate, "command": command})
     return gates
 
 

@@ -6,7 +6,7 @@
 ``shards``: the folder (a path, or an s3:// URL read with the usual AWS_* variables) holds the job's
 ``manifest.json`` (written last, when a preprocessing job has accounted for every input) and no
 ``lock.json`` (the lease a running or resuming job holds; pipeline.lock). ``model``: the URI resolves in
-the registry of $MLFLOW_TRACKING_URI (or --tracking-uri): ``models:/<name>/<version>``,
+the registry of $MLFLOW_TRACKING_URI (or --tracking-uri; --registry-uri names another): ``models:/<name>/<version>``,
 ``models:/<name>@<alias>`` or ``models:/<name>/latest``; a server that does not answer yet counts as not
 ready. Both check every --poll-s seconds, say what they wait for (at the start, then every
 --report-every-s seconds), and exit 0 once it is there, or 1 after --timeout-s (0: no limit) naming what
@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from mmdiff.cli import DEMO_TRACKING_URI, CommandParser, prose
+from train.registry import model_version, parse_model_uri, registry_client
 
 __all__ = ["shards_ready", "parse_model_uri", "model_ready", "wait", "main"]
 
@@ -37,35 +38,19 @@ def shards_ready(url: str) -> str | None:
     return None
 
 
-def parse_model_uri(uri: str) -> tuple[str, str, str]:
-    """``models:/<name>@<alias>`` -> (name, "alias", alias); ``models:/<name>/<version>`` -> (name,
-    "version", version), the version may be ``latest``."""
-    name, alias_mark, alias = uri.removeprefix("models:/").partition("@")
-    name, version_mark, version = (name, "", "") if alias_mark else name.partition("/")
-    if not uri.startswith("models:/") or not name or "/" in name or not (alias or version) or "/" in alias + version:
-        raise ValueError(f"{uri!r}: expected models:/<name>/<version>, models:/<name>@<alias> or models:/<name>/latest")
-    return (name, "alias", alias) if alias_mark else (name, "version", version)
-
-
-def model_ready(uri: str, tracking_uri: str | None = None) -> str | None:
-    """None when the registry resolves ``uri`` to a model version, else why not."""
-    import mlflow
+def model_ready(uri: str, tracking_uri: str | None = None, registry_uri: str | None = None) -> str | None:
+    """None when the registry (``registry_uri``, else the tracking store's) resolves ``uri`` to a model
+    version, else why not."""
     from mlflow.exceptions import MlflowException
 
-    name, kind, value = parse_model_uri(uri)
-    client = mlflow.MlflowClient(tracking_uri)
+    client = registry_client(tracking_uri, registry_uri)
+    where = registry_uri or client.tracking_uri
     try:
-        if kind == "alias":
-            client.get_model_version_by_alias(name, value)
-        elif value == "latest":
-            if not client.search_model_versions(f"name = '{name}'", max_results=1):
-                return f"{name} has no version yet"
-        else:
-            client.get_model_version(name, value)
+        model_version(client, uri)
     except MlflowException as exc:  # not registered yet (RESOURCE_DOES_NOT_EXIST), or the server is not up
-        return f"{uri} is not in the registry at {client.tracking_uri} yet ({str(exc).splitlines()[0][:200]})"
+        return f"{uri} is not in the registry at {where} yet ({str(exc).splitlines()[0][:200]})"
     except OSError as exc:
-        return f"the tracking server {client.tracking_uri} does not answer ({exc})"
+        return f"the registry {where} does not answer ({exc})"
     return None
 
 
@@ -94,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=["shards", "model"], help="what to wait for")
     parser.add_argument("target", help="the shards' folder or URL, or a models:/ URI")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
-                        help="the registry for `model` (default: $MLFLOW_TRACKING_URI)")
+                        help="the tracking server for `model` (default: $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--registry-uri", help="the registry for `model` (default: the tracking server's)")
     parser.add_argument("--timeout-s", type=float, default=0.0, help="give up after this long (0: no limit)")
     parser.add_argument("--poll-s", type=float, default=30.0, help="seconds between checks")
     parser.add_argument("--report-every-s", type=float, default=600.0, help="seconds between progress lines")
@@ -109,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(exc))
 
         def check() -> str | None:
-            return model_ready(args.target, args.tracking_uri)
+            return model_ready(args.target, args.tracking_uri, args.registry_uri)
     return 0 if wait(check, f"{args.kind} {args.target}", args.timeout_s, args.poll_s, args.report_every_s) else 1
 
 

@@ -31,6 +31,7 @@ import contextvars
 import io
 import logging
 import math
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from ray import serve
 from mmdiff.configuration import ConfigModel
 from mmdiff.placement import PlacementError
 from train.pyfunc_model import PreparedRequest, RequestError, ServingLimits
+from train.registry import download_model, model_version, registry_client
 
 logger = logging.getLogger("ray.serve")
 
@@ -55,6 +57,9 @@ class ServingConfig(ConfigModel):
 
     model_uri: str = "models:/mmdiff@champion"  # models:/<name>@<alias> is followed; anything else is fixed
     poll_interval_s: float = 10.0  # how often the alias is resolved
+    # the registry models:/ URIs are resolved in; None: the tracking server's (the replicas' MLFLOW_TRACKING_URI,
+    # build_app's tracking_uri), never $MLFLOW_REGISTRY_URI (train/registry.py)
+    registry_uri: str | None = None
     # None: the registered model's rule (mmdiff.placement: the accelerator in bf16 when there is one);
     # a replica that holds GPUs refuses to load onto the CPU
     device: str | None = None
@@ -81,14 +86,12 @@ def error(status: int, field: str, message: str) -> JSONResponse:
     return JSONResponse({"field": field, "error": message}, status_code=status)
 
 
-def resolve(model_uri: str) -> tuple[str, str, str]:
-    """``models:/name@alias`` -> (models:/name/version, name, version); other URIs are returned as they are."""
-    import mlflow
-
+def resolve(model_uri: str, registry_uri: str | None = None) -> tuple[str, str, str]:
+    """``models:/name@alias`` -> (models:/name/version, name, version), the alias read in ``registry_uri``
+    (else the tracking server's registry); other URIs are returned as they are."""
     if model_uri.startswith("models:/") and "@" in model_uri:
-        name, alias = model_uri.removeprefix("models:/").split("@", 1)
-        version = mlflow.MlflowClient().get_model_version_by_alias(name, alias).version
-        return f"models:/{name}/{version}", name, str(version)
+        version = model_version(registry_client(None, registry_uri), model_uri)
+        return f"models:/{version.name}/{version.version}", version.name, str(version.version)
     if model_uri.startswith("models:/") and model_uri.count("/") == 2:
         name, version = model_uri.removeprefix("models:/").split("/")
         return model_uri, name, version
@@ -100,11 +103,15 @@ def load(model_uri: str, config: ServingConfig) -> LoadedModel:
 
     import ray
 
-    uri, name, version = resolve(model_uri)
+    uri, name, version = resolve(model_uri, config.registry_uri)
     reserved = len(ray.get_gpu_ids()) if ray.is_initialized() else 0
     settings = {"limits": config.limits.model_dump(mode="json"), "reserved_gpus": reserved,
                 **{k: v for k, v in (("device", config.device), ("dtype", config.dtype)) if v}}
-    pyfunc = mlflow.pyfunc.load_model(uri, model_config=settings)
+    local = uri
+    if uri.startswith("models:/"):  # through the named registry; kept, as mlflow keeps its own downloads
+        local = str(download_model(registry_client(None, config.registry_uri), uri,
+                                   tempfile.mkdtemp(prefix="mmdiff-model-")))
+    pyfunc = mlflow.pyfunc.load_model(local, model_config=settings)
     logger.info("loaded %s", uri)
     return LoadedModel(uri, name, version, pyfunc.unwrap_python_model())
 
@@ -263,8 +270,9 @@ class MMDiffServer:
         previous, self.config = self.config, config
         self.generate_batch.set_max_batch_size(config.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
-        if previous is None or (previous.model_uri, previous.device, previous.dtype, previous.limits) != (
-                config.model_uri, config.device, config.dtype, config.limits):
+        if previous is None or (previous.model_uri, previous.registry_uri, previous.device, previous.dtype,
+                                previous.limits) != (config.model_uri, config.registry_uri, config.device,
+                                                     config.dtype, config.limits):
             async with self.reload_lock:
                 self.loaded = await asyncio.to_thread(self.load, config.model_uri, config)
         if self.watcher is None and "@" in config.model_uri:
@@ -278,7 +286,7 @@ class MMDiffServer:
             if "@" not in config.model_uri:
                 continue
             try:
-                uri, _, version = await asyncio.to_thread(resolve, config.model_uri)
+                uri, _, version = await asyncio.to_thread(resolve, config.model_uri, config.registry_uri)
                 if uri != self.loaded.uri:
                     async with self.reload_lock:
                         self.loaded = await asyncio.to_thread(self.load, uri, config)

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-replicas", type=int, default=4)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--poll-interval-s", type=float, default=10.0, help="how often the alias is resolved")
+    parser.add_argument("--registry-uri", help="the model registry for --model-uri (default: the tracking server's)")
     parser.add_argument("--device", default=None, help="override the model's device rule (auto: the GPU when "
                         "there is one; replicas holding GPUs refuse the CPU)")
     parser.add_argument("--dtype", default=None, choices=("auto", "float32", "float16", "bfloat16"),
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                 "num_gpus": args.num_gpus, "min_replicas": args.min_replicas, "max_replicas": args.max_replicas,
                 "max_batch_size": args.max_batch_size, "poll_interval_s": args.poll_interval_s,
                 "request_timeout_s": args.request_timeout_s}
-    app_args.update({k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v})
+    app_args.update({k: v for k, v in (("device", args.device), ("dtype", args.dtype),
+                                       ("registry_uri", args.registry_uri)) if v})
     print(f"serving {args.model_uri} on http://{args.host}:{args.port}/generate", flush=True)
     try:
         serve.run(build_app(app_args), name="mmdiff", route_prefix="/", blocking=True)
