@@ -204,6 +204,12 @@ def single_objects(rng: np.random.Generator, n: int, identities: list[int]):
     return images, torch.tensor([i for _, i in labels]), torch.tensor([c for c, _ in labels])
 
 
+def one_cycle(optimizer: torch.optim.Optimizer, steps: int, warmup: float = 0.05):
+    """The optimizer's rate warmed up over the first ``warmup`` of ``steps``, then annealed (one cycle)."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, optimizer.param_groups[0]["lr"], total_steps=steps,
+                                               pct_start=warmup)
+
+
 def soften(images: np.ndarray, rng: np.random.Generator, max_sigma: float) -> np.ndarray:
     """Each image blurred at its own random sigma in [0, max_sigma] (the softness of a generated object)."""
     sigmas = rng.uniform(0, max_sigma, len(images))
@@ -216,7 +222,7 @@ def train_judge(sizes: Sizes, rng: np.random.Generator) -> tuple[Judge, dict[str
     a judge of sharp renders only calls many of them by the wrong class); scored on fresh sharp renders."""
     judge = Judge()
     optimizer = torch.optim.Adam(judge.parameters(), lr=2e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=sizes.judge_steps, pct_start=0.1)
+    schedule = one_cycle(optimizer, sizes.judge_steps, warmup=0.1)
     every = list(range(len(IDENTITIES)))
     for _ in range(sizes.judge_steps):
         images, ids, classes = single_objects(rng, sizes.batch * 4, every)
@@ -235,14 +241,13 @@ def train_judge(sizes: Sizes, rng: np.random.Generator) -> tuple[Judge, dict[str
     return judge.eval(), accuracy
 
 
-def fit_autoencoder(vae, images, steps: int, one_cycle: bool = False) -> float:
+def fit_autoencoder(vae, images, steps: int, annealed: bool = False) -> float:
     """Fits ``vae`` as an autoencoder on batches from ``images()`` [B, 3, H, W] in [-1, 1] and freezes it;
-    returns the scaling factor that gives its latents unit variance (as real bases ship it). ``one_cycle``
+    returns the scaling factor that gives its latents unit variance (as real bases ship it). ``annealed``
     warms the learning rate up and anneals it (reconstruction MSE about half the constant rate's)."""
     vae.requires_grad_(True)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=1e-3 if not one_cycle else 2e-3)
-    schedule = (torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=steps, pct_start=0.05) if one_cycle
-                else None)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3 if annealed else 1e-3)
+    schedule = one_cycle(optimizer, steps) if annealed else None
     for _ in range(steps):
         pixels = images()
         posterior = vae.encode(pixels).latent_dist
@@ -261,7 +266,7 @@ def fit_vae(pipe, sizes: Sizes, rng: np.random.Generator, train_ids: list[int]) 
     def images() -> torch.Tensor:
         return to_tensor(np.stack([scene(rng, train_ids)[0] for _ in range(2 * sizes.batch)]))
 
-    pipe.vae.register_to_config(scaling_factor=fit_autoencoder(pipe.vae, images, sizes.vae_steps, one_cycle=True))
+    pipe.vae.register_to_config(scaling_factor=fit_autoencoder(pipe.vae, images, sizes.vae_steps, annealed=True))
 
 
 def autoencoder_ceiling(vae, judge: Judge, held_out: list[int], n: int) -> dict[str, float]:
@@ -298,7 +303,7 @@ def train_base(pipe, sizes: Sizes, rng: np.random.Generator, train_ids: list[int
     text_encoder.requires_grad_(True).train()
     scheduler = pipe.scheduler
     optimizer = torch.optim.AdamW([*unet.parameters(), *text_encoder.parameters()], lr=1e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=sizes.base_steps, pct_start=0.05)
+    schedule = one_cycle(optimizer, sizes.base_steps)
     for _ in range(sizes.base_steps):
         scenes = [scene(rng, train_ids) for _ in range(sizes.batch)]
         ids = tokenizer([caption([c for c, _ in s[2]])[0] for s in scenes], padding="max_length",

@@ -510,7 +510,7 @@ def write_decisions(root: Location, rejected: int, *frames: pd.DataFrame) -> dic
 
 # -- the pass ---------------------------------------------------------------------------------------------
 def _decide(config: Any, layout: ShardLayout, partitions: int, roster: Any) -> dict[str, Any]:
-    """The pass; its embedding actors enroll in ``roster`` (pipeline.stages.actor_roster)."""
+    """The pass; its embedding actors enroll in ``roster`` (pipeline.roster.actor_roster)."""
     import ray
 
     from pipeline.preprocess import _listing_source
