@@ -12,6 +12,7 @@ import itertools
 import json
 import random
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -327,6 +328,41 @@ def test_a_truncated_shard_on_the_object_store_is_skipped_counted_and_named(s3_d
     assert sorted(keys(batches)) == [f"{i:06d}" for i in range(14) if i // 3 != 1]  # the rest, once
     rejected = [r for b in batches for r in b["rejected"]]
     assert len(rejected) == 1 and rejected[0]["source"] == shard and "index recorded" in rejected[0]["reason"]
+
+
+# held by a thread of the training process while its loader starts: a forked worker would get it held
+HELD_IN_THE_TRAINER = threading.Lock()
+
+
+class GuardedStream(ShardStream):
+    """Reads only under ``HELD_IN_THE_TRAINER``, as the object-store client reads under its own locks."""
+
+    def __iter__(self):
+        with HELD_IN_THE_TRAINER:
+            pass
+        yield from super().__iter__()
+
+
+def test_workers_start_clean_of_locks_the_trainers_threads_hold(tmp_path):
+    source, data = stream(write_shards(tmp_path))
+    guarded = GuardedStream(tmp_path, data, source.builder, seed=7)
+    held, released, batches = threading.Event(), threading.Event(), []
+
+    def hold() -> None:
+        with HELD_IN_THE_TRAINER:
+            held.set()
+            released.wait(180)
+
+    threading.Thread(target=hold, daemon=True).start()
+    assert held.wait(10)
+    try:
+        reader = threading.Thread(target=lambda: batches.extend(epoch_batches(make_loader(guarded, 2))), daemon=True)
+        reader.start()
+        reader.join(timeout=120)  # a worker forked with the lock held waits for it forever
+    finally:
+        released.set()
+    assert not reader.is_alive(), "a loader worker waited on a lock a thread of the training process held"
+    assert sorted(keys(batches)) == [f"{i:06d}" for i in range(8)]
 
 
 def test_resume_refuses_positions_of_another_world_size(tmp_path):

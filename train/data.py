@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import random
 from collections.abc import Iterator
@@ -523,6 +524,17 @@ class ShardStream(IterableDataset):
 
 
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """Workers start from a fork server, never by forking the trainer: the trainer runs threads (fsspec's IO
+    loop, NCCL's, MLflow's), and a fork copies a lock one of them holds into the worker, which then waits on
+    it forever (the suite's loader reading ``s3://`` shards hung so in some runs). Python 3.14 made the fork
+    server Linux's default for this reason."""
     stream.check_resume(num_workers)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-                      pin_memory=pin_memory)
+    if num_workers == 0:
+        return DataLoader(stream, batch_size=None, pin_memory=pin_memory)
+    context = multiprocessing.get_context("forkserver")
+    # what a worker imports to unpickle the stream (the image processor's module alone takes seconds); read
+    # when this process's server starts, so a later loader's other classes are imported by its workers
+    parts = (stream, stream.builder, stream.builder.processor, *stream.builder.tokenizers)
+    context.set_forkserver_preload(sorted({type(part).__module__ for part in parts}))
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, persistent_workers=True,
+                      pin_memory=pin_memory, multiprocessing_context=context)
