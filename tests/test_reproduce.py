@@ -25,7 +25,8 @@ def test_scenes_have_exact_masks_and_references_differ_from_targets():
 
 def _check_report(report: dict, out, conditions: set[str]) -> None:
     written = json.loads(out.with_suffix(".json").read_text())
-    assert set(written["summary"]) == conditions | {"no_adapter", "shuffled"}
+    baselines = {f"{b}[{c}]" if c != "both" else b for b in ("no_adapter", "shuffled") for c in conditions}
+    assert set(written["summary"]) == conditions | baselines  # every adapter's own baselines
     # the instrument is scored on class as well as identity, and the VAE's ceiling is measured with it
     assert set(written["judge_accuracy_fresh_renders"]) == set(written["vae_reconstruction_ceiling"]) - {"colour"}
     assert all(0 <= v <= 1 for v in written["vae_reconstruction_ceiling"].values())
