@@ -48,7 +48,7 @@ class MMDiffConfig(ConfigModel):
     # chosen on the learning check's validation split, in fp32 and bf16 (docs/MODEL.md)
     attention_loss_kind: Literal["balanced_l1", "mask_nll"] = "mask_nll"
     attention_loss_tokens: Literal["text", "subject", "both"] = "both"
-    attention_loss_weight: float = Field(1.0, ge=0)
+    attention_loss_weight: float = Field(0.3, ge=0)
     denoise_in_mask_prob: float = Field(0.0, ge=0, le=1)
     portrait: bool = False  # queries from a 512-d ArcFace embedding instead of the CLIP CLS embedding
     face_embed_dim: int = 512
