@@ -32,7 +32,10 @@ leaking into each other. The design and the metrics are fixed here, before any r
   connected non-background regions; missing (< 2 objects), merged (one region holding both references'
   colours), wrong class, leak (an object's identity is neither reference's) and collapse (both objects
   take the same reference's identity). Quality gate: the base alone must draw the prompted class
-  (judged) in >= 60 % of single-object samples before adapter results count.
+  (judged) in >= 60 % of single-object samples before adapter results count. (Revised after the third
+  full run: the gate read the "both" adapter at subject scale 0, whose LoRA and fused word embeddings
+  stay active, 0.28, while the unconstrained adapter at scale 0 drew the class in 0.62; it now samples
+  the frozen base as a plain diffusers pipeline.)
 * Output: bootstrap 95 % CIs resampling reference pairs (clusters), JSON and a PNG (sample grids and
   bars) under ``benchmarks/results/``.
 
@@ -538,6 +541,24 @@ def _colours_in(image: np.ndarray, region: np.ndarray) -> set[str]:
     return {n for n, c in counts.items() if c >= 0.2 * len(near)}
 
 
+def base_alone(pipe, judge: Judge, sizes: Sizes) -> list[dict]:
+    """The quality gate's samples: the frozen base as a plain diffusers pipeline, no adapter weights at all
+    (an adapter at subject scale 0 still carries its LoRA and fused word embeddings), prompted "a <class>"."""
+    records = []
+    for seed in range(sizes.seeds):
+        for r in range(sizes.references):
+            cls = CLASSES[r % len(CLASSES)]
+            image = pipe(f"a {cls}", num_inference_steps=sizes.gen_steps, guidance_scale=5.0, height=SIZE, width=SIZE,
+                         output_type="np", generator=torch.Generator().manual_seed(seed * 1000 + r)).images[0]
+            image = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+            regions = objects_in(image)
+            record = {"pair": (seed, r), "image": image}
+            if regions:
+                record["class_ok"] = CLASSES[judge_region(judge, image, regions[0])[1]] == cls
+            records.append(record)
+    return records
+
+
 def rate(records: list[dict], key: str, rng: np.random.Generator, draws: int) -> dict:
     """Mean of ``key`` (False when absent) with a 95 % bootstrap CI resampling reference pairs."""
     by_pair: dict[int, list[float]] = {}
@@ -667,6 +688,9 @@ def main(argv: list[str] | None = None) -> dict:
     stage("base unet")
     train_encoder(vision.model, vision.processor, sizes, rng, train_ids)
     stage("image encoder")
+    gate_samples = base_alone(pipe, judge, sizes)
+    gate = rate(gate_samples, "class_ok", np.random.default_rng(0), sizes.bootstrap)
+    stage(f"base alone draws the prompted class in {gate['mean']:.3f}")
     base_state = {"vae": pipe.vae.state_dict(), "scaling_factor": pipe.vae.config.scaling_factor,
                   "unet": pipe.unet.state_dict(),
                   "text_encoder": pipe.text_encoder.state_dict(), "vision": vision.model.state_dict()}
@@ -697,13 +721,15 @@ def main(argv: list[str] | None = None) -> dict:
             summaries[name] = summarise(result, sizes)
             grids[f"{name}: single"] = [r["image"] for r in result["single"]]
             grids[f"{name}: same-class pairs"] = [r["image"] for r in result["pairs"] if r["same_class"]]
-    base_quality = summaries["no_adapter"]["class_ok"]["mean"]
+    grids["base alone"] = [r["image"] for r in gate_samples]
     report = {
         "sizes": asdict(sizes), "quick": args.quick, "smoke": args.smoke, "seconds": timings,
         "identities": {"train": train_ids, "held_out": held_out},
         "judge_accuracy_fresh_renders": judge_accuracy, "judge_valid": min(judge_accuracy.values()) >= 0.95,
         "vae_reconstruction_ceiling": ceiling,
-        "base_quality_gate": {"class_ok_without_adapter": base_quality, "passed": base_quality >= 0.6},
+        "base_quality_gate": {"class_ok_base_alone": gate, "passed": gate["mean"] >= 0.6,
+                              # before the third full run the gate read this, which carries the "both" adapter's LoRA
+                              "class_ok_without_adapter": summaries["no_adapter"]["class_ok"]["mean"]},
         "final_training_losses": losses, "conditions": conditions, "summary": summaries,
     }
     out.parent.mkdir(parents=True, exist_ok=True)

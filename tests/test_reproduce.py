@@ -30,6 +30,8 @@ def _check_report(report: dict, out, conditions: set[str]) -> None:
     # the instrument is scored on class as well as identity, and the VAE's ceiling is measured with it
     assert set(written["judge_accuracy_fresh_renders"]) == set(written["vae_reconstruction_ceiling"]) - {"colour"}
     assert all(0 <= v <= 1 for v in written["vae_reconstruction_ceiling"].values())
+    gate = written["base_quality_gate"]  # read from the bare base, not an adapter at subject scale 0
+    assert gate["passed"] == (gate["class_ok_base_alone"]["mean"] >= 0.6) and gate["class_ok_base_alone"]["n"] > 0
     for summary in report["summary"].values():
         assert {"identity_ok", "colour_ok", "same_class/leak", "cross_class/collapse"} <= set(summary)
         low, high = summary["identity_ok"]["ci"]
